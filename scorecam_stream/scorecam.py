@@ -1,0 +1,440 @@
+"""Score-CAM maths: pure torch, no I/O, no Ray.
+
+The algorithm (Wang et al., 2020; ../shared/reference/scorecam-article.txt):
+
+1. one forward of the input x (N, 3, S, S) gives the target layer's activations A (N, K, h, w)
+   and the logits;
+2. every channel A_k is upsampled bilinearly to S x S and min-max normalised,
+   ``M_k = (U_k - min U_k) / (max U_k - min U_k + 1e-5)``;
+3. the masked input ``x * M_k`` goes through the model; the softmax probability of the target
+   class is the channel's score s_k;
+4. ``map = ReLU(sum_k s_k * M_k)``.
+
+:class:`ScoreCAM` runs this batched (masked passes of several channels and frames per forward)
+and by channel range (:meth:`ScoreCAM.shard`), so that the passes of one frame can be split over
+many workers and summed back with :func:`combine_shards`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+Score = Literal["softmax", "logit", "logit_delta"]
+Combine = Literal["normalized", "raw"]
+EPS = 1e-5  # the article's term in the normalisation's denominator
+
+_DTYPES = {"fp32": None, "float32": None, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+           "fp16": torch.float16, "float16": torch.float16}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """Return the autocast dtype for a name ('fp32' -> None, 'bf16', 'fp16')."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return None if dtype == torch.float32 else dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"unknown dtype '{dtype}': use fp32, bf16 or fp16")
+    return _DTYPES[dtype]
+
+
+@dataclass(frozen=True)
+class BasePass:
+    """One forward of a batch of frames: what every shard of those frames needs.
+
+    ``activations`` holds the frames' channels in scoring order: all K channels, or with
+    ``max_channels`` the selected ones (their ids in ``channels``).
+    """
+
+    x: torch.Tensor  # (N, 3, S, S) model input
+    logits: torch.Tensor  # (N, C) float32
+    activations: torch.Tensor  # (N, Kc, h, w) float32
+    channels: torch.Tensor  # (N, Kc) int64 channel ids of `activations`
+    lows: torch.Tensor  # (N, Kc) min of each upsampled channel
+    highs: torch.Tensor  # (N, Kc) max of each upsampled channel
+
+    @property
+    def num_channels(self) -> int:
+        """Return Kc, the number of channels a full set of shards covers."""
+        return self.activations.shape[1]
+
+    def to(self, device: torch.device | str) -> BasePass:
+        """Return this base pass with every tensor on ``device``."""
+        return BasePass(*(getattr(self, f).to(device) for f in self.__dataclass_fields__))
+
+
+@dataclass(frozen=True)
+class ShardResult:
+    """The contribution of channels [start, stop) to the maps of N frames and T targets.
+
+    ``partial`` is the weighted sum before ReLU. With ``channel_softmax`` the weights are
+    ``exp(s_k - shift)`` and ``norm`` is their sum, so shards combine like a split softmax.
+    """
+
+    start: int
+    stop: int
+    partial: torch.Tensor  # (N, T, S, S) float32
+    scores: torch.Tensor  # (N, T, stop - start) float32, per-channel scores
+    skipped: torch.Tensor  # (N,) int64, constant channels whose masked pass was skipped
+    shift: torch.Tensor | None = None  # (N, T) max score of the shard (channel_softmax only)
+    norm: torch.Tensor | None = None  # (N, T) sum of exp(s_k - shift) (channel_softmax only)
+
+    def to(self, device: torch.device | str) -> ShardResult:
+        """Return this shard result with every tensor on ``device``."""
+        move = {f: getattr(self, f) for f in self.__dataclass_fields__}
+        for name, value in move.items():
+            if isinstance(value, torch.Tensor):
+                move[name] = value.to(device)
+        return ShardResult(**move)
+
+
+@dataclass(frozen=True)
+class ScoreCAMResult:
+    """Score-CAM maps of a batch.
+
+    ``maps`` is (N, S, S), or (N, T, S, S) when several targets per frame were asked for;
+    ReLU applied, not rescaled. ``targets`` is (N,) or (N, T); ``probs`` the softmax
+    probability of each target on the unmasked input; ``skipped`` (N,) the constant channels
+    whose masked pass was skipped.
+    """
+
+    maps: torch.Tensor
+    targets: torch.Tensor
+    probs: torch.Tensor
+    skipped: torch.Tensor
+
+
+def combine_shards(shards: Sequence[ShardResult]) -> torch.Tensor:
+    """Return ReLU(sum of the shards' partials) (N, T, S, S), summed in the order given.
+
+    Shards must cover [0, Kc) exactly once; with channel softmax their exponentials are rescaled
+    to a common shift first (exact up to float rounding).
+    """
+    if not shards:
+        raise ValueError("no shards to combine")
+    if shards[0].shift is None:
+        total = shards[0].partial.clone()
+        for shard in shards[1:]:
+            total += shard.partial
+        return total.clamp_(min=0)
+    shift = torch.stack([s.shift for s in shards]).amax(dim=0)  # (N, T)
+    total = torch.zeros_like(shards[0].partial)
+    norm = torch.zeros_like(shift)
+    for shard in shards:
+        scale = torch.exp(shard.shift - shift)  # (N, T)
+        total += scale[..., None, None] * shard.partial
+        norm += scale * shard.norm
+    return (total / norm[..., None, None]).clamp_(min=0)
+
+
+class ScoreCAM:
+    """Score-CAM for one model and one target layer.
+
+    ``engine(x, targets)`` returns a :class:`ScoreCAMResult`; ``engine.base(x)`` and
+    ``engine.shard(base, targets, start, stop)`` give the same maps by channel range.
+
+    Options (typed, fixed at construction):
+
+    - ``batch_size``: masked inputs per forward.
+    - ``score``: ``softmax`` (the article: softmax probability of the target), ``logit``, or
+      ``logit_delta`` (masked logit minus the unmasked one).
+    - ``channel_softmax``: softmax of the scores across channels before weighting.
+    - ``combine``: ``normalized`` weights the normalised masks M_k (the article); ``raw``
+      weights the upsampled raw activations U_k (the authors' code, pytorch-grad-cam).
+    - ``skip_constant``: a channel whose upsampled map is constant has an all-zero mask, so
+      its masked input is the zero image, the same for every such channel of every frame.
+      That one input is scored once (and cached) instead of once per channel. Skipping is
+      therefore exact in every variant: with ``combine="normalized"`` the channel adds
+      ``s * 0``; with ``combine="raw"`` or ``channel_softmax`` it adds the zero image's score,
+      which is what its own pass would have given. The cache assumes the weights do not change
+      while the engine lives (call :meth:`clear_cache` if they do).
+    - ``max_channels``: Faster Score-CAM; only the N channels of highest activation variance
+      of each frame are scored. Off (None) by default.
+    - ``dtype``: autocast dtype for the forwards (``"bf16"``, ``"fp16"``; None = fp32).
+      Scores, masks and maps stay float32.
+    - ``channels_last``: run the masked forwards in channels-last memory format (CUDA).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layer: nn.Module,
+        batch_size: int = 32,
+        score: Score = "softmax",
+        channel_softmax: bool = False,
+        combine: Combine = "normalized",
+        skip_constant: bool = True,
+        max_channels: int | None = None,
+        dtype: str | torch.dtype | None = None,
+        channels_last: bool = False,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if score not in ("softmax", "logit", "logit_delta"):
+            raise ValueError(f"score must be softmax, logit or logit_delta, got '{score}'")
+        if combine not in ("normalized", "raw"):
+            raise ValueError(f"combine must be normalized or raw, got '{combine}'")
+        if max_channels is not None and max_channels < 1:
+            raise ValueError(f"max_channels must be >= 1 or None, got {max_channels}")
+        if not any(m is layer for m in model.modules()):
+            raise ValueError("layer is not a module of model")
+        self.model = model
+        self.layer = layer
+        self.batch_size = batch_size
+        self.score = score
+        self.channel_softmax = channel_softmax
+        self.combine = combine
+        self.skip_constant = skip_constant
+        self.max_channels = max_channels
+        self.dtype = resolve_dtype(dtype)
+        self.channels_last = channels_last
+        self._zero_logits: dict[tuple, torch.Tensor] = {}
+
+    # ------------------------------------------------------------------ whole maps
+
+    def __call__(
+        self,
+        x: torch.Tensor,
+        targets: int | Sequence[int] | Sequence[Sequence[int]] | torch.Tensor | None = None,
+        topk: int | None = None,
+    ) -> ScoreCAMResult:
+        """Return the Score-CAM maps of the batch ``x`` (N, 3, S, S).
+
+        ``targets``: None (top-1 of each frame, or its top-``topk``), one class for all frames,
+        one class per frame (N,), or several per frame (N, T) -> maps (N, T, S, S).
+        """
+        base = self.base(x)
+        target_ids, squeeze = self.resolve_targets(base.logits, targets, topk)
+        shard = self.shard(base, target_ids, 0, base.num_channels)
+        maps = combine_shards([shard])
+        probs = base.logits.softmax(dim=1).gather(1, target_ids)
+        if squeeze:
+            maps, target_ids, probs = maps[:, 0], target_ids[:, 0], probs[:, 0]
+        return ScoreCAMResult(maps=maps, targets=target_ids, probs=probs, skipped=shard.skipped)
+
+    def classify(self, x: torch.Tensor) -> torch.Tensor:
+        """Return the logits (N, C) float32 of the unmasked batch (no hooks)."""
+        with self._model_state(), torch.inference_mode():
+            return self._forward(x.to(self._device())).float()
+
+    @staticmethod
+    def resolve_targets(
+        logits: torch.Tensor,
+        targets: int | Sequence[int] | Sequence[Sequence[int]] | torch.Tensor | None,
+        topk: int | None = None,
+    ) -> tuple[torch.Tensor, bool]:
+        """Return (targets (N, T) int64 on the logits' device, whether T was implicit)."""
+        n, classes = logits.shape
+        if targets is None:
+            k = topk or 1
+            if not 1 <= k <= classes:
+                raise ValueError(f"topk must be in [1, {classes}], got {k}")
+            return logits.topk(k, dim=1).indices, topk is None
+        t = torch.as_tensor(targets, dtype=torch.int64, device=logits.device)
+        squeeze = t.dim() < 2
+        if t.dim() == 0:
+            t = t.expand(n)
+        if t.dim() == 1:
+            t = t[:, None]
+        if t.dim() != 2 or t.shape[0] != n:
+            raise ValueError(f"targets must be (N,) or (N, T) with N={n}, got {tuple(t.shape)}")
+        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= classes):
+            raise ValueError(f"target classes must be in [0, {classes}), got {t.tolist()}")
+        return t, squeeze
+
+    # ------------------------------------------------------------------ shard API
+
+    def base(self, x: torch.Tensor) -> BasePass:
+        """Return the base pass of ``x``: one forward for logits and activations."""
+        device = self._device()
+        x = x.to(device, torch.float32)
+        captured: list[torch.Tensor] = []
+
+        def keep(_module, _inputs, output):
+            # A clone: a later in-place op (ReLU(inplace), +=) must not change what we keep.
+            captured.append(output.detach().float().clone())
+
+        with self._model_state(), torch.inference_mode(), self._hooked(keep):
+            logits = self._forward(x).float()
+        if len(captured) != 1 or captured[0].dim() != 4:
+            shape = tuple(captured[-1].shape) if captured else None
+            raise ValueError(f"target layer must run once with a 4-D output, got {shape}")
+        acts = captured[0]  # (N, K, h, w)
+        n, k = acts.shape[:2]
+        if self.max_channels is not None and self.max_channels < k:
+            # Faster Score-CAM: the channels of highest spatial variance, kept in id order.
+            variance = acts.flatten(2).var(dim=2)  # (N, K)
+            channels = variance.topk(self.max_channels, dim=1).indices.sort(dim=1).values
+            acts = acts.gather(1, channels[:, :, None, None].expand(-1, -1, *acts.shape[2:]))
+        else:
+            channels = torch.arange(k, device=device).expand(n, k)
+        lows, highs = self._upsampled_range(acts, x.shape[-2:])
+        return BasePass(x=x, logits=logits, activations=acts, channels=channels,
+                        lows=lows, highs=highs)
+
+    def shard(self, base: BasePass, targets: torch.Tensor, start: int, stop: int) -> ShardResult:
+        """Return the contribution of channels [start, stop) of ``base`` for ``targets`` (N, T).
+
+        Partials of shards that cover [0, Kc) combine (:func:`combine_shards`) to the maps.
+        """
+        kc = base.num_channels
+        if not 0 <= start < stop <= kc:
+            raise ValueError(f"channel range [{start}, {stop}) is not inside [0, {kc})")
+        targets = targets.to(base.x.device)
+        acts = base.activations[:, start:stop]  # (N, R, h, w)
+        lows, highs = base.lows[:, start:stop], base.highs[:, start:stop]
+        constant = highs == lows  # (N, R): mask is all zero, masked input is the zero image
+        if not self.skip_constant:
+            constant = torch.zeros_like(constant)
+        scores = self._scores(base, targets, acts, lows, highs, constant)  # (N, T, R)
+
+        shift = norm = None
+        if self.channel_softmax:
+            shift = scores.amax(dim=2)  # (N, T)
+            weights = torch.exp(scores - shift[..., None])
+            norm = weights.sum(dim=2)
+        else:
+            weights = scores
+        partial = self._weighted_sum(weights, acts, lows, highs, base.x.shape[-2:])
+        return ShardResult(start=start, stop=stop, partial=partial, scores=scores,
+                           skipped=constant.sum(dim=1), shift=shift, norm=norm)
+
+    def clear_cache(self) -> None:
+        """Forget the cached score of the zero image (after changing the model's weights)."""
+        self._zero_logits.clear()
+
+    # ------------------------------------------------------------------ internals
+
+    def _scores(
+        self,
+        base: BasePass,
+        targets: torch.Tensor,
+        acts: torch.Tensor,
+        lows: torch.Tensor,
+        highs: torch.Tensor,
+        constant: torch.Tensor,
+    ) -> torch.Tensor:
+        """Return the target scores (N, T, R) of every channel's masked input."""
+        n, r = constant.shape
+        size = base.x.shape[-2:]
+        scores = torch.empty(n, targets.shape[1], r, device=base.x.device)
+        if bool(constant.any()):  # one host sync per call, not per channel
+            zero = self._zero_image_logits(base.x)  # (C,)
+            scores.copy_(self._target_scores(zero.expand(n, -1), targets, base, None)[..., None]
+                         .expand_as(scores))
+        frames, chans = (~constant).nonzero(as_tuple=True)  # masked passes to run
+        if frames.numel() == 0:
+            return scores
+        buffer = None
+        with self._model_state(), torch.inference_mode():
+            for i in range(0, frames.numel(), self.batch_size):
+                f, c = frames[i : i + self.batch_size], chans[i : i + self.batch_size]
+                b = f.numel()
+                # (B, 1, S, S) normalised masks of this chunk's (frame, channel) pairs
+                up = F.interpolate(acts[f, c][:, None], size=size, mode="bilinear",
+                                   align_corners=False)
+                mask = (up - lows[f, c][:, None, None, None]) / (
+                    (highs - lows)[f, c][:, None, None, None] + EPS)
+                if buffer is None or buffer.shape[0] < b:
+                    buffer = torch.empty(b, *base.x.shape[1:], device=base.x.device)
+                masked = torch.mul(base.x[f], mask, out=buffer[:b])  # (B, 3, S, S)
+                logits = self._forward(masked).float()  # (B, C)
+                scores[f, :, c] = self._target_scores(logits, targets[f], base, f)
+        return scores
+
+    def _target_scores(
+        self, logits: torch.Tensor, targets: torch.Tensor, base: BasePass, frames: torch.Tensor
+        | None
+    ) -> torch.Tensor:
+        """Return the score (B, T) of each row's targets from masked logits (B, C)."""
+        if self.score == "softmax":
+            return logits.softmax(dim=1).gather(1, targets)
+        picked = logits.gather(1, targets)
+        if self.score == "logit":
+            return picked
+        base_logits = base.logits if frames is None else base.logits[frames]
+        return picked - base_logits.gather(1, targets)
+
+    def _weighted_sum(
+        self,
+        weights: torch.Tensor,
+        acts: torch.Tensor,
+        lows: torch.Tensor,
+        highs: torch.Tensor,
+        size: torch.Size,
+    ) -> torch.Tensor:
+        """Return sum_k w_k * V_k (N, T, S, S), V_k = M_k (normalized) or U_k (raw).
+
+        Upsampling is linear and M_k = a_k * U_k + b_k, so the sum is taken at the layer's
+        resolution and upsampled once: one interpolation instead of R.
+        """
+        if self.combine == "normalized":
+            scale = 1.0 / (highs - lows + EPS)  # (N, R)
+            # A constant channel's mask is exactly zero: drop it rather than rely on rounding.
+            scale = torch.where(highs == lows, torch.zeros_like(scale), scale)
+            offset = -lows * scale
+        else:
+            scale, offset = torch.ones_like(lows), torch.zeros_like(lows)
+        low_res = torch.einsum("ntr,nrhw->nthw", weights * scale[:, None], acts)  # (N, T, h, w)
+        up = F.interpolate(low_res, size=size, mode="bilinear", align_corners=False)
+        return up + (weights * offset[:, None]).sum(dim=2)[..., None, None]
+
+    def _upsampled_range(self, acts: torch.Tensor, size: torch.Size) -> tuple[torch.Tensor, ...]:
+        """Return (min, max) (N, Kc) of every channel upsampled to ``size``, in chunks."""
+        n, k = acts.shape[:2]
+        lows = torch.empty(n, k, device=acts.device)
+        highs = torch.empty(n, k, device=acts.device)
+        step = max(1, self.batch_size * 4)
+        for i in range(0, k, step):
+            up = F.interpolate(acts[:, i : i + step], size=size, mode="bilinear",
+                               align_corners=False).flatten(2)  # (N, step, S*S)
+            lows[:, i : i + step], highs[:, i : i + step] = up.amin(dim=2), up.amax(dim=2)
+        return lows, highs
+
+    def _zero_image_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Return the logits (C,) of the all-zero input, cached per shape, device and dtype."""
+        key = (tuple(x.shape[1:]), x.device, self.dtype)
+        if key not in self._zero_logits:
+            with self._model_state(), torch.inference_mode():
+                zero = torch.zeros(1, *x.shape[1:], device=x.device)
+                self._zero_logits[key] = self._forward(zero).float()[0]
+        return self._zero_logits[key]
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if self.dtype is None:
+            return self.model(x)
+        with torch.autocast(x.device.type, dtype=self.dtype):
+            return self.model(x)
+
+    def _device(self) -> torch.device:
+        param = next(self.model.parameters(), None)
+        return param.device if param is not None else torch.device("cpu")
+
+    @contextlib.contextmanager
+    def _model_state(self) -> Iterator[None]:
+        """Put the model in eval mode, and back in its previous mode afterwards."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            yield
+        finally:
+            self.model.train(was_training)
+
+    @contextlib.contextmanager
+    def _hooked(self, hook) -> Iterator[None]:
+        """Hold a forward hook on the target layer; removed even if the forward raises."""
+        handle = self.layer.register_forward_hook(hook)
+        try:
+            yield
+        finally:
+            handle.remove()
