@@ -1,0 +1,245 @@
+"""The engine against a plain per-channel loop, and its invariants."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import TinyCNN, make_tiny
+
+from scorecam_stream import ScoreCAM, combine_shards
+
+VARIANTS = [
+    dict(score="softmax", channel_softmax=False, combine="normalized"),  # the article
+    dict(score="logit", channel_softmax=False, combine="normalized"),
+    dict(score="logit_delta", channel_softmax=False, combine="raw"),
+    dict(score="softmax", channel_softmax=True, combine="normalized"),
+    dict(score="logit", channel_softmax=True, combine="raw"),  # pytorch-grad-cam
+]
+
+
+def reference_map(model, layer, x, target, score="softmax", channel_softmax=False,
+                  combine="normalized", channels=None):
+    """Score-CAM of one image (3, S, S), one channel at a time, as the article writes it."""
+    acts = []
+    handle = layer.register_forward_hook(lambda _m, _i, o: acts.append(o.detach().clone()))
+    with torch.no_grad():
+        base_logits = model(x[None])[0]
+    handle.remove()
+    a = acts[0][0]  # (K, h, w)
+    size = x.shape[-2:]
+    weights, values = [], []
+    for k in channels if channels is not None else range(a.shape[0]):
+        up = F.interpolate(a[k][None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
+        norm = (up - up.min()) / (up.max() - up.min() + 1e-5)
+        with torch.no_grad():
+            logits = model((x * norm)[None])[0]
+        if score == "softmax":
+            s = logits.softmax(0)[target]
+        elif score == "logit":
+            s = logits[target]
+        else:
+            s = logits[target] - base_logits[target]
+        weights.append(s)
+        values.append(norm if combine == "normalized" else up)
+    w = torch.stack(weights)
+    if channel_softmax:
+        w = w.softmax(0)
+    return torch.relu(sum(wk * v for wk, v in zip(w, values, strict=True)))
+
+
+def assert_maps_close(ours, ref, rtol=1e-5):
+    scale = max(float(ref.abs().max()), 1e-6)
+    assert float((ours - ref).abs().max()) <= rtol * scale + 1e-7
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "-".join(map(str, v.values())))
+def test_equals_plain_loop(tiny, images, variant):
+    engine = ScoreCAM(tiny, tiny.features[3], batch_size=5, **variant)
+    result = engine(images)
+    assert result.maps.shape == (3, 32, 32) and result.maps.dtype == torch.float32
+    assert torch.equal(result.targets, tiny(images).argmax(1))
+    for i in range(len(images)):
+        ref = reference_map(tiny, tiny.features[3], images[i], int(result.targets[i]), **variant)
+        assert_maps_close(result.maps[i], ref)
+        assert float(result.maps[i].min()) >= 0 and torch.isfinite(result.maps[i]).all()
+
+
+def test_probs_are_unmasked_softmax(tiny, images):
+    result = ScoreCAM(tiny, tiny.features[3])(images, targets=[1, 2, 3])
+    expected = tiny(images).softmax(1)[torch.arange(3), torch.tensor([1, 2, 3])]
+    torch.testing.assert_close(result.probs, expected.detach())
+    assert result.targets.tolist() == [1, 2, 3]
+
+
+@pytest.mark.parametrize("variant", VARIANTS[:1] + VARIANTS[-2:])
+def test_chunk_size_parity(tiny, images, variant):
+    maps = [ScoreCAM(tiny, tiny.features[3], batch_size=b, **variant)(images).maps
+            for b in (1, 3, 7, 64)]
+    for m in maps[1:]:
+        torch.testing.assert_close(m, maps[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_shard_sum_parity(tiny, images, variant):
+    engine = ScoreCAM(tiny, tiny.features[3], batch_size=4, **variant)
+    whole = engine(images)
+    base = engine.base(images)
+    targets = whole.targets[:, None]
+    ranges = [(0, 1), (1, 5), (5, 6), (6, 12)]
+    shards = [engine.shard(base, targets, a, b) for a, b in ranges]
+    torch.testing.assert_close(combine_shards(shards)[:, 0], whole.maps, rtol=1e-5, atol=1e-6)
+    scores = torch.cat([s.scores for s in shards], dim=2)
+    assert scores.shape == (3, 1, 12)
+    assert sum(int(s.skipped.sum()) for s in shards) == int(whole.skipped.sum())
+
+
+def test_shard_range_is_checked(tiny, images):
+    engine = ScoreCAM(tiny, tiny.features[3])
+    base = engine.base(images)
+    with pytest.raises(ValueError, match="not inside"):
+        engine.shard(base, torch.zeros(3, 1, dtype=torch.long), 4, 13)
+
+
+def _with_constant_channels(seed: int = 0) -> TinyCNN:
+    """A TinyCNN whose channels 0-3 are constant: 0-1 dead (zero), 2-3 a positive constant."""
+    model = make_tiny(seed)
+    conv = model.features[2]
+    with torch.no_grad():
+        conv.weight[:4] = 0
+        conv.bias[:2] = -1.0
+        conv.bias[2:4] = torch.tensor([0.7, 1.3])
+    return model
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_constant_skip_is_exact(images, variant):
+    model = _with_constant_channels()
+    layer = model.features[3]
+    skipping = ScoreCAM(model, layer, batch_size=4, skip_constant=True, **variant)(images)
+    running = ScoreCAM(model, layer, batch_size=4, skip_constant=False, **variant)(images)
+    assert skipping.skipped.tolist() == [4, 4, 4]
+    assert running.skipped.tolist() == [0, 0, 0]
+    torch.testing.assert_close(skipping.maps, running.maps, rtol=1e-5, atol=1e-6)
+    for i in range(3):
+        ref = reference_map(model, layer, images[i], int(skipping.targets[i]), **variant)
+        assert_maps_close(skipping.maps[i], ref)
+
+
+def test_constant_skip_saves_forwards(images):
+    model = _with_constant_channels()
+    calls = []
+    model.register_forward_pre_hook(lambda _m, inputs: calls.append(inputs[0].shape[0]))
+    engine = ScoreCAM(model, model.features[3], batch_size=64)
+    engine(images)
+    # base forward (3) + zero image (1) + 3 frames x 8 live channels
+    assert sum(calls) == 3 + 1 + 3 * 8
+    calls.clear()
+    engine(images)
+    assert sum(calls) == 3 + 3 * 8  # the zero image's score is cached
+
+
+def test_target_list_parity(tiny, images):
+    engine = ScoreCAM(tiny, tiny.features[3], batch_size=4)
+    pairs = torch.tensor([[1, 4], [0, 9], [3, 3]])
+    multi = engine(images, targets=pairs)
+    assert multi.maps.shape == (3, 2, 32, 32) and multi.targets.shape == (3, 2)
+    for t in range(2):
+        single = engine(images, targets=pairs[:, t])
+        torch.testing.assert_close(multi.maps[:, t], single.maps, rtol=1e-5, atol=1e-6)
+    top3 = engine(images, topk=3)
+    assert torch.equal(top3.targets, tiny(images).topk(3, dim=1).indices)
+    torch.testing.assert_close(top3.maps[:, 0], engine(images).maps, rtol=1e-5, atol=1e-6)
+
+
+def test_fixed_target_for_all_frames(tiny, images):
+    engine = ScoreCAM(tiny, tiny.features[3])
+    result = engine(images, targets=7)
+    assert result.targets.tolist() == [7, 7, 7]
+    with pytest.raises(ValueError, match="target classes"):
+        engine(images, targets=10)
+    with pytest.raises(ValueError, match=r"\(N,\)"):
+        engine(images, targets=[1, 2])
+
+
+def test_max_channels_uses_highest_variance_channels(tiny, images):
+    layer = tiny.features[3]
+    result = ScoreCAM(tiny, layer, max_channels=5)(images)
+    full = ScoreCAM(tiny, layer, max_channels=12)(images)
+    torch.testing.assert_close(full.maps, ScoreCAM(tiny, layer)(images).maps)
+    acts = []
+    handle = layer.register_forward_hook(lambda _m, _i, o: acts.append(o.clone()))
+    tiny(images)
+    handle.remove()
+    variance = acts[0].flatten(2).var(dim=2)
+    for i in range(3):
+        chosen = sorted(variance[i].topk(5).indices.tolist())
+        ref = reference_map(tiny, layer, images[i], int(result.targets[i]), channels=chosen)
+        assert_maps_close(result.maps[i], ref)
+
+
+def test_matches_pytorch_grad_cam(tiny, images):
+    from pytorch_grad_cam import ScoreCAM as GradCamScoreCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    layer = tiny.features[3]
+    ours = ScoreCAM(tiny, layer, score="logit", channel_softmax=True, combine="raw")(images)
+    cam = GradCamScoreCAM(model=tiny, target_layers=[layer])
+    theirs = cam(input_tensor=images,
+                 targets=[ClassifierOutputTarget(int(t)) for t in ours.targets])
+    for i in range(3):
+        r = np.corrcoef(ours.maps[i].numpy().ravel(), theirs[i].ravel())[0, 1]
+        assert r >= 0.999
+
+
+class _Exploding(torch.nn.Module):
+    """Wraps a model; raises on the first masked pass (a batch that is not the base batch)."""
+
+    def __init__(self, inner: torch.nn.Module, base_batch: int) -> None:
+        super().__init__()
+        self.inner, self.base_batch = inner, base_batch
+
+    def forward(self, x):
+        if x.shape[0] != self.base_batch:
+            raise RuntimeError("boom")
+        return self.inner(x)
+
+
+def test_hooks_and_mode_restored_after_exception(tiny, images):
+    model = _Exploding(tiny, base_batch=3).train()
+    layer = tiny.features[3]
+    engine = ScoreCAM(model, layer, batch_size=2)
+    with pytest.raises(RuntimeError, match="boom"):
+        engine(images)
+    assert len(layer._forward_hooks) == 0
+    assert model.training and tiny.training  # train mode restored
+
+
+def test_model_left_in_its_mode_and_no_grad_state(tiny, images):
+    tiny.train()
+    ScoreCAM(tiny, tiny.features[3])(images)
+    assert tiny.training
+    assert all(len(m._forward_hooks) == 0 for m in tiny.modules())
+
+
+def test_bf16_autocast_close_to_fp32(tiny, images):
+    fp32 = ScoreCAM(tiny, tiny.features[3])(images).maps
+    bf16 = ScoreCAM(tiny, tiny.features[3], dtype="bf16")(images).maps
+    rel = float((bf16 - fp32).norm() / fp32.norm())
+    assert rel < 0.05
+    assert bf16.dtype == torch.float32
+
+
+def test_invalid_options():
+    model = make_tiny()
+    with pytest.raises(ValueError, match="batch_size"):
+        ScoreCAM(model, model.features[3], batch_size=0)
+    with pytest.raises(ValueError, match="score"):
+        ScoreCAM(model, model.features[3], score="prob")
+    with pytest.raises(ValueError, match="combine"):
+        ScoreCAM(model, model.features[3], combine="sum")
+    with pytest.raises(ValueError, match="not a module"):
+        ScoreCAM(model, torch.nn.ReLU())
+    with pytest.raises(ValueError, match="dtype"):
+        ScoreCAM(model, model.features[3], dtype="int8")

@@ -1,0 +1,510 @@
+"""Round trips and failure modes of scorecam_stream.video, on tiny synthetic clips."""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import logging
+import os
+from collections.abc import Callable
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import cv2
+import numpy as np
+import pytest
+
+from scorecam_stream.errors import ScoreCamError
+from scorecam_stream.video import (
+    VideoInfo,
+    VideoWriter,
+    atomic_output,
+    probe,
+    read_frames,
+    rotate_upright,
+    write_image,
+)
+
+W, H, FPS = 64, 48, 12
+SAMPLE_RATE = 44100
+REPO = Path(__file__).resolve().parents[1]
+
+
+def picture(i: int, width: int = W, height: int = H) -> np.ndarray:
+    """Return a smooth test picture whose bright block moves with ``i``; top-left is marked."""
+    y, x = np.mgrid[0:height, 0:width]
+    image = np.stack([x * 255 // width, y * 255 // height, np.full_like(x, 60)], axis=-1)
+    left = (i * 3) % (width - 16)
+    image[height // 2 : height // 2 + 12, left : left + 16] = 230
+    image[:8, :8] = (255, 0, 0)  # an upright marker for the rotation tests
+    return image.astype(np.uint8)
+
+
+def make_clip(
+    path: Path,
+    count: int = 20,
+    size: tuple[int, int] = (W, H),
+    pts: list[int] | None = None,
+    time_base: Fraction = Fraction(1, FPS),
+    audio: str | None = None,
+    rotation: int | None = None,
+    gop: int | None = None,
+) -> list[np.ndarray]:
+    """Write a clip with PyAV directly (not with the code under test); return its pictures."""
+    width, height = size
+    pts = pts if pts is not None else list(range(count))
+    images = [picture(i, width, height) for i in range(len(pts))]
+    options = {"crf": "8"} | ({"g": str(gop)} if gop else {})
+    with av.open(str(path), "w") as output:
+        video = output.add_stream(
+            "libx264", rate=FPS, width=width, height=height, time_base=time_base, options=options
+        )
+        if rotation is not None:
+            video.set_display_rotation(rotation)
+        if audio is not None:
+            sound = output.add_stream(audio, rate=SAMPLE_RATE)
+            sound.layout = "mono"
+        for image, frame_pts in zip(images, pts, strict=True):
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+            frame.pts, frame.time_base = frame_pts, time_base
+            output.mux(video.encode(frame))
+        output.mux(video.encode(None))
+        if audio is not None:
+            seconds = float((pts[-1] + 1) * time_base)
+            tone = np.sin(2 * np.pi * 440 * np.arange(round(seconds * SAMPLE_RATE)) / SAMPLE_RATE)
+            fmt = "s16" if audio.startswith("pcm") else "fltp"
+            samples = (tone * 8000).astype(np.int16) if fmt == "s16" else tone.astype(np.float32)
+            chunk = 1024
+            for first in range(0, len(samples), chunk):
+                frame = av.AudioFrame.from_ndarray(
+                    samples[None, first : first + chunk], format=fmt, layout="mono"
+                )
+                frame.sample_rate, frame.pts = SAMPLE_RATE, first
+                frame.time_base = Fraction(1, SAMPLE_RATE)
+                output.mux(sound.encode(frame))
+            output.mux(sound.encode(None))
+    return images
+
+
+def read_timing(path: Path) -> tuple[Fraction, list[int]]:
+    """Return the video stream's time base and the decoded pts, read with PyAV directly."""
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        return stream.time_base, [frame.pts for frame in container.decode(stream)]
+
+
+def audio_span(path: Path) -> tuple[str, float, float]:
+    """Return the audio codec, first timestamp and length (seconds) of the first audio stream."""
+    with av.open(str(path)) as container:
+        stream = container.streams.audio[0]
+        packets = [p for p in container.demux(stream) if p.pts is not None]
+        first = min(p.pts for p in packets)
+        last = max(p.pts + p.duration for p in packets)
+        return (
+            stream.codec_context.name,
+            float(first * stream.time_base),
+            float((last - first) * stream.time_base),
+        )
+
+
+def copy_through(source: Path, target: Path, **writer_options: object) -> VideoInfo:
+    """Copy ``source`` frame by frame to ``target`` as the pipeline would; return its info."""
+    info = probe(str(source))
+    with VideoWriter(
+        str(target), info.width, info.height, info.time_base, info.fps, **writer_options
+    ) as writer:
+        for frame in read_frames(str(source)):
+            writer.write(frame.image, frame.pts, frame.time_base)
+    return info
+
+
+# --- round trips ------------------------------------------------------------------------------
+
+
+def test_probe_and_read_match_what_was_written(tmp_path: Path) -> None:
+    clip = tmp_path / "in.mp4"
+    images = make_clip(clip, count=20)
+    info = probe(str(clip))
+    assert (info.width, info.height, info.rotation) == (W, H, 0)
+    assert info.fps == pytest.approx(FPS)
+    assert info.frame_count == 20
+    assert info.duration == pytest.approx(20 / FPS, abs=0.01)
+    assert not info.has_audio and not info.is_image
+    frames = list(read_frames(str(clip)))
+    time_base, pts = read_timing(clip)
+    assert [f.index for f in frames] == list(range(20))
+    assert [f.pts for f in frames] == pts
+    assert all(f.time_base == time_base == info.time_base for f in frames)
+    assert [f.seconds for f in frames] == pytest.approx([i / FPS for i in range(20)])
+    for frame, image in zip(frames, images, strict=True):
+        assert frame.image.shape == (H, W, 3) and frame.image.dtype == np.uint8
+        assert np.abs(frame.image.astype(int) - image).mean() < 4
+
+
+@pytest.mark.parametrize("extension", [".mp4", ".mkv"])
+def test_round_trip_keeps_variable_frame_rate(tmp_path: Path, extension: str) -> None:
+    source = tmp_path / "vfr.mkv"
+    pts = [0, 40, 100, 110, 300, 320, 700, 1000, 1040, 1500]
+    images = make_clip(source, pts=pts, time_base=Fraction(1, 1000))
+    target = tmp_path / f"out{extension}"
+    copy_through(source, target)
+    in_base, in_pts = read_timing(source)
+    out_base, out_pts = read_timing(target)
+    assert len(out_pts) == len(in_pts) == len(pts)
+    # mkv keeps the millisecond base; mp4 may scale it up (1/16000) but not the instants.
+    assert [p * out_base for p in out_pts] == [p * in_base for p in in_pts]
+    frames = list(read_frames(str(target)))
+    for frame, image in zip(frames, images, strict=True):
+        assert np.abs(frame.image.astype(int) - image).mean() < 6
+
+
+def test_round_trip_keeps_pts_and_time_base_exactly(tmp_path: Path) -> None:
+    source, target = tmp_path / "in.mp4", tmp_path / "out.mp4"
+    make_clip(source, count=15)
+    copy_through(source, target, crf=18)
+    assert read_timing(target) == read_timing(source)
+    info = probe(str(target))
+    assert (info.width, info.height, info.frame_count) == (W, H, 15)
+
+
+def test_writer_invents_pts_from_fps_when_missing(tmp_path: Path) -> None:
+    target = tmp_path / "out.mp4"
+    with VideoWriter(str(target), W, H, Fraction(1, 600), fps=12) as writer:
+        for i in range(6):
+            writer.write(picture(i), None, Fraction(1, 600))
+    frames = list(read_frames(str(target)))
+    assert [f.seconds for f in frames] == pytest.approx([i / 12 for i in range(6)])
+
+
+def test_odd_size_is_padded_by_replicating_the_edge(tmp_path: Path) -> None:
+    source, target = tmp_path / "odd.mkv", tmp_path / "out.mp4"
+    with av.open(str(source), "w") as output:  # odd sizes need a codec without chroma halving
+        stream = output.add_stream("ffv1", rate=FPS, width=63, height=47, pix_fmt="bgr0")
+        for i in range(5):
+            frame = av.VideoFrame.from_ndarray(picture(i, 63, 47), format="rgb24")
+            frame.pts, frame.time_base = i, Fraction(1, FPS)
+            output.mux(stream.encode(frame))
+        output.mux(stream.encode(None))
+    info = copy_through(source, target)
+    assert (info.width, info.height) == (63, 47)
+    first = next(read_frames(str(source))).image
+    assert first.shape == (47, 63, 3)
+    out = next(read_frames(str(target))).image
+    assert out.shape == (48, 64, 3)
+    assert np.abs(out[:47, :63].astype(int) - first).mean() < 4
+    # The extra column and row repeat the edge: no black border, no stretching.
+    assert np.abs(out[:47, 63].astype(int) - first[:, 62]).mean() < 8
+    assert np.abs(out[47, :63].astype(int) - first[46, :]).mean() < 8
+
+
+# --- audio ------------------------------------------------------------------------------------
+
+
+def test_aac_audio_is_copied_with_its_duration(tmp_path: Path) -> None:
+    source, target = tmp_path / "in.mp4", tmp_path / "out.mp4"
+    make_clip(source, count=24, audio="aac")
+    info = copy_through(source, target, audio_from=str(source))
+    assert info.has_audio and probe(str(target)).has_audio
+    in_codec, _, in_length = audio_span(source)
+    out_codec, _, out_length = audio_span(target)
+    assert in_codec == out_codec == "aac"
+    assert out_length == pytest.approx(in_length, abs=0.1)
+    assert len(list(read_frames(str(target)))) == 24
+
+
+def test_audio_the_output_cannot_hold_is_reencoded_to_aac(tmp_path: Path) -> None:
+    source, target = tmp_path / "in.mkv", tmp_path / "out.mp4"
+    make_clip(source, count=24, audio="pcm_s16le")
+    copy_through(source, target, audio_from=str(source))
+    _, _, in_length = audio_span(source)
+    out_codec, _, out_length = audio_span(target)
+    assert out_codec == "aac"
+    assert out_length == pytest.approx(in_length, abs=0.1)
+
+
+def test_audio_window_and_offset_follow_the_video_window(tmp_path: Path) -> None:
+    source, target = tmp_path / "in.mp4", tmp_path / "out.mp4"
+    make_clip(source, count=36, audio="aac", gop=6)
+    info = probe(str(source))
+    start, end = 1.0, 2.0
+    with VideoWriter(
+        str(target),
+        info.width,
+        info.height,
+        info.time_base,
+        info.fps,
+        audio_from=str(source),
+        audio_start=start,
+        audio_end=end,
+        time_offset=start,
+    ) as writer:
+        for frame in read_frames(str(source), start=start, end=end):
+            writer.write(frame.image, frame.pts, frame.time_base)
+    frames = list(read_frames(str(target)))
+    assert len(frames) == 12
+    assert frames[0].seconds == 0
+    _, audio_first, audio_length = audio_span(target)
+    assert audio_first == pytest.approx(0, abs=0.05)
+    assert audio_length == pytest.approx(end - start, abs=0.1)
+
+
+def test_audio_from_a_silent_input_gives_a_silent_output(tmp_path: Path) -> None:
+    source, target = tmp_path / "in.mp4", tmp_path / "out.mp4"
+    make_clip(source, count=6)
+    copy_through(source, target, audio_from=str(source))
+    assert not probe(str(target)).has_audio
+
+
+# --- time windows -----------------------------------------------------------------------------
+
+
+def test_start_end_and_max_frames(tmp_path: Path) -> None:
+    clip = tmp_path / "in.mp4"
+    make_clip(clip, count=30, gop=5)  # keyframes every 5 frames, so start needs a real seek
+    window = list(read_frames(str(clip), start=1.0, end=1.5))
+    assert [f.seconds for f in window] == pytest.approx([i / FPS for i in range(12, 18)])
+    assert [f.index for f in window] == list(range(6))
+    assert all(1.0 <= f.seconds < 1.5 for f in window)
+    assert len(list(read_frames(str(clip), max_frames=7))) == 7
+    assert len(list(read_frames(str(clip), start=2.0, max_frames=100))) == 6
+    assert list(read_frames(str(clip), start=10.0)) == []
+    assert list(read_frames(str(clip), max_frames=0)) == []
+
+
+@pytest.mark.parametrize(
+    ("start", "end", "max_frames"), [(-1.0, None, None), (2.0, 1.0, None), (None, None, -1)]
+)
+def test_bad_windows_are_user_errors(
+    tmp_path: Path, start: float | None, end: float | None, max_frames: int | None
+) -> None:
+    clip = tmp_path / "in.mp4"
+    make_clip(clip, count=3)
+    with pytest.raises(ScoreCamError):
+        read_frames(str(clip), start=start, end=end, max_frames=max_frames)
+
+
+# --- rotation ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("rotation", "turns"), [(90, 1), (-90, 3), (180, 2)])
+def test_rotated_video_is_read_upright(tmp_path: Path, rotation: int, turns: int) -> None:
+    clip = tmp_path / "rotated.mp4"
+    make_clip(clip, count=3, rotation=rotation)
+    info = probe(str(clip))
+    assert info.rotation == rotation % 360
+    expected = rotate_upright(picture(0), rotation % 360)
+    assert (info.height, info.width) == expected.shape[:2]
+    frame = next(read_frames(str(clip)))
+    assert frame.image.shape == expected.shape
+    assert np.abs(frame.image.astype(int) - expected).mean() < 4
+    assert np.array_equal(rotate_upright(picture(0), rotation % 360), np.rot90(picture(0), turns))
+
+
+def test_rotate_upright_turns_counter_clockwise() -> None:
+    image = np.zeros((2, 3, 1), np.uint8)
+    image[0, 0] = 1  # top-left
+    assert rotate_upright(image, 0) is image
+    assert rotate_upright(image, 90)[2, 0, 0] == 1  # to bottom-left
+    assert rotate_upright(image, 270)[0, 1, 0] == 1  # to top-right
+    assert rotate_upright(image, 180)[1, 2, 0] == 1
+
+
+# --- damaged and unreadable inputs ------------------------------------------------------------
+
+
+def assert_user_error(path: str, call: Callable[[str], object]) -> None:
+    with pytest.raises(ScoreCamError) as caught:
+        call(path)
+    message = str(caught.value)
+    assert "\n" not in message and path in message
+
+
+READERS = [probe, lambda path: list(read_frames(path))]
+
+
+@pytest.mark.parametrize("call", READERS, ids=["probe", "read_frames"])
+def test_unreadable_inputs_are_one_line_user_errors(
+    tmp_path: Path, call: Callable[[str], object]
+) -> None:
+    missing = tmp_path / "missing.mp4"
+    empty = tmp_path / "empty.mp4"
+    empty.touch()
+    text = tmp_path / "notes.mp4"
+    text.write_text("this is not a video\n" * 20)
+    truncated = tmp_path / "cut.mp4"
+    make_clip(tmp_path / "whole.mp4", count=20)
+    data = (tmp_path / "whole.mp4").read_bytes()
+    truncated.write_bytes(data[: len(data) * 6 // 10])  # the moov index sits at the end
+    audio_only = tmp_path / "tone.m4a"
+    with av.open(str(audio_only), "w") as output:
+        stream = output.add_stream("aac", rate=SAMPLE_RATE)
+        frame = av.AudioFrame.from_ndarray(np.zeros((2, 4096), np.float32), format="fltp")
+        frame.sample_rate, frame.pts = SAMPLE_RATE, 0
+        output.mux(stream.encode(frame))
+        output.mux(stream.encode(None))
+    for path in (missing, empty, text, truncated, audio_only, tmp_path):
+        assert_user_error(str(path), call)
+    assert_user_error("http://127.0.0.1:9/clip.mp4", call)  # refused at once: nothing listens
+    assert_user_error("nosuchprotocol://clip.mp4", call)
+
+
+def test_truncated_transport_stream_yields_frames_and_warns(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    whole, cut = tmp_path / "whole.ts", tmp_path / "cut.ts"
+    rng = np.random.default_rng(0)
+    with av.open(str(whole), "w") as output:  # noise: frames span many 188-byte TS packets
+        stream = output.add_stream("libx264", rate=FPS, width=W, height=H)
+        for i in range(30):
+            frame = av.VideoFrame.from_ndarray(
+                rng.integers(0, 256, (H, W, 3), dtype=np.uint8), format="rgb24"
+            )
+            frame.pts, frame.time_base = i, Fraction(1, FPS)
+            output.mux(stream.encode(frame))
+        output.mux(stream.encode(None))
+    data = whole.read_bytes()
+    cut.write_bytes(data[: len(data) * 6 // 10])
+    with caplog.at_level(logging.WARNING, logger="scorecam_stream.video"):
+        frames = list(read_frames(str(cut)))
+    assert 5 < len(frames) < 30
+    assert [f.index for f in frames] == list(range(len(frames)))
+    assert all(b.seconds > a.seconds for a, b in itertools.pairwise(frames))
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings and str(cut) in warnings[0].getMessage()
+
+
+def test_garbage_in_the_middle_is_skipped_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    clip = tmp_path / "damaged.ts"
+    make_clip(clip, count=30, gop=5)
+    data = bytearray(clip.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 2000] = np.random.default_rng(1).bytes(2000)
+    clip.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING, logger="scorecam_stream.video"):
+        frames = list(read_frames(str(clip)))
+    assert 20 < len(frames) <= 30  # frames after the damage are still read
+    assert frames[-1].seconds == pytest.approx(29 / FPS + frames[0].seconds)
+    assert any("damaged" in r.getMessage() for r in caplog.records)
+
+
+# --- output files -----------------------------------------------------------------------------
+
+
+def test_atomic_output_moves_the_result_into_place(tmp_path: Path) -> None:
+    target = tmp_path / "out.mp4"
+    with atomic_output(target, overwrite=False) as temporary:
+        assert temporary.parent == tmp_path and temporary.suffix == ".mp4"
+        assert temporary.name.startswith(".out.mp4.tmp-")
+        temporary.write_bytes(b"video")
+        assert not target.exists()
+    assert target.read_bytes() == b"video"
+    assert os.listdir(tmp_path) == ["out.mp4"]
+
+
+@pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
+def test_atomic_output_failure_leaves_no_file(tmp_path: Path, error: type[BaseException]) -> None:
+    target = tmp_path / "out.mp4"
+    with pytest.raises(error), atomic_output(target, overwrite=False) as temporary:
+        temporary.write_bytes(b"half a video")
+        raise error()
+    assert os.listdir(tmp_path) == []
+
+
+def test_atomic_output_failure_keeps_the_existing_file(tmp_path: Path) -> None:
+    target = tmp_path / "out.mp4"
+    target.write_bytes(b"old")
+    with (
+        pytest.raises(ScoreCamError, match="model failed"),
+        atomic_output(target, overwrite=True) as temporary,
+        VideoWriter(str(temporary), W, H, Fraction(1, FPS), FPS) as writer,
+    ):
+        writer.write(picture(0), 0, Fraction(1, FPS))
+        raise ScoreCamError("model failed")
+    assert target.read_bytes() == b"old"
+    assert os.listdir(tmp_path) == ["out.mp4"]
+
+
+def test_atomic_output_overwrite_rules(tmp_path: Path) -> None:
+    target = tmp_path / "out.png"
+    target.write_bytes(b"old")
+    with (
+        pytest.raises(ScoreCamError, match="exists; pass --overwrite"),
+        atomic_output(target, overwrite=False),
+    ):
+        pass
+    with atomic_output(target, overwrite=True) as temporary:
+        write_image(str(temporary), picture(0))
+    assert target.read_bytes()[:4] == b"\x89PNG"
+    with (
+        pytest.raises(ScoreCamError, match="does not exist"),
+        atomic_output(tmp_path / "no" / "out.mp4", overwrite=False),
+    ):
+        pass
+
+
+def test_writer_user_errors(tmp_path: Path) -> None:
+    with pytest.raises(ScoreCamError, match=r"\.avi"):
+        VideoWriter(str(tmp_path / "out.avi"), W, H, Fraction(1, FPS), FPS)
+    with (
+        pytest.raises(ScoreCamError, match="no frames"),
+        VideoWriter(str(tmp_path / "out.mp4"), W, H, Fraction(1, FPS), FPS),
+    ):
+        pass
+    with (
+        pytest.raises(ScoreCamError, match="does not fit"),
+        VideoWriter(str(tmp_path / "out.mp4"), W, H, Fraction(1, FPS), FPS) as writer,
+    ):
+        writer.write(picture(0, W + 2, H), 0, Fraction(1, FPS))
+
+
+# --- still images -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("extension", [".png", ".jpg"])
+def test_still_image_is_probed_and_read_as_one_frame(tmp_path: Path, extension: str) -> None:
+    path = tmp_path / f"cat{extension}"
+    image = picture(3, 30, 20)
+    cv2.imwrite(str(path), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+    info = probe(str(path))
+    assert info.is_image and info.frame_count == 1
+    assert (info.width, info.height) == (30, 20)
+    frames = list(read_frames(str(path), start=5.0))  # a window is ignored for a still image
+    assert len(frames) == 1
+    tolerance = 1 if extension == ".png" else 12
+    assert np.abs(frames[0].image.astype(int) - image).mean() < tolerance
+
+
+@pytest.mark.parametrize("extension", [".png", ".jpg", ".JPEG"])
+def test_write_image_round_trip(tmp_path: Path, extension: str) -> None:
+    path = tmp_path / f"heatmap{extension}"
+    image = picture(5, 31, 21)
+    write_image(str(path), image)
+    back = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
+    if extension == ".png":
+        assert np.array_equal(back, image)
+    else:
+        assert np.abs(back.astype(int) - image).mean() < 12
+    with pytest.raises(ScoreCamError, match="must end with"):
+        write_image(str(tmp_path / "heatmap.gif"), image)
+
+
+# --- the sample clip script -------------------------------------------------------------------
+
+
+def test_make_sample_video_script(tmp_path: Path) -> None:
+    spec = importlib.util.spec_from_file_location(
+        "make_sample_video", REPO / "scripts" / "make_sample_video.py"
+    )
+    assert spec is not None and spec.loader is not None
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    target = tmp_path / "sample.mp4"
+    assert script.main([str(target), "--seconds", "1", "--fps", "6", "--size", "64x48"]) == 0
+    info = probe(str(target))
+    assert (info.width, info.height, info.frame_count, info.has_audio) == (64, 48, 6, True)
+    _, _, length = audio_span(target)
+    assert length == pytest.approx(1.0, abs=0.1)
+    assert script.main([str(target), "--seconds", "1"]) == 2  # exists, no --overwrite
