@@ -1,0 +1,177 @@
+"""The ``scorecam-video`` command: argv and config files -> Config -> pipeline; exit codes.
+
+Exit codes: 0 success, 2 a user mistake or a fault that stopped the run (one line on stderr),
+130 interrupted (Ctrl-C). Only this module reads argv, the environment and config files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+import yaml
+
+from . import __version__
+from .config import FIELDS, Config, build_config
+from .errors import ScoreCamError
+
+PROG = "scorecam-video"
+log = logging.getLogger(__name__)
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one-line ScoreCamErrors (exit 2, no usage dump)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ScoreCamError(message)
+
+
+def _bool_flag(parser: argparse.ArgumentParser, name: str, help_text: str) -> None:
+    parser.add_argument(f"--{name}", dest=name.replace("-", "_"),
+                        action=argparse.BooleanOptionalAction, help=help_text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the argument parser; options not given stay absent (config files fill them)."""
+    p = _Parser(prog=PROG, argument_default=argparse.SUPPRESS,
+                description="Score-CAM heatmaps over every frame of a video (or an image).")
+    p.add_argument("input", help="video file, stream URL (http/rtsp/udp...), or image")
+    p.add_argument("-o", "--output", help="output file (default: <input>.scorecam.mp4 beside it)")
+    p.add_argument("--config", help="YAML file of settings (keys are the flags, e.g. batch_size)")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", help="vgg16 (default), efficientnet_lite0, torchvision:NAME, "
+                   "timm:NAME")
+    g.add_argument("--weights", help="local state dict instead of downloaded weights")
+    g.add_argument("--layer", help="target layer, dotted path (default: per model / auto)")
+    g.add_argument("--input-size", type=int, help="model input side S (frames resized to SxS)")
+    g.add_argument("--device", help="cpu, cuda or cuda:N")
+    g = p.add_argument_group("Score-CAM")
+    g.add_argument("--batch-size", type=int, help="masked inputs per forward (default 32)")
+    g.add_argument("--dtype", help="fp32 (default), bf16 or fp16 autocast")
+    g.add_argument("--score", help="softmax (default), logit or logit_delta")
+    _bool_flag(g, "channel-softmax", "softmax of the scores across channels")
+    g.add_argument("--combine", help="normalized (default) or raw")
+    _bool_flag(g, "skip-constant", "skip constant channels' passes (exact; default on)")
+    g.add_argument("--max-channels", type=int, help="Faster Score-CAM: top-N variance channels")
+    _bool_flag(g, "channels-last", "channels-last memory format (default on)")
+    g = p.add_argument_group("targets and time")
+    g.add_argument("--target", help="top1 (default), dominant, a class id or a class name")
+    g.add_argument("--topk", type=int, help="K maps per frame (top-K classes; first rendered)")
+    g.add_argument("--every", type=int, help="explain every Nth frame, reuse the map between")
+    g.add_argument("--smooth", type=float, help="moving average of maps, weight of the past")
+    g.add_argument("--start", type=float, help="first second to process")
+    g.add_argument("--end", type=float, help="second to stop at")
+    g.add_argument("--max-frames", type=int, help="process at most N frames")
+    g = p.add_argument_group("rendering and outputs")
+    g.add_argument("--layout", help="overlay (default) or side-by-side")
+    g.add_argument("--colormap", help="OpenCV colormap name (default jet)")
+    g.add_argument("--alpha", type=float, help="heatmap weight in the blend, [0, 1]")
+    g.add_argument("--scale", help="display scale: running (default, no flicker) or frame")
+    g.add_argument("--crf", type=int, help="H.264 quality, 0-51 (default 20)")
+    g.add_argument("--save-maps", help="write the maps, targets and times to FILE.npz")
+    g.add_argument("--jsonl", help="write one JSON record per frame to FILE")
+    g.add_argument("--preview", help="write a contact sheet of ~8 frames to FILE.png")
+    g.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    g.add_argument("--quiet", action="store_true", help="no progress bar, errors only")
+    g = p.add_argument_group("distributed (Ray)")
+    g.add_argument("--gpus", type=int, help="N Ray workers, one GPU each")
+    g.add_argument("--workers", type=int, help="N Ray workers on CPU")
+    g.add_argument("--address", help="join a Ray cluster: auto, HOST:PORT or ray://... "
+                   "(default: $RAY_ADDRESS with --gpus/--workers, else a local instance)")
+    g.add_argument("--max-inflight-frames", type=int, help="frames in flight at once")
+    g.add_argument("--shards-per-frame", type=int, help="channel shards per frame")
+    g.add_argument("--startup-timeout", type=float, help="seconds to wait for workers")
+    return p
+
+
+def load_settings(path: str) -> dict[str, Any]:
+    """Return the flat settings of a YAML config file (dashes in keys read as underscores)."""
+    file = Path(path)
+    if not file.is_file():
+        raise ScoreCamError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        first = str(err).strip().splitlines()[0]
+        raise ScoreCamError(f"config file {path} is not valid YAML: {first}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ScoreCamError(f"config file {path} must be a mapping of settings")
+    settings = {str(k).replace("-", "_"): v for k, v in data.items()}
+    unknown = sorted(set(settings) - set(FIELDS) - {"quiet"})
+    if unknown:
+        raise ScoreCamError(f"config file {path}: unknown setting(s) {', '.join(unknown)}")
+    return settings
+
+
+def parse_config(argv: list[str] | None) -> Config:
+    """Return the Config of a command line: defaults < --config file < flags."""
+    args = vars(build_parser().parse_args(argv))
+    settings = load_settings(args.pop("config")) if "config" in args else {}
+    settings.update(args)
+    input_path = settings.pop("input")
+    quiet = bool(settings.pop("quiet", False))
+    distributing = settings.get("gpus") or settings.get("workers")
+    if distributing and not settings.get("address") and os.environ.get("RAY_ADDRESS"):
+        settings["address"] = os.environ["RAY_ADDRESS"]
+    return build_config(input_path, settings, quiet=quiet)
+
+
+class _ProgressBar:
+    """A tqdm bar on stderr, created at the first frame."""
+
+    def __init__(self) -> None:
+        self._bar = None
+
+    def __call__(self, done: int, total: int | None) -> None:
+        if self._bar is None:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, unit="frame", file=sys.stderr, dynamic_ncols=True)
+        self._bar.update(done - self._bar.n)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command; return its exit code."""
+    bar: _ProgressBar | None = None
+    try:
+        config = parse_config(argv)
+        logging.basicConfig(level=logging.ERROR if config.quiet else logging.WARNING,
+                            format=f"{PROG}: %(levelname)s: %(message)s")
+        from .pipeline import run  # torch, av and friends load only for a real run
+
+        show_bar = not config.quiet and sys.stderr.isatty()
+        bar = _ProgressBar() if show_bar else None
+        summary = run(config, progress=bar)
+        if bar is not None:
+            bar.close()
+        if not config.quiet:
+            rate = summary.frames / summary.seconds if summary.seconds else 0.0
+            print(f"{PROG}: wrote {summary.output} ({summary.frames} frames, "
+                  f"{summary.explained} explained, target {summary.target}) in "
+                  f"{summary.seconds:.1f} s, {rate:.2f} frames/s", file=sys.stderr)
+        return 0
+    except ScoreCamError as err:
+        if bar is not None:
+            bar.close()
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        if bar is not None:
+            bar.close()
+        print(f"{PROG}: interrupted; no output written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

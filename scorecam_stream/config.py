@@ -1,0 +1,223 @@
+"""Configuration: frozen dataclasses, validated on construction, passed down explicitly.
+
+Only :mod:`scorecam_stream.cli` reads argv and YAML files; it builds a :class:`Config` with
+:func:`build_config` from flat ``key: value`` settings whose keys are the command-line flags
+with underscores (``batch_size: 32``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ScoreCamError
+from .render import COLORMAPS, LAYOUTS
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ScoreCamError(message)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which model, layer and weights; where it runs."""
+
+    spec: str = "vgg16"
+    layer: str | None = None
+    weights: str | None = None
+    input_size: int | None = None
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        _check(self.input_size is None or self.input_size >= 16,
+               f"--input-size must be at least 16, got {self.input_size}")
+        _check(self.device == "cpu" or self.device.startswith("cuda"),
+               f"--device must be cpu or cuda[:N], got '{self.device}'")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Score-CAM options, as :class:`scorecam_stream.ScoreCAM` takes them."""
+
+    batch_size: int = 32
+    score: str = "softmax"
+    channel_softmax: bool = False
+    combine: str = "normalized"
+    skip_constant: bool = True
+    max_channels: int | None = None
+    dtype: str = "fp32"
+    channels_last: bool = True
+
+    def __post_init__(self) -> None:
+        _check(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
+        _check(self.score in ("softmax", "logit", "logit_delta"),
+               f"--score must be softmax, logit or logit_delta, got '{self.score}'")
+        _check(self.combine in ("normalized", "raw"),
+               f"--combine must be normalized or raw, got '{self.combine}'")
+        _check(self.max_channels is None or self.max_channels >= 1,
+               f"--max-channels must be >= 1, got {self.max_channels}")
+        _check(self.dtype in ("fp32", "bf16", "fp16"),
+               f"--dtype must be fp32, bf16 or fp16, got '{self.dtype}'")
+
+    def engine_kwargs(self) -> dict[str, Any]:
+        """Return the keyword arguments of ScoreCAM for these options."""
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class ExplainConfig:
+    """Which class to explain in which frames.
+
+    ``target``: "top1" (each frame's top class), "dominant" (the clip's most frequent top-1
+    class, from a first classification pass), or a class id / class name.
+    """
+
+    target: str = "top1"
+    topk: int = 1
+    every: int = 1
+    smooth: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check(self.topk >= 1, f"--topk must be >= 1, got {self.topk}")
+        _check(self.every >= 1, f"--every must be >= 1, got {self.every}")
+        _check(0.0 <= self.smooth < 1.0, f"--smooth must be in [0, 1), got {self.smooth}")
+        _check(self.topk == 1 or self.target == "top1",
+               "--topk > 1 needs --target top1 (the top-k classes of each frame)")
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    """Where results go and how the video is written."""
+
+    output: str | None = None
+    overwrite: bool = False
+    crf: int = 20
+    layout: str = "overlay"
+    colormap: str = "jet"
+    alpha: float = 0.5
+    scale: str = "running"
+    save_maps: str | None = None
+    jsonl: str | None = None
+    preview: str | None = None
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.crf <= 51, f"--crf must be in [0, 51], got {self.crf}")
+        _check(self.layout in LAYOUTS, f"--layout must be overlay or side-by-side, got "
+               f"'{self.layout}'")
+        _check(self.colormap in COLORMAPS, f"unknown --colormap '{self.colormap}' "
+               f"(e.g. jet, turbo, inferno, viridis)")
+        _check(0.0 <= self.alpha <= 1.0, f"--alpha must be in [0, 1], got {self.alpha}")
+        _check(self.scale in ("running", "frame"),
+               f"--scale must be running or frame, got '{self.scale}'")
+        _check(self.save_maps is None or self.save_maps.endswith(".npz"),
+               f"--save-maps must name a .npz file, got '{self.save_maps}'")
+        _check(self.preview is None or self.preview.lower().endswith(".png"),
+               f"--preview must name a .png file, got '{self.preview}'")
+
+
+@dataclass(frozen=True)
+class WindowConfig:
+    """Which part of the input is processed."""
+
+    start: float | None = None
+    end: float | None = None
+    max_frames: int | None = None
+
+    def __post_init__(self) -> None:
+        for name, value in (("--start", self.start), ("--end", self.end)):
+            _check(value is None or (math.isfinite(value) and value >= 0),
+                   f"{name} must be a time >= 0 in seconds, got {value}")
+        _check(self.start is None or self.end is None or self.end > self.start,
+               f"--end ({self.end}) must be after --start ({self.start})")
+        _check(self.max_frames is None or self.max_frames >= 1,
+               f"--max-frames must be >= 1, got {self.max_frames}")
+
+
+@dataclass(frozen=True)
+class DistributedConfig:
+    """How the masked passes are spread. ``workers == 0`` and ``gpus == 0``: in-process."""
+
+    workers: int = 0
+    gpus: int = 0
+    address: str | None = None
+    max_inflight_frames: int | None = None
+    shards_per_frame: int | None = None
+    startup_timeout: float = 120.0
+    max_shard_retries: int = 2
+
+    def __post_init__(self) -> None:
+        _check(self.workers >= 0, f"--workers must be >= 0, got {self.workers}")
+        _check(self.gpus >= 0, f"--gpus must be >= 0, got {self.gpus}")
+        _check(not (self.workers and self.gpus),
+               "give --gpus N (one worker per GPU) or --workers N (CPU workers), not both")
+        _check(self.max_inflight_frames is None or self.max_inflight_frames >= 1,
+               f"--max-inflight-frames must be >= 1, got {self.max_inflight_frames}")
+        _check(self.shards_per_frame is None or self.shards_per_frame >= 1,
+               f"--shards-per-frame must be >= 1, got {self.shards_per_frame}")
+        _check(self.startup_timeout > 0, "--startup-timeout must be > 0")
+        _check(self.max_shard_retries >= 0, "--max-shard-retries must be >= 0")
+
+    @property
+    def distributed(self) -> bool:
+        """Return whether Ray workers are used."""
+        return bool(self.workers or self.gpus or self.address)
+
+    @property
+    def num_workers(self) -> int:
+        """Return the number of Ray workers (1 when only --address is given)."""
+        return self.gpus or self.workers or 1
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything one run needs."""
+
+    input: str
+    model: ModelConfig = field(default_factory=ModelConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    explain: ExplainConfig = field(default_factory=ExplainConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    window: WindowConfig = field(default_factory=WindowConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    quiet: bool = False
+
+    def __post_init__(self) -> None:
+        _check(bool(self.input), "no input given")
+
+
+# Flat setting name -> (section, field). Names are the flags with underscores.
+_SECTIONS = {
+    "model": ModelConfig,
+    "engine": EngineConfig,
+    "explain": ExplainConfig,
+    "output": OutputConfig,
+    "window": WindowConfig,
+    "distributed": DistributedConfig,
+}
+FIELDS: dict[str, tuple[str, str]] = {
+    ("model" if f.name == "spec" else f.name): (section, f.name)  # --model sets the spec
+    for section, cls in _SECTIONS.items()
+    for f in dataclasses.fields(cls)
+}
+
+
+def build_config(input_path: str, settings: dict[str, Any], quiet: bool = False) -> Config:
+    """Return a validated Config from flat settings (YAML keys / flags with underscores)."""
+    unknown = sorted(set(settings) - set(FIELDS))
+    _check(not unknown, f"unknown setting(s): {', '.join(unknown)}")
+    grouped: dict[str, dict[str, Any]] = {name: {} for name in _SECTIONS}
+    for key, value in settings.items():
+        section, name = FIELDS[key]
+        grouped[section][name] = value
+    try:
+        sections = {name: _SECTIONS[name](**values) for name, values in grouped.items()}
+    except TypeError as err:  # a wrongly typed YAML value that the checks could not compare
+        raise ScoreCamError(f"invalid setting: {err}") from None
+    model = sections["model"]
+    if sections["distributed"].gpus and model.device == "cpu":
+        # --gpus means the workers run on CUDA.
+        sections["model"] = dataclasses.replace(model, device="cuda")
+    return Config(input=input_path, quiet=quiet, **sections)

@@ -1,0 +1,201 @@
+"""The worker (a plain class: one model replica on one device) and the in-process explainer.
+
+:class:`Worker` is what a Ray actor holds (``distributed.py`` wraps it with ``ray.remote``);
+:class:`LocalExplainer` drives one worker in this process. Both explainers give the pipeline
+the same thing: per-frame results, in frame order.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol, TypeVar
+
+import numpy as np
+import torch
+
+from .config import EngineConfig, ModelConfig
+from .models import load_model
+from .scorecam import BasePass, ScoreCAM, ShardResult, combine_shards
+
+log = logging.getLogger(__name__)
+
+P = TypeVar("P")
+
+
+@dataclass(frozen=True)
+class FrameTask:
+    """One frame to explain: its model input and, if fixed, the classes to explain."""
+
+    index: int  # unique in a run; the workers' activation cache is keyed by it
+    x: torch.Tensor  # (3, S, S) float32 model input (never the full-resolution frame)
+    targets: tuple[int, ...] | None = None  # None: the frame's top-k classes
+
+
+@dataclass(frozen=True)
+class ModelMeta:
+    """What the driver needs to know of the workers' model: preprocessing and class names."""
+
+    name: str
+    layer_name: str
+    input_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    class_names: tuple[str, ...]
+
+
+@dataclass(frozen=True, eq=False)
+class FrameResult:
+    """The Score-CAM maps of one frame."""
+
+    index: int
+    maps: np.ndarray  # (T, S, S) float32, ReLU applied, not rescaled
+    targets: np.ndarray  # (T,) int64
+    probs: np.ndarray  # (T,) float32 softmax probability of each target, unmasked input
+    skipped: int  # constant channels whose masked pass was skipped
+    seconds: float  # time spent computing this frame
+
+
+def targets_for(logits: torch.Tensor, fixed: Sequence[int] | None, topk: int) -> torch.Tensor:
+    """Return the classes (T,) to explain for a frame with ``logits`` (C,)."""
+    if fixed is not None:
+        return torch.as_tensor(fixed, dtype=torch.int64)
+    return logits.topk(topk).indices
+
+
+def make_result(
+    index: int, maps: torch.Tensor, targets: torch.Tensor, logits: torch.Tensor, skipped: int,
+    seconds: float,
+) -> FrameResult:
+    """Return a FrameResult from one frame's maps (T, S, S), targets (T,) and logits (C,)."""
+    probs = logits.float().softmax(0)[targets.to(logits.device)]
+    return FrameResult(
+        index=index,
+        maps=maps.detach().cpu().numpy().astype(np.float32, copy=False),
+        targets=targets.cpu().numpy().astype(np.int64),
+        probs=probs.cpu().numpy().astype(np.float32),
+        skipped=int(skipped),
+        seconds=seconds,
+    )
+
+
+class Worker:
+    """One model replica on one device, computing whole frames or channel shards of frames.
+
+    Keeps the base pass (activations, logits) of its ``cache_frames`` most recent frames, so
+    several shards of one frame cost one base forward on this worker.
+    """
+
+    def __init__(
+        self,
+        model: ModelConfig,
+        engine: EngineConfig,
+        threads: int | None = None,
+        cache_frames: int = 16,
+    ) -> None:
+        if threads:
+            torch.set_num_threads(threads)
+        self.loaded = load_model(model.spec, model.layer, model.weights, model.device,
+                                 model.input_size)
+        self.engine = ScoreCAM(self.loaded.model, self.loaded.layer, **engine.engine_kwargs())
+        self.device = torch.device(model.device)
+        self.cache_frames = cache_frames
+        self._cache: OrderedDict[int, BasePass] = OrderedDict()
+
+    def info(self) -> dict[str, object]:
+        """Return where this worker runs: host, pid, device, threads (for logs and tests)."""
+        return {"host": socket.gethostname(), "pid": os.getpid(), "device": str(self.device),
+                "threads": torch.get_num_threads(), "layer": self.loaded.layer_name}
+
+    def meta(self) -> ModelMeta:
+        """Return the model's preprocessing and class names."""
+        m = self.loaded
+        return ModelMeta(name=m.name, layer_name=m.layer_name, input_size=m.input_size,
+                         mean=m.mean, std=m.std, class_names=m.class_names)
+
+    def base(self, index: int, x: torch.Tensor) -> BasePass:
+        """Return the (cached) base pass of frame ``index`` with model input ``x`` (3, S, S)."""
+        if index in self._cache:
+            self._cache.move_to_end(index)
+            return self._cache[index]
+        base = self.engine.base(x[None])
+        self._cache[index] = base
+        while len(self._cache) > self.cache_frames:
+            self._cache.popitem(last=False)
+        return base
+
+    def classify(self, index: int, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Return (logits (C,) on CPU, Kc channels) of a frame; its base pass is kept."""
+        base = self.base(index, x)
+        return base.logits[0].cpu(), base.num_channels
+
+    def shard(
+        self, index: int, x: torch.Tensor, targets: torch.Tensor, start: int, stop: int
+    ) -> ShardResult:
+        """Return channels [start, stop) of frame ``index`` for ``targets`` (T,), on CPU."""
+        base = self.base(index, x)
+        return self.engine.shard(base, targets.to(self.device)[None], start, stop).to("cpu")
+
+    def explain(self, task: FrameTask, topk: int = 1) -> FrameResult:
+        """Return the whole result of one frame (every channel in one shard)."""
+        began = time.perf_counter()
+        base = self.base(task.index, task.x)
+        logits = base.logits[0]
+        targets = targets_for(logits, task.targets, topk)
+        shard = self.engine.shard(base, targets.to(self.device)[None], 0, base.num_channels)
+        maps = combine_shards([shard])[0]
+        self._cache.pop(task.index, None)  # a whole frame is never asked for again
+        return make_result(task.index, maps, targets, logits, int(shard.skipped[0]),
+                           time.perf_counter() - began)
+
+    def classify_batch(self, xs: torch.Tensor) -> torch.Tensor:
+        """Return the logits (N, C) on CPU of a batch of model inputs (no caching)."""
+        return self.engine.classify(xs).cpu()
+
+
+class Explainer(Protocol):
+    """What the pipeline needs from an explainer (in-process or Ray)."""
+
+    meta: ModelMeta
+
+    def classify(self, xs: torch.Tensor) -> torch.Tensor:
+        """Return logits (N, C) on CPU."""
+        ...
+
+    def explain(
+        self, items: Iterable[tuple[P, FrameTask | None]]
+    ) -> Iterator[tuple[P, FrameResult | None]]:
+        """Yield (payload, result) in the order of ``items``; a None task passes through."""
+        ...
+
+    def close(self) -> None:
+        """Release workers."""
+        ...
+
+
+class LocalExplainer:
+    """Explains frames in this process with one :class:`Worker`."""
+
+    def __init__(self, worker: Worker, topk: int = 1) -> None:
+        self.worker = worker
+        self.topk = topk
+        self.meta = worker.meta()
+
+    def classify(self, xs: torch.Tensor) -> torch.Tensor:
+        """Return logits (N, C) on CPU."""
+        return self.worker.classify_batch(xs)
+
+    def explain(
+        self, items: Iterable[tuple[P, FrameTask | None]]
+    ) -> Iterator[tuple[P, FrameResult | None]]:
+        """Yield (payload, result) in order, one frame at a time."""
+        for payload, task in items:
+            yield payload, (None if task is None else self.worker.explain(task, self.topk))
+
+    def close(self) -> None:
+        """Nothing to release."""
