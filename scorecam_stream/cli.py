@@ -31,21 +31,29 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _bool_flag(parser: argparse.ArgumentParser, name: str, help_text: str) -> None:
-    parser.add_argument(f"--{name}", dest=name.replace("-", "_"),
-                        action=argparse.BooleanOptionalAction, help=help_text)
+    parser.add_argument(
+        f"--{name}",
+        dest=name.replace("-", "_"),
+        action=argparse.BooleanOptionalAction,
+        help=help_text,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser; options not given stay absent (config files fill them)."""
-    p = _Parser(prog=PROG, argument_default=argparse.SUPPRESS,
-                description="Score-CAM heatmaps over every frame of a video (or an image).")
+    p = _Parser(
+        prog=PROG,
+        argument_default=argparse.SUPPRESS,
+        description="Score-CAM heatmaps over every frame of a video (or an image).",
+    )
     p.add_argument("input", help="video file, stream URL (http/rtsp/udp...), or image")
     p.add_argument("-o", "--output", help="output file (default: <input>.scorecam.mp4 beside it)")
     p.add_argument("--config", help="YAML file of settings (keys are the flags, e.g. batch_size)")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     g = p.add_argument_group("model")
-    g.add_argument("--model", help="vgg16 (default), efficientnet_lite0, torchvision:NAME, "
-                   "timm:NAME")
+    g.add_argument(
+        "--model", help="vgg16 (default), efficientnet_lite0, torchvision:NAME, timm:NAME"
+    )
     g.add_argument("--weights", help="local state dict instead of downloaded weights")
     g.add_argument("--layer", help="target layer, dotted path (default: per model / auto)")
     g.add_argument("--input-size", type=int, help="model input side S (frames resized to SxS)")
@@ -81,8 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("distributed (Ray)")
     g.add_argument("--gpus", type=int, help="N Ray workers, one GPU each")
     g.add_argument("--workers", type=int, help="N Ray workers on CPU")
-    g.add_argument("--address", help="join a Ray cluster: auto, HOST:PORT or ray://... "
-                   "(default: $RAY_ADDRESS with --gpus/--workers, else a local instance)")
+    g.add_argument(
+        "--address",
+        help="join a Ray cluster: auto, HOST:PORT or ray://... "
+        "(default: $RAY_ADDRESS with --gpus/--workers, else a local instance)",
+    )
     g.add_argument("--max-inflight-frames", type=int, help="frames in flight at once")
     g.add_argument("--shards-per-frame", type=int, help="channel shards per frame")
     g.add_argument("--startup-timeout", type=float, help="seconds to wait for workers")
@@ -146,8 +157,10 @@ def main(argv: list[str] | None = None) -> int:
     bar: _ProgressBar | None = None
     try:
         config = parse_config(argv)
-        logging.basicConfig(level=logging.ERROR if config.quiet else logging.WARNING,
-                            format=f"{PROG}: %(levelname)s: %(message)s")
+        logging.basicConfig(
+            level=logging.ERROR if config.quiet else logging.WARNING,
+            format=f"{PROG}: %(levelname)s: %(message)s",
+        )
         from .pipeline import run  # torch, av and friends load only for a real run
 
         show_bar = not config.quiet and sys.stderr.isatty()
@@ -157,9 +170,12 @@ def main(argv: list[str] | None = None) -> int:
             bar.close()
         if not config.quiet:
             rate = summary.frames / summary.seconds if summary.seconds else 0.0
-            print(f"{PROG}: wrote {summary.output} ({summary.frames} frames, "
-                  f"{summary.explained} explained, target {summary.target}) in "
-                  f"{summary.seconds:.1f} s, {rate:.2f} frames/s", file=sys.stderr)
+            print(
+                f"{PROG}: wrote {summary.output} ({summary.frames} frames, "
+                f"{summary.explained} explained, target {summary.target}) in "
+                f"{summary.seconds:.1f} s, {rate:.2f} frames/s",
+                file=sys.stderr,
+            )
         return 0
     except ScoreCamError as err:
         if bar is not None:

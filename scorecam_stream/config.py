@@ -32,10 +32,14 @@ class ModelConfig:
     device: str = "cpu"
 
     def __post_init__(self) -> None:
-        _check(self.input_size is None or self.input_size >= 16,
-               f"--input-size must be at least 16, got {self.input_size}")
-        _check(self.device == "cpu" or self.device.startswith("cuda"),
-               f"--device must be cpu or cuda[:N], got '{self.device}'")
+        _check(
+            self.input_size is None or self.input_size >= 16,
+            f"--input-size must be at least 16, got {self.input_size}",
+        )
+        _check(
+            self.device == "cpu" or self.device.startswith("cuda"),
+            f"--device must be cpu or cuda[:N], got '{self.device}'",
+        )
 
 
 @dataclass(frozen=True)
@@ -53,14 +57,22 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         _check(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
-        _check(self.score in ("softmax", "logit", "logit_delta"),
-               f"--score must be softmax, logit or logit_delta, got '{self.score}'")
-        _check(self.combine in ("normalized", "raw"),
-               f"--combine must be normalized or raw, got '{self.combine}'")
-        _check(self.max_channels is None or self.max_channels >= 1,
-               f"--max-channels must be >= 1, got {self.max_channels}")
-        _check(self.dtype in ("fp32", "bf16", "fp16"),
-               f"--dtype must be fp32, bf16 or fp16, got '{self.dtype}'")
+        _check(
+            self.score in ("softmax", "logit", "logit_delta"),
+            f"--score must be softmax, logit or logit_delta, got '{self.score}'",
+        )
+        _check(
+            self.combine in ("normalized", "raw"),
+            f"--combine must be normalized or raw, got '{self.combine}'",
+        )
+        _check(
+            self.max_channels is None or self.max_channels >= 1,
+            f"--max-channels must be >= 1, got {self.max_channels}",
+        )
+        _check(
+            self.dtype in ("fp32", "bf16", "fp16"),
+            f"--dtype must be fp32, bf16 or fp16, got '{self.dtype}'",
+        )
 
     def engine_kwargs(self) -> dict[str, Any]:
         """Return the keyword arguments of ScoreCAM for these options."""
@@ -84,8 +96,10 @@ class ExplainConfig:
         _check(self.topk >= 1, f"--topk must be >= 1, got {self.topk}")
         _check(self.every >= 1, f"--every must be >= 1, got {self.every}")
         _check(0.0 <= self.smooth < 1.0, f"--smooth must be in [0, 1), got {self.smooth}")
-        _check(self.topk == 1 or self.target == "top1",
-               "--topk > 1 needs --target top1 (the top-k classes of each frame)")
+        _check(
+            self.topk == 1 or self.target == "top1",
+            "--topk > 1 needs --target top1 (the top-k classes of each frame)",
+        )
 
 
 @dataclass(frozen=True)
@@ -105,17 +119,26 @@ class OutputConfig:
 
     def __post_init__(self) -> None:
         _check(0 <= self.crf <= 51, f"--crf must be in [0, 51], got {self.crf}")
-        _check(self.layout in LAYOUTS, f"--layout must be overlay or side-by-side, got "
-               f"'{self.layout}'")
-        _check(self.colormap in COLORMAPS, f"unknown --colormap '{self.colormap}' "
-               f"(e.g. jet, turbo, inferno, viridis)")
+        _check(
+            self.layout in LAYOUTS, f"--layout must be overlay or side-by-side, got '{self.layout}'"
+        )
+        _check(
+            self.colormap in COLORMAPS,
+            f"unknown --colormap '{self.colormap}' (e.g. jet, turbo, inferno, viridis)",
+        )
         _check(0.0 <= self.alpha <= 1.0, f"--alpha must be in [0, 1], got {self.alpha}")
-        _check(self.scale in ("running", "frame"),
-               f"--scale must be running or frame, got '{self.scale}'")
-        _check(self.save_maps is None or self.save_maps.endswith(".npz"),
-               f"--save-maps must name a .npz file, got '{self.save_maps}'")
-        _check(self.preview is None or self.preview.lower().endswith(".png"),
-               f"--preview must name a .png file, got '{self.preview}'")
+        _check(
+            self.scale in ("running", "frame"),
+            f"--scale must be running or frame, got '{self.scale}'",
+        )
+        _check(
+            self.save_maps is None or self.save_maps.endswith(".npz"),
+            f"--save-maps must name a .npz file, got '{self.save_maps}'",
+        )
+        _check(
+            self.preview is None or self.preview.lower().endswith(".png"),
+            f"--preview must name a .png file, got '{self.preview}'",
+        )
 
 
 @dataclass(frozen=True)
@@ -128,12 +151,18 @@ class WindowConfig:
 
     def __post_init__(self) -> None:
         for name, value in (("--start", self.start), ("--end", self.end)):
-            _check(value is None or (math.isfinite(value) and value >= 0),
-                   f"{name} must be a time >= 0 in seconds, got {value}")
-        _check(self.start is None or self.end is None or self.end > self.start,
-               f"--end ({self.end}) must be after --start ({self.start})")
-        _check(self.max_frames is None or self.max_frames >= 1,
-               f"--max-frames must be >= 1, got {self.max_frames}")
+            _check(
+                value is None or (math.isfinite(value) and value >= 0),
+                f"{name} must be a time >= 0 in seconds, got {value}",
+            )
+        _check(
+            self.start is None or self.end is None or self.end > self.start,
+            f"--end ({self.end}) must be after --start ({self.start})",
+        )
+        _check(
+            self.max_frames is None or self.max_frames >= 1,
+            f"--max-frames must be >= 1, got {self.max_frames}",
+        )
 
 
 @dataclass(frozen=True)
@@ -151,12 +180,18 @@ class DistributedConfig:
     def __post_init__(self) -> None:
         _check(self.workers >= 0, f"--workers must be >= 0, got {self.workers}")
         _check(self.gpus >= 0, f"--gpus must be >= 0, got {self.gpus}")
-        _check(not (self.workers and self.gpus),
-               "give --gpus N (one worker per GPU) or --workers N (CPU workers), not both")
-        _check(self.max_inflight_frames is None or self.max_inflight_frames >= 1,
-               f"--max-inflight-frames must be >= 1, got {self.max_inflight_frames}")
-        _check(self.shards_per_frame is None or self.shards_per_frame >= 1,
-               f"--shards-per-frame must be >= 1, got {self.shards_per_frame}")
+        _check(
+            not (self.workers and self.gpus),
+            "give --gpus N (one worker per GPU) or --workers N (CPU workers), not both",
+        )
+        _check(
+            self.max_inflight_frames is None or self.max_inflight_frames >= 1,
+            f"--max-inflight-frames must be >= 1, got {self.max_inflight_frames}",
+        )
+        _check(
+            self.shards_per_frame is None or self.shards_per_frame >= 1,
+            f"--shards-per-frame must be >= 1, got {self.shards_per_frame}",
+        )
         _check(self.startup_timeout > 0, "--startup-timeout must be > 0")
         _check(self.max_shard_retries >= 0, "--max-shard-retries must be >= 0")
 

@@ -38,8 +38,7 @@ DEFAULT_LAYERS = {
 }
 
 OFFLINE_HINT = (
-    "pass weights=/--weights with a local state dict, or use the offline model "
-    "'efficientnet_lite0'"
+    "pass weights=/--weights with a local state dict, or use the offline model 'efficientnet_lite0'"
 )
 
 _POOLING = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
@@ -223,12 +222,27 @@ def _efficientnet_lite0(pretrained: bool) -> nn.Module:
 
 # EfficientNet-Lite0's 16 blocks grouped into timm's 7 stages.
 _LITE0_STAGES = (1, 2, 2, 3, 3, 4, 1)
-_BLOCK0_KEYS = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw",
-                "_bn2": "bn2"}
-_BLOCK_KEYS = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw",
-               "_bn1": "bn2", "_project_conv": "conv_pwl", "_bn2": "bn3"}
-_TOP_KEYS = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2",
-             "_fc": "classifier"}
+_BLOCK0_KEYS = {
+    "_depthwise_conv": "conv_dw",
+    "_bn1": "bn1",
+    "_project_conv": "conv_pw",
+    "_bn2": "bn2",
+}
+_BLOCK_KEYS = {
+    "_expand_conv": "conv_pw",
+    "_bn0": "bn1",
+    "_depthwise_conv": "conv_dw",
+    "_bn1": "bn2",
+    "_project_conv": "conv_pwl",
+    "_bn2": "bn3",
+}
+_TOP_KEYS = {
+    "_conv_stem": "conv_stem",
+    "_bn0": "bn1",
+    "_conv_head": "conv_head",
+    "_bn1": "bn2",
+    "_fc": "classifier",
+}
 
 
 def lukemelas_to_timm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

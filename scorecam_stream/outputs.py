@@ -50,8 +50,10 @@ class MapsWriter:
                 self._raw.seek(0)
                 shutil.copyfileobj(self._raw, entry, 1 << 20)
             targets = np.stack(self._targets) if self._targets else np.zeros(0, np.int64)
-            for name, array in (("targets", targets),
-                                ("pts_seconds", np.asarray(self._seconds, np.float64))):
+            for name, array in (
+                ("targets", targets),
+                ("pts_seconds", np.asarray(self._seconds, np.float64)),
+            ):
                 with archive.open(f"{name}.npy", "w") as entry:
                     np.lib.format.write_array(entry, array)
         self._raw.close()

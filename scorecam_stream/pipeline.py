@@ -83,16 +83,28 @@ def run(
     _check_output_kind(output, info.is_image)
     with contextlib.ExitStack() as stack:
         # Claim every output first: an existing file without --overwrite fails before any work.
-        paths = {name: stack.enter_context(video.atomic_output(path, out.overwrite))
-                 for name, path in (("video", output), ("maps", out.save_maps),
-                                    ("jsonl", out.jsonl), ("preview", out.preview)) if path}
+        paths = {
+            name: stack.enter_context(video.atomic_output(path, out.overwrite))
+            for name, path in (
+                ("video", output),
+                ("maps", out.save_maps),
+                ("jsonl", out.jsonl),
+                ("preview", out.preview),
+            )
+            if path
+        }
         explainer = explainer_factory(config)
         stack.callback(explainer.close)
         target, fixed = _resolve_target(config, info, explainer)
         frames, explained = _process(config, info, explainer, fixed, paths, progress)
     log.info("wrote %s: %d frames (%d explained)", output, frames, explained)
-    return RunSummary(output=output, frames=frames, explained=explained,
-                      seconds=time.perf_counter() - began, target=target)
+    return RunSummary(
+        output=output,
+        frames=frames,
+        explained=explained,
+        seconds=time.perf_counter() - began,
+        target=target,
+    )
 
 
 def _check_output_kind(output: Path, is_image: bool) -> None:
@@ -113,15 +125,17 @@ def _resolve_target(
     if wanted == "dominant":
         counts = _classify_all(config, info, explainer)
         best = int(np.argmax(counts))
-        log.info("dominant class %d (%s): top-1 in %d frames", best, _name(names, best),
-                 counts[best])
+        log.info(
+            "dominant class %d (%s): top-1 in %d frames", best, _name(names, best), counts[best]
+        )
         return f"dominant: {_name(names, best)}", (best,)
     if wanted.lstrip("-").isdigit():
         index = int(wanted)
         classes = len(names) if names else None
         if index < 0 or (classes is not None and index >= classes):
-            raise ScoreCamError(f"--target {index} is not a class id of the model "
-                                f"(0..{(classes or 1) - 1})")
+            raise ScoreCamError(
+                f"--target {index} is not a class id of the model (0..{(classes or 1) - 1})"
+            )
         return _name(names, index), (index,)
     lowered = [n.lower() for n in names]
     if wanted.lower() in lowered:
@@ -129,8 +143,9 @@ def _resolve_target(
         return names[index], (index,)
     close = [n for n in names if wanted.lower() in n.lower()][:4]
     hint = f" (did you mean {', '.join(close)}?)" if close else ""
-    raise ScoreCamError(f"--target '{wanted}' is not top1, dominant, a class id or a class "
-                        f"name{hint}")
+    raise ScoreCamError(
+        f"--target '{wanted}' is not top1, dominant, a class id or a class name{hint}"
+    )
 
 
 def _classify_all(config: Config, info: video.VideoInfo, explainer: Explainer) -> np.ndarray:
@@ -143,7 +158,8 @@ def _classify_all(config: Config, info: video.VideoInfo, explainer: Explainer) -
         nonlocal counts
         logits = explainer.classify(torch.stack(batch))
         counts = np.bincount(logits.argmax(1).numpy(), minlength=logits.shape[1]) + (
-            0 if counts is None else counts)
+            0 if counts is None else counts
+        )
         batch.clear()
 
     for frame in _window_frames(config):
@@ -182,8 +198,9 @@ def _process(
     meta = explainer.meta
     every = config.explain.every
     total = _expected_frames(config, info)
-    options = RenderOptions(layout=config.output.layout, colormap=config.output.colormap,
-                            alpha=config.output.alpha)
+    options = RenderOptions(
+        layout=config.output.layout, colormap=config.output.colormap, alpha=config.output.alpha
+    )
     scaler = MapScaler(config.output.scale)
     maps_out = MapsWriter(paths["maps"]) if "maps" in paths else None
     records = RecordsWriter(paths["jsonl"]) if "jsonl" in paths else None
@@ -262,8 +279,9 @@ def _label(meta: ModelMeta, result: FrameResult, frame: video.Frame, reused: boo
     return f"{text}  (map of frame {result.index})" if reused else text
 
 
-def _record(meta: ModelMeta, result: FrameResult, frame: video.Frame,
-            reused: bool) -> dict[str, Any]:
+def _record(
+    meta: ModelMeta, result: FrameResult, frame: video.Frame, reused: bool
+) -> dict[str, Any]:
     return {
         "index": frame.index,
         "pts_seconds": round(frame.seconds, 6),
@@ -286,8 +304,9 @@ class _Producer:
     def __init__(self, source: Iterable[Any], size: int = QUEUE_FRAMES) -> None:
         self._queue: queue.Queue = queue.Queue(size)
         self._stopped = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(source,), daemon=True,
-                                        name="decode")
+        self._thread = threading.Thread(
+            target=self._run, args=(source,), daemon=True, name="decode"
+        )
         self._thread.start()
 
     def _run(self, source: Iterable[Any]) -> None:
@@ -405,10 +424,15 @@ class _Encoder:
             cap = (w.start or info.start_time) + w.max_frames / info.fps
             audio_end = cap if audio_end is None else min(audio_end, cap)
         return video.VideoWriter(
-            str(self._path), image.shape[1], image.shape[0], info.time_base, info.fps,
+            str(self._path),
+            image.shape[1],
+            image.shape[0],
+            info.time_base,
+            info.fps,
             crf=self._config.output.crf,
             audio_from=self._config.input if info.has_audio else None,
-            audio_start=w.start, audio_end=audio_end,
+            audio_start=w.start,
+            audio_end=audio_end,
             time_offset=w.start or 0.0,
         )
 

@@ -33,8 +33,14 @@ Score = Literal["softmax", "logit", "logit_delta"]
 Combine = Literal["normalized", "raw"]
 EPS = 1e-5  # the article's term in the normalisation's denominator
 
-_DTYPES = {"fp32": None, "float32": None, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-           "fp16": torch.float16, "float16": torch.float16}
+_DTYPES = {
+    "fp32": None,
+    "float32": None,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
@@ -281,8 +287,9 @@ class ScoreCAM:
         else:
             channels = torch.arange(k, device=device).expand(n, k)
         lows, highs = self._upsampled_range(acts, x.shape[-2:])
-        return BasePass(x=x, logits=logits, activations=acts, channels=channels,
-                        lows=lows, highs=highs)
+        return BasePass(
+            x=x, logits=logits, activations=acts, channels=channels, lows=lows, highs=highs
+        )
 
     def shard(self, base: BasePass, targets: torch.Tensor, start: int, stop: int) -> ShardResult:
         """Return the contribution of channels [start, stop) of ``base`` for ``targets`` (N, T).
@@ -308,8 +315,15 @@ class ScoreCAM:
         else:
             weights = scores
         partial = self._weighted_sum(weights, acts, lows, highs, base.x.shape[-2:])
-        return ShardResult(start=start, stop=stop, partial=partial, scores=scores,
-                           skipped=constant.sum(dim=1), shift=shift, norm=norm)
+        return ShardResult(
+            start=start,
+            stop=stop,
+            partial=partial,
+            scores=scores,
+            skipped=constant.sum(dim=1),
+            shift=shift,
+            norm=norm,
+        )
 
     def clear_cache(self) -> None:
         """Forget the cached score of the zero image (after changing the model's weights)."""
@@ -332,8 +346,11 @@ class ScoreCAM:
         scores = torch.empty(n, targets.shape[1], r, device=base.x.device)
         if bool(constant.any()):  # one host sync per call, not per channel
             zero = self._zero_image_logits(base.x)  # (C,)
-            scores.copy_(self._target_scores(zero.expand(n, -1), targets, base, None)[..., None]
-                         .expand_as(scores))
+            scores.copy_(
+                self._target_scores(zero.expand(n, -1), targets, base, None)[..., None].expand_as(
+                    scores
+                )
+            )
         frames, chans = (~constant).nonzero(as_tuple=True)  # masked passes to run
         if frames.numel() == 0:
             return scores
@@ -343,10 +360,12 @@ class ScoreCAM:
                 f, c = frames[i : i + self.batch_size], chans[i : i + self.batch_size]
                 b = f.numel()
                 # (B, 1, S, S) normalised masks of this chunk's (frame, channel) pairs
-                up = F.interpolate(acts[f, c][:, None], size=size, mode="bilinear",
-                                   align_corners=False)
+                up = F.interpolate(
+                    acts[f, c][:, None], size=size, mode="bilinear", align_corners=False
+                )
                 mask = (up - lows[f, c][:, None, None, None]) / (
-                    (highs - lows)[f, c][:, None, None, None] + EPS)
+                    (highs - lows)[f, c][:, None, None, None] + EPS
+                )
                 if buffer is None or buffer.shape[0] < b:
                     buffer = torch.empty(b, *base.x.shape[1:], device=base.x.device)
                 masked = torch.mul(base.x[f], mask, out=buffer[:b])  # (B, 3, S, S)
@@ -355,8 +374,11 @@ class ScoreCAM:
         return scores
 
     def _target_scores(
-        self, logits: torch.Tensor, targets: torch.Tensor, base: BasePass, frames: torch.Tensor
-        | None
+        self,
+        logits: torch.Tensor,
+        targets: torch.Tensor,
+        base: BasePass,
+        frames: torch.Tensor | None,
     ) -> torch.Tensor:
         """Return the score (B, T) of each row's targets from masked logits (B, C)."""
         if self.score == "softmax":
@@ -398,8 +420,9 @@ class ScoreCAM:
         highs = torch.empty(n, k, device=acts.device)
         step = max(1, self.batch_size * 4)
         for i in range(0, k, step):
-            up = F.interpolate(acts[:, i : i + step], size=size, mode="bilinear",
-                               align_corners=False).flatten(2)  # (N, step, S*S)
+            up = F.interpolate(
+                acts[:, i : i + step], size=size, mode="bilinear", align_corners=False
+            ).flatten(2)  # (N, step, S*S)
             lows[:, i : i + step], highs[:, i : i + step] = up.amin(dim=2), up.amax(dim=2)
         return lows, highs
 

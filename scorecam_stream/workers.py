@@ -69,7 +69,11 @@ def targets_for(logits: torch.Tensor, fixed: Sequence[int] | None, topk: int) ->
 
 
 def make_result(
-    index: int, maps: torch.Tensor, targets: torch.Tensor, logits: torch.Tensor, skipped: int,
+    index: int,
+    maps: torch.Tensor,
+    targets: torch.Tensor,
+    logits: torch.Tensor,
+    skipped: int,
     seconds: float,
 ) -> FrameResult:
     """Return a FrameResult from one frame's maps (T, S, S), targets (T,) and logits (C,)."""
@@ -100,8 +104,9 @@ class Worker:
     ) -> None:
         if threads:
             torch.set_num_threads(threads)
-        self.loaded = load_model(model.spec, model.layer, model.weights, model.device,
-                                 model.input_size)
+        self.loaded = load_model(
+            model.spec, model.layer, model.weights, model.device, model.input_size
+        )
         self.engine = ScoreCAM(self.loaded.model, self.loaded.layer, **engine.engine_kwargs())
         self.device = torch.device(model.device)
         self.cache_frames = cache_frames
@@ -109,14 +114,25 @@ class Worker:
 
     def info(self) -> dict[str, object]:
         """Return where this worker runs: host, pid, device, threads (for logs and tests)."""
-        return {"host": socket.gethostname(), "pid": os.getpid(), "device": str(self.device),
-                "threads": torch.get_num_threads(), "layer": self.loaded.layer_name}
+        return {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "device": str(self.device),
+            "threads": torch.get_num_threads(),
+            "layer": self.loaded.layer_name,
+        }
 
     def meta(self) -> ModelMeta:
         """Return the model's preprocessing and class names."""
         m = self.loaded
-        return ModelMeta(name=m.name, layer_name=m.layer_name, input_size=m.input_size,
-                         mean=m.mean, std=m.std, class_names=m.class_names)
+        return ModelMeta(
+            name=m.name,
+            layer_name=m.layer_name,
+            input_size=m.input_size,
+            mean=m.mean,
+            std=m.std,
+            class_names=m.class_names,
+        )
 
     def base(self, index: int, x: torch.Tensor) -> BasePass:
         """Return the (cached) base pass of frame ``index`` with model input ``x`` (3, S, S)."""
@@ -150,8 +166,9 @@ class Worker:
         shard = self.engine.shard(base, targets.to(self.device)[None], 0, base.num_channels)
         maps = combine_shards([shard])[0]
         self._cache.pop(task.index, None)  # a whole frame is never asked for again
-        return make_result(task.index, maps, targets, logits, int(shard.skipped[0]),
-                           time.perf_counter() - began)
+        return make_result(
+            task.index, maps, targets, logits, int(shard.skipped[0]), time.perf_counter() - began
+        )
 
     def classify_batch(self, xs: torch.Tensor) -> torch.Tensor:
         """Return the logits (N, C) on CPU of a batch of model inputs (no caching)."""

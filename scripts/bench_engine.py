@@ -65,10 +65,14 @@ def main() -> None:
     loaded = load_model(args.model, layer=args.layer, input_size=args.size)
     model, layer = loaded.model, loaded.layer
     x = loaded.preprocess_batch(sample_frames(args.frames))  # (N, 3, S, S)
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, "
-          f"torch {torch.__version__}, threads {args.threads}")
-    print(f"model {args.model} layer {loaded.layer_name} input {args.size} "
-          f"frames {args.frames} batch {args.batch_size}")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, "
+        f"torch {torch.__version__}, threads {args.threads}"
+    )
+    print(
+        f"model {args.model} layer {loaded.layer_name} input {args.size} "
+        f"frames {args.frames} batch {args.batch_size}"
+    )
 
     # Raw forward: batches of batch_size model inputs, no hooks, no masking.
     batch = x.repeat((args.batch_size + len(x) - 1) // len(x), 1, 1, 1)[: args.batch_size]
@@ -79,17 +83,22 @@ def main() -> None:
         inputs = batch.contiguous(memory_format=fmt)
         with torch.inference_mode():
             model(inputs)  # warm-up
-            seconds = timed(lambda inputs=inputs: [model(inputs) for _ in range(args.rounds)],
-                            repeat=args.repeat)
+            seconds = timed(
+                lambda inputs=inputs: [model(inputs) for _ in range(args.rounds)],
+                repeat=args.repeat,
+            )
         raw_rate[channels_last] = args.rounds * args.batch_size / seconds
-        print(f"raw forward{' (channels_last)' if channels_last else ''}: "
-              f"{raw_rate[channels_last]:.1f} images/s")
+        print(
+            f"raw forward{' (channels_last)' if channels_last else ''}: "
+            f"{raw_rate[channels_last]:.1f} images/s"
+        )
 
     variants = {
         "article (softmax, normalized)": {},
         "article, channels_last": dict(channels_last=True),
         "grad-cam variant (logit, channel softmax, raw), channels_last": dict(
-            score="logit", channel_softmax=True, combine="raw", channels_last=True),
+            score="logit", channel_softmax=True, combine="raw", channels_last=True
+        ),
     }
     ours_per_frame = {}
     for title, options in variants.items():
@@ -109,8 +118,10 @@ def main() -> None:
         raw = raw_rate[engine.channels_last]
         ours_per_frame[title] = seconds / len(x)
         print(f"engine, {title}:")
-        print(f"  masked passes run    {masked} of {len(x) * kc} "
-              f"({int(result.skipped.sum())} constant channels skipped)")
+        print(
+            f"  masked passes run    {masked} of {len(x) * kc} "
+            f"({int(result.skipped.sum())} constant channels skipped)"
+        )
         print(f"  masked images/s      {rate:8.1f}   efficiency {rate / raw:.2f}")
         print(f"  time per frame       {seconds / len(x):8.3f} s")
 
@@ -123,8 +134,10 @@ def main() -> None:
         targets = model(x).argmax(1).tolist()
     model.to(memory_format=torch.contiguous_format)
     cam = GradCamScoreCAM(model=model, target_layers=[layer])  # its defaults: batch 16
-    frame = lambda i: cam(input_tensor=x[i : i + 1],  # noqa: E731
-                          targets=[ClassifierOutputTarget(targets[i])])
+    frame = lambda i: cam(
+        input_tensor=x[i : i + 1],
+        targets=[ClassifierOutputTarget(targets[i])],
+    )
     frame(0)  # warm-up
     theirs = timed(lambda: [frame(i) for i in range(len(x))], repeat=args.repeat) / len(x)
     print(f"pytorch-grad-cam ScoreCAM (defaults) {theirs:8.3f} s per frame")

@@ -22,7 +22,10 @@ def test_offline_model_classifies_real_photos(lite0):
     from skimage import data
 
     assert lite0.layer_name == "bn2" and len(lite0.class_names) == 1000
-    for image, cls, name in [(data.chelsea(), 285, "Egyptian cat"), (data.coffee(), 967, "espresso")]:
+    for image, cls, name in [
+        (data.chelsea(), 285, "Egyptian cat"),
+        (data.coffee(), 967, "espresso"),
+    ]:
         x = lite0.preprocess(image)[None]
         with torch.inference_mode():
             p = lite0.model(x).softmax(1)[0]
@@ -61,7 +64,9 @@ def test_preprocess_resizes_whole_frame_without_crop(lite0):
     frame[:, :100] = 255  # the left third white
     x = preprocess_frame(frame, 60, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
     assert x.shape == (3, 60, 60) and x.dtype == torch.float32
-    assert torch.allclose(x[:, :, :19], torch.ones(1)) and torch.allclose(x[:, :, 21:], torch.zeros(1))
+    assert torch.allclose(x[:, :, :19], torch.ones(1)) and torch.allclose(
+        x[:, :, 21:], torch.zeros(1)
+    )
     y = lite0.preprocess(np.full((50, 70, 3), 255, np.uint8))
     expected = (1.0 - torch.tensor(lite0.mean)) / torch.tensor(lite0.std)
     torch.testing.assert_close(y[:, 5, 5], expected)

@@ -19,8 +19,16 @@ VARIANTS = [
 ]
 
 
-def reference_map(model, layer, x, target, score="softmax", channel_softmax=False,
-                  combine="normalized", channels=None):
+def reference_map(
+    model,
+    layer,
+    x,
+    target,
+    score="softmax",
+    channel_softmax=False,
+    combine="normalized",
+    channels=None,
+):
     """Score-CAM of one image (3, S, S), one channel at a time, as the article writes it."""
     acts = []
     handle = layer.register_forward_hook(lambda _m, _i, o: acts.append(o.detach().clone()))
@@ -75,8 +83,10 @@ def test_probs_are_unmasked_softmax(tiny, images):
 
 @pytest.mark.parametrize("variant", VARIANTS[:1] + VARIANTS[-2:])
 def test_chunk_size_parity(tiny, images, variant):
-    maps = [ScoreCAM(tiny, tiny.features[3], batch_size=b, **variant)(images).maps
-            for b in (1, 3, 7, 64)]
+    maps = [
+        ScoreCAM(tiny, tiny.features[3], batch_size=b, **variant)(images).maps
+        for b in (1, 3, 7, 64)
+    ]
     for m in maps[1:]:
         torch.testing.assert_close(m, maps[0], rtol=1e-5, atol=1e-6)
 
@@ -186,8 +196,9 @@ def test_matches_pytorch_grad_cam(tiny, images):
     layer = tiny.features[3]
     ours = ScoreCAM(tiny, layer, score="logit", channel_softmax=True, combine="raw")(images)
     cam = GradCamScoreCAM(model=tiny, target_layers=[layer])
-    theirs = cam(input_tensor=images,
-                 targets=[ClassifierOutputTarget(int(t)) for t in ours.targets])
+    theirs = cam(
+        input_tensor=images, targets=[ClassifierOutputTarget(int(t)) for t in ours.targets]
+    )
     for i in range(3):
         r = np.corrcoef(ours.maps[i].numpy().ravel(), theirs[i].ravel())[0, 1]
         assert r >= 0.999

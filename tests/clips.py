@@ -1,0 +1,90 @@
+"""Synthetic clips for the tests, written with PyAV directly (not with the code under test)."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+
+W, H, FPS = 64, 48, 12
+SAMPLE_RATE = 44100
+REPO = Path(__file__).resolve().parents[1]
+
+
+def picture(i: int, width: int = W, height: int = H) -> np.ndarray:
+    """Return a smooth test picture whose bright block moves with ``i``; top-left is marked."""
+    y, x = np.mgrid[0:height, 0:width]
+    image = np.stack([x * 255 // width, y * 255 // height, np.full_like(x, 60)], axis=-1)
+    left = (i * 3) % (width - 16)
+    image[height // 2 : height // 2 + 12, left : left + 16] = 230
+    image[:8, :8] = (255, 0, 0)  # an upright marker for the rotation tests
+    return image.astype(np.uint8)
+
+
+def make_clip(
+    path: Path,
+    count: int = 20,
+    size: tuple[int, int] = (W, H),
+    pts: list[int] | None = None,
+    time_base: Fraction = Fraction(1, FPS),
+    audio: str | None = None,
+    rotation: int | None = None,
+    gop: int | None = None,
+) -> list[np.ndarray]:
+    """Write a clip with PyAV directly (not with the code under test); return its pictures."""
+    width, height = size
+    pts = pts if pts is not None else list(range(count))
+    images = [picture(i, width, height) for i in range(len(pts))]
+    options = {"crf": "8"} | ({"g": str(gop)} if gop else {})
+    with av.open(str(path), "w") as output:
+        video = output.add_stream(
+            "libx264", rate=FPS, width=width, height=height, time_base=time_base, options=options
+        )
+        if rotation is not None:
+            video.set_display_rotation(rotation)
+        if audio is not None:
+            sound = output.add_stream(audio, rate=SAMPLE_RATE)
+            sound.layout = "mono"
+        for image, frame_pts in zip(images, pts, strict=True):
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+            frame.pts, frame.time_base = frame_pts, time_base
+            output.mux(video.encode(frame))
+        output.mux(video.encode(None))
+        if audio is not None:
+            seconds = float((pts[-1] + 1) * time_base)
+            tone = np.sin(2 * np.pi * 440 * np.arange(round(seconds * SAMPLE_RATE)) / SAMPLE_RATE)
+            fmt = "s16" if audio.startswith("pcm") else "fltp"
+            samples = (tone * 8000).astype(np.int16) if fmt == "s16" else tone.astype(np.float32)
+            chunk = 1024
+            for first in range(0, len(samples), chunk):
+                frame = av.AudioFrame.from_ndarray(
+                    samples[None, first : first + chunk], format=fmt, layout="mono"
+                )
+                frame.sample_rate, frame.pts = SAMPLE_RATE, first
+                frame.time_base = Fraction(1, SAMPLE_RATE)
+                output.mux(sound.encode(frame))
+            output.mux(sound.encode(None))
+    return images
+
+
+def read_timing(path: Path) -> tuple[Fraction, list[int]]:
+    """Return the video stream's time base and the decoded pts, read with PyAV directly."""
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        return stream.time_base, [frame.pts for frame in container.decode(stream)]
+
+
+def audio_span(path: Path) -> tuple[str, float, float]:
+    """Return the audio codec, first timestamp and length (seconds) of the first audio stream."""
+    with av.open(str(path)) as container:
+        stream = container.streams.audio[0]
+        packets = [p for p in container.demux(stream) if p.pts is not None]
+        first = min(p.pts for p in packets)
+        last = max(p.pts + p.duration for p in packets)
+        return (
+            stream.codec_context.name,
+            float(first * stream.time_base),
+            float((last - first) * stream.time_base),
+        )
