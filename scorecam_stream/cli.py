@@ -152,19 +152,27 @@ class _ProgressBar:
             self._bar.close()
 
 
+def _log_to_stderr(quiet: bool) -> logging.Handler:
+    """Send the package's warnings (only errors when quiet) to stderr, one line each."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"{PROG}: %(levelname)s: %(message)s"))
+    logger = logging.getLogger("scorecam_stream")
+    logger.setLevel(logging.ERROR if quiet else logging.WARNING)
+    logger.addHandler(handler)
+    return handler
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command; return its exit code."""
     bar: _ProgressBar | None = None
+    handler: logging.Handler | None = None
     try:
         config = parse_config(argv)
-        logging.basicConfig(
-            level=logging.ERROR if config.quiet else logging.WARNING,
-            format=f"{PROG}: %(levelname)s: %(message)s",
-        )
+        handler = _log_to_stderr(config.quiet)
         from .pipeline import run  # torch, av and friends load only for a real run
 
-        show_bar = not config.quiet and sys.stderr.isatty()
-        bar = _ProgressBar() if show_bar else None
+        if not config.quiet and sys.stderr.isatty():
+            bar = _ProgressBar()
         summary = run(config, progress=bar)
         if bar is not None:
             bar.close()
@@ -178,15 +186,16 @@ def main(argv: list[str] | None = None) -> int:
             )
         return 0
     except ScoreCamError as err:
-        if bar is not None:
-            bar.close()
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        if bar is not None:
-            bar.close()
         print(f"{PROG}: interrupted; no output written", file=sys.stderr)
         return 130
+    finally:
+        if bar is not None:
+            bar.close()
+        if handler is not None:
+            logging.getLogger("scorecam_stream").removeHandler(handler)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,8 @@ class MapsWriter:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._raw: IO[bytes] = tempfile.TemporaryFile(dir=path.parent)
+        # Closed by close()/abort(); deleted by the OS when closed.
+        self._raw: IO[bytes] = tempfile.TemporaryFile(dir=path.parent)  # noqa: SIM115
         self._shape: tuple[int, ...] | None = None
         self._targets: list[np.ndarray] = []
         self._seconds: list[float] = []
