@@ -14,7 +14,7 @@ import av
 import numpy as np
 import pytest
 import torch
-from clips import FPS, H, REPO, W, audio_span, make_clip, read_timing
+from clips import FPS, REPO, H, W, audio_span, make_clip, read_timing
 
 from scorecam_stream import ScoreCAM, load_model
 from scorecam_stream import pipeline as pipeline_module
