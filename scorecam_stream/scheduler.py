@@ -7,7 +7,7 @@ object, so it is tested without a cluster (``tests/test_scheduler.py``).
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import Generic, TypeVar
+from typing import Generic, TypeVar, cast
 
 T = TypeVar("T")
 
@@ -195,7 +195,7 @@ class InflightTracker(Generic[T]):
         if not self.complete(frame):
             raise ValueError(f"frame {frame} is not complete")
         state = self._frames[frame]
-        partials = [p for p in state.partials if p is not None]
+        partials = cast("list[T]", state.partials)  # complete: no None left
         state.partials = []
         return partials
 

@@ -1,0 +1,167 @@
+"""Pure planning: shard ranges, default bounds, the reorder buffer, frame bookkeeping."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+
+from scorecam_stream.scheduler import (
+    MAX_INFLIGHT_FRAMES,
+    InflightTracker,
+    ReorderBuffer,
+    default_max_inflight,
+    default_shards_per_frame,
+    max_held_items,
+    shard_ranges,
+)
+
+
+def check_ranges(num_channels: int, num_shards: int) -> None:
+    ranges = shard_ranges(num_channels, num_shards)
+    assert len(ranges) == min(num_channels, num_shards)
+    assert ranges[0][0] == 0 and ranges[-1][1] == num_channels
+    for (_, stop), (start, _) in itertools.pairwise(ranges):
+        assert stop == start  # contiguous, in order: every channel exactly once
+    sizes = [stop - start for start, stop in ranges]
+    assert min(sizes) >= 1 and max(sizes) - min(sizes) <= 1
+    assert sizes == sorted(sizes, reverse=True)
+
+
+def test_shard_ranges_cover_every_channel_once_for_all_small_cases():
+    for num_channels in range(1, 70):
+        for num_shards in range(1, 80):
+            check_ranges(num_channels, num_shards)
+
+
+@pytest.mark.parametrize(
+    ("num_channels", "num_shards"),
+    [(512, 8), (512, 3), (1280, 7), (2048, 64), (1, 1), (1, 100), (7, 7), (100_003, 97)],
+)
+def test_shard_ranges_real_layers_and_edges(num_channels, num_shards):
+    check_ranges(num_channels, num_shards)
+
+
+def test_shard_ranges_examples_and_errors():
+    assert shard_ranges(10, 3) == [(0, 4), (4, 7), (7, 10)]
+    assert shard_ranges(3, 5) == [(0, 1), (1, 2), (2, 3)]
+    assert shard_ranges(512, 1) == [(0, 512)]
+    with pytest.raises(ValueError, match="num_channels"):
+        shard_ranges(0, 2)
+    with pytest.raises(ValueError, match="num_shards"):
+        shard_ranges(5, 0)
+
+
+def test_defaults_scale_with_workers_and_stay_bounded():
+    assert [default_shards_per_frame(n) for n in (1, 2, 8)] == [1, 2, 8]
+    inflight = [default_max_inflight(n) for n in range(1, 200)]
+    assert inflight[0] == 3 and inflight == sorted(inflight)
+    assert max(inflight) == MAX_INFLIGHT_FRAMES
+    assert all(f >= 3 for f in inflight)  # always a frame being computed and one queued
+    assert max_held_items(4) > 4
+    for bad in (default_shards_per_frame, default_max_inflight, max_held_items):
+        with pytest.raises(ValueError):
+            bad(0)
+
+
+def test_reorder_buffer_yields_in_order_under_shuffled_completion():
+    rng = random.Random(0)
+    for trial in range(50):
+        n = rng.randint(1, 60)
+        order = list(range(n))
+        rng.shuffle(order)
+        buffer: ReorderBuffer[str] = ReorderBuffer()
+        out: list[str] = []
+        for pushed, i in enumerate(order, start=1):
+            buffer.push(i, f"item{i}")
+            out += buffer.pop_ready()
+            assert len(buffer) == pushed - len(out)  # held: arrived and not out yet
+            assert buffer.next_index == len(out)
+        assert out == [f"item{i}" for i in range(n)], trial
+        assert len(buffer) == 0 and buffer.next_index == n
+
+
+def test_reorder_buffer_pop_one_and_duplicates():
+    buffer: ReorderBuffer[int] = ReorderBuffer()
+    buffer.push(1, 11)
+    assert buffer.pop() is None  # 0 has not arrived
+    buffer.push(0, 10)
+    assert buffer.pop() == 10 and buffer.pop() == 11 and buffer.pop() is None
+    with pytest.raises(ValueError, match="already"):
+        buffer.push(1, 11)
+    buffer.push(2, 12)
+    with pytest.raises(ValueError, match="already"):
+        buffer.push(2, 12)
+
+
+def test_tracker_bound_partials_in_shard_order_and_release():
+    rng = random.Random(1)
+    tracker: InflightTracker[str] = InflightTracker(max_frames=3)
+    for frame in range(3):
+        tracker.admit(frame)
+    assert tracker.full and len(tracker) == 3
+    with pytest.raises(RuntimeError, match="in flight"):
+        tracker.admit(3)
+    for frame in range(3):
+        ranges = shard_ranges(10, 4)
+        tracker.plan(frame, ranges)
+        assert tracker.ranges(frame) == ranges and tracker.outstanding(frame) == [0, 1, 2, 3]
+        shards = list(range(4))
+        rng.shuffle(shards)
+        for n, shard in enumerate(shards):
+            complete = tracker.done(frame, shard, f"f{frame}s{shard}")
+            assert complete == (n == 3) == tracker.complete(frame)
+            assert not tracker.done(frame, shard, "again")  # a call sent twice counts once
+        assert tracker.take_partials(frame) == [f"f{frame}s{s}" for s in range(4)]
+    assert tracker.full  # complete frames keep their slot until they have left
+    tracker.release(1)
+    assert not tracker.full and 1 not in tracker and 0 in tracker
+    tracker.admit(3)
+    assert tracker.full
+
+
+def test_tracker_rejects_misuse():
+    tracker: InflightTracker[int] = InflightTracker(max_frames=2)
+    tracker.admit(0)
+    with pytest.raises(ValueError, match="already in flight"):
+        tracker.admit(0)
+    with pytest.raises(ValueError, match="not planned"):
+        tracker.ranges(0)
+    with pytest.raises(ValueError, match="no shard"):
+        tracker.done(0, 0, 1)
+    tracker.plan(0, [(0, 5), (5, 9)])
+    with pytest.raises(ValueError, match="already planned"):
+        tracker.plan(0, [(0, 9)])
+    with pytest.raises(ValueError, match="not complete"):
+        tracker.take_partials(0)
+    with pytest.raises(ValueError, match="no shard"):
+        tracker.done(0, 2, 1)
+    with pytest.raises(ValueError):
+        InflightTracker(0)
+
+
+def test_simulated_dispatch_honours_inflight_bound():
+    """A driver loop over the planning pieces: at most max_frames frames held at any time."""
+    rng = random.Random(2)
+    max_frames, total = 4, 40
+    tracker: InflightTracker[int] = InflightTracker(max_frames)
+    buffer: ReorderBuffer[int] = ReorderBuffer()
+    running: list[tuple[int, int]] = []  # (frame, shard) calls in flight
+    pulled = 0
+    out: list[int] = []
+    while len(out) < total:
+        while pulled < total and not tracker.full:
+            tracker.admit(pulled)
+            tracker.plan(pulled, shard_ranges(rng.randint(1, 9), 3))
+            running += [(pulled, s) for s in tracker.outstanding(pulled)]
+            pulled += 1
+        assert pulled - len(out) <= max_frames
+        frame, shard = running.pop(rng.randrange(len(running)))
+        if tracker.done(frame, shard, shard):
+            assert tracker.take_partials(frame) == list(range(len(tracker.ranges(frame))))
+            buffer.push(frame, frame)
+        for frame in buffer.pop_ready():
+            tracker.release(frame)
+            out.append(frame)
+    assert out == list(range(total))
