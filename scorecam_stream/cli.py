@@ -97,6 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-inflight-frames", type=int, help="frames in flight at once")
     g.add_argument("--shards-per-frame", type=int, help="channel shards per frame")
     g.add_argument("--startup-timeout", type=float, help="seconds to wait for workers")
+    g.add_argument(
+        "--max-shard-retries", type=int, help="retries of a failing shard before giving up"
+    )
+    g.add_argument(
+        "--threads-per-worker", type=int, help="torch threads of each CPU worker (default: CPUs/N)"
+    )
     return p
 
 

@@ -176,6 +176,7 @@ class DistributedConfig:
     shards_per_frame: int | None = None
     startup_timeout: float = 120.0
     max_shard_retries: int = 2
+    threads_per_worker: int | None = None  # CPU workers; default: the cluster's CPUs / workers
 
     def __post_init__(self) -> None:
         _check(self.workers >= 0, f"--workers must be >= 0, got {self.workers}")
@@ -194,6 +195,10 @@ class DistributedConfig:
         )
         _check(self.startup_timeout > 0, "--startup-timeout must be > 0")
         _check(self.max_shard_retries >= 0, "--max-shard-retries must be >= 0")
+        _check(
+            self.threads_per_worker is None or self.threads_per_worker >= 1,
+            f"--threads-per-worker must be >= 1, got {self.threads_per_worker}",
+        )
 
     @property
     def distributed(self) -> bool:

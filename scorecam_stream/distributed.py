@@ -367,7 +367,7 @@ class RayExplainer:
             threads = None
         else:
             options = {"num_cpus": 1}
-            threads = max(1, cpus // n)
+            threads = self.dist.threads_per_worker or max(1, cpus // n)
         options["max_restarts"] = WORKER_MAX_RESTARTS
         remote_cls = ray.remote(**options)(worker_cls)
         # Enough cached base passes that frames still in flight are never evicted.

@@ -12,6 +12,19 @@ W, H, FPS = 64, 48, 12
 SAMPLE_RATE = 44100
 REPO = Path(__file__).resolve().parents[1]
 
+# A real model kept cheap: the offline EfficientNet-Lite0 at 64 px, 8 channels per frame.
+FAST = [
+    "--model",
+    "efficientnet_lite0",
+    "--input-size",
+    "64",
+    "--max-channels",
+    "8",
+    "--batch-size",
+    "8",
+    "--quiet",
+]
+
 
 def picture(i: int, width: int = W, height: int = H) -> np.ndarray:
     """Return a smooth test picture whose bright block moves with ``i``; top-left is marked."""

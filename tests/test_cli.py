@@ -14,25 +14,12 @@ import av
 import numpy as np
 import pytest
 import torch
-from clips import FPS, REPO, H, W, audio_span, make_clip, read_timing
+from clips import FAST, FPS, REPO, H, W, audio_span, make_clip, read_timing
 
 from scorecam_stream import ScoreCAM, load_model
 from scorecam_stream import pipeline as pipeline_module
 from scorecam_stream.cli import main, parse_config
 from scorecam_stream.video import probe, read_frames
-
-# A real model kept cheap: the offline EfficientNet-Lite0 at 64 px, 8 channels per frame.
-FAST = [
-    "--model",
-    "efficientnet_lite0",
-    "--input-size",
-    "64",
-    "--max-channels",
-    "8",
-    "--batch-size",
-    "8",
-    "--quiet",
-]
 
 
 def run_cli(*args: object) -> int:

@@ -1,0 +1,185 @@
+"""scorecam-video on Ray from the command line: --workers N, and a real cluster job.
+
+Both compare with the single-process run of the same command: the maps (npz) agree to float
+rounding, the targets and the encoded frames are the same. The cluster test starts its own head
+(``ray start --head --block``, token authentication on, its own temp dir and ports), submits the
+command with ``ray job submit`` as the README says, and stops that head by its process id.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import ray
+from clips import FAST, make_clip
+
+from scorecam_stream.cli import main
+from scorecam_stream.video import probe
+
+BIN = Path(sys.executable).parent  # the venv's scripts: ray, scorecam-video
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory) -> Path:
+    """A 10-frame clip with an AAC tone, alone in its directory (the job's working dir)."""
+    path = tmp_path_factory.mktemp("job") / "clip.mp4"
+    make_clip(path, count=10, audio="aac")
+    return path
+
+
+@pytest.fixture(scope="module")
+def single(clip, tmp_path_factory) -> tuple[Path, Path]:
+    """Return (video, maps) of the single-process run."""
+    out = tmp_path_factory.mktemp("single")
+    video, maps = out / "out.mp4", out / "maps.npz"
+    assert main([str(clip), "-o", str(video), "--save-maps", str(maps), *FAST]) == 0
+    return video, maps
+
+
+def decoded(path: Path) -> np.ndarray:
+    with av.open(str(path)) as container:
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+
+
+def assert_same_run(video: Path, maps: Path, single: tuple[Path, Path]) -> None:
+    """The maps agree with the single-process ones, the targets and the frames are the same."""
+    ref_video, ref_maps = single
+    got, want = np.load(maps), np.load(ref_maps)
+    assert got["maps"].shape == want["maps"].shape == (10, 64, 64)
+    assert want["maps"].max() > 0
+    np.testing.assert_array_equal(got["targets"], want["targets"])
+    np.testing.assert_array_equal(got["pts_seconds"], want["pts_seconds"])
+    np.testing.assert_allclose(got["maps"], want["maps"], rtol=1e-5, atol=1e-6)
+    frames, ref_frames = decoded(video), decoded(ref_video)
+    assert frames.shape == ref_frames.shape and frames.shape[0] == 10
+    np.testing.assert_array_equal(frames, ref_frames)
+
+
+def test_workers_give_the_single_process_output(clip, single, tmp_path):
+    assert not ray.is_initialized()
+    video, maps = tmp_path / "out.mp4", tmp_path / "maps.npz"
+    args = [str(clip), "-o", str(video), "--save-maps", str(maps), *FAST]
+    assert main([*args, "--workers", "2", "--shards-per-frame", "3"]) == 0
+    assert not ray.is_initialized()  # the local instance it started is shut down
+    assert_same_run(video, maps, single)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def session_pids(sid: int) -> list[int]:
+    """Return the live processes of session ``sid`` (the head and everything it started)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if int(fields[3]) == sid and fields[0] != "Z":
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory) -> Iterator[tuple[str, dict[str, str]]]:
+    """Start a token-auth head node; yield (dashboard address, environment for the CLI)."""
+    temp = Path(f"/tmp/scs-ray-{secrets.token_hex(3)}")  # short: socket paths are limited
+    dashboard = free_port()
+    env = dict(os.environ)
+    env.pop("RAY_ADDRESS", None)
+    env |= {
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": secrets.token_hex(16),
+        "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+    }
+    # fmt: off
+    command = [
+        str(BIN / "ray"), "start", "--head", "--block", "--disable-usage-stats",
+        "--num-cpus", "2", "--num-gpus", "0", "--temp-dir", str(temp),
+        "--port", str(free_port()), "--dashboard-host", "127.0.0.1",
+        "--dashboard-port", str(dashboard), "--include-dashboard", "true",
+        "--ray-client-server-port", str(free_port()),
+        "--dashboard-agent-listen-port", str(free_port()),
+    ]
+    # fmt: on
+    log = tmp_path_factory.mktemp("head") / "head.log"
+    with log.open("wb") as sink:
+        process = subprocess.Popen(
+            command, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    address = f"http://127.0.0.1:{dashboard}"
+    try:
+        wait_for_dashboard(address, env["RAY_AUTH_TOKEN"], process, log)
+        yield address, env
+    finally:
+        # Never `ray stop`: it stops every Ray instance on the machine. The head and all it
+        # started share its session; the test head has nothing to drain, so kill them all.
+        for pid in session_pids(process.pid):
+            os.kill(pid, signal.SIGKILL)
+        process.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while session_pids(process.pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert session_pids(process.pid) == []
+        subprocess.run(["rm", "-rf", str(temp)], check=False)
+
+
+def wait_for_dashboard(address: str, token: str, process: subprocess.Popen, log: Path) -> None:
+    """Return once the dashboard answers an authenticated request (fail after 90 s)."""
+    request = urllib.request.Request(
+        f"{address}/api/version", headers={"Authorization": f"Bearer {token}"}
+    )
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"ray start exited with {process.returncode}:\n{log.read_text()}")
+        try:
+            with urllib.request.urlopen(request, timeout=5) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(0.5)
+    pytest.fail(f"the Ray dashboard did not come up in 90 s:\n{log.read_text()}")
+
+
+def test_ray_job_submit_with_token_auth(head, clip, single, tmp_path):
+    address, env = head
+    video, maps = tmp_path / "out.mp4", tmp_path / "maps.npz"
+    # The README's command. The input is relative to the uploaded working dir; the outputs are
+    # absolute paths (the entrypoint runs on the head node, here this machine).
+    # fmt: off
+    command = [
+        str(BIN / "ray"), "job", "submit", "--address", address,
+        "--working-dir", str(clip.parent), "--entrypoint-num-cpus", "0", "--",
+        "scorecam-video", clip.name, "-o", str(video), "--save-maps", str(maps),
+        "--workers", "2", "--address", "auto", *FAST,
+    ]
+    # fmt: on
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "succeeded" in done.stdout + done.stderr
+    assert probe(str(video)).frame_count == 10
+    assert_same_run(video, maps, single)
+
+    # Without the token the cluster refuses the job, and the message says why.
+    refused = dict(env, RAY_AUTH_TOKEN="0" * 32)
+    done = subprocess.run(command, env=refused, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "auth" in (done.stdout + done.stderr).lower()
