@@ -6,9 +6,10 @@ the masked passes of every frame split into channel shards spread over Ray actor
 :class:`~scorecam_stream.workers.Worker` holding one model replica on one device.
 
 Per frame: one worker classifies it (its base pass is cached there) and the targets are fixed
-once; the channel range is split by :func:`~scorecam_stream.scheduler.shard_ranges`; every shard
-goes to whichever worker has room (the classifying worker gets one of them, its base pass is
-ready); the partials are summed in shard order. Several frames are in flight, within a bound, so
+once; the channel range is split by :func:`~scorecam_stream.scheduler.balanced_ranges` into
+shards of equal work (constant channels cost no pass); every shard goes to whichever worker has
+room (the classifying worker gets one of them, its base pass is ready); the partials are summed
+in shard order. Several frames are in flight, within a bound, so
 no worker idles between frames and memory stays flat for any video length.
 
 Faults: a worker that dies is restarted by Ray (``max_restarts``) while its unfinished calls go
@@ -45,10 +46,10 @@ from .errors import ScoreCamError
 from .scheduler import (
     InflightTracker,
     ReorderBuffer,
+    balanced_ranges,
     default_max_inflight,
     default_shards_per_frame,
     max_held_items,
-    shard_ranges,
 )
 from .scorecam import ShardResult, combine_shards
 from .workers import FrameResult, FrameTask, ModelMeta, P, Worker, make_result, targets_for
@@ -511,11 +512,12 @@ class RayExplainer:
             self._frame_done(call.run, call.frame)
 
     def _classified(self, call: _Call, slot: _Slot, value: tuple[torch.Tensor, int]) -> None:
-        logits, num_channels = value
+        logits, passes = value
         frame = call.frame
         frame.logits = logits
         frame.targets = self._targets(frame.task, logits)
-        ranges = shard_ranges(num_channels, self.shards_per_frame)
+        # Shards of equal work, not of equal length: constant channels cost no pass.
+        ranges = balanced_ranges(passes.int().tolist(), self.shards_per_frame)
         call.run.tracker.plan(frame.seq, ranges)
         for shard, (start, stop) in enumerate(ranges):
             # The classifying worker holds this frame's base pass: give it the first shard.

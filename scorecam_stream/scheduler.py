@@ -6,6 +6,8 @@ object, so it is tested without a cluster (``tests/test_scheduler.py``).
 
 from __future__ import annotations
 
+import bisect
+import itertools
 from collections.abc import Iterator, Sequence
 from typing import Generic, TypeVar, cast
 
@@ -36,6 +38,36 @@ def shard_ranges(num_channels: int, num_shards: int) -> list[tuple[int, int]]:
         ranges.append((start, stop))
         start = stop
     return ranges
+
+
+def balanced_ranges(costs: Sequence[int], num_shards: int) -> list[tuple[int, int]]:
+    """Return contiguous ranges that cover [0, len(costs)) once, in order, of about equal cost.
+
+    ``costs[i]`` is the work of channel i: its masked forward passes, 1, or 0 for a constant
+    channel that the engine skips. Equal-length ranges can differ a lot in work (constant
+    channels cluster), and the busiest shard sets a frame's latency; here each cut falls where
+    the running cost first reaches its share of the total. With the engine's 0/1 costs and at
+    least one pass per shard, the ranges' costs differ by at most one. Ranges are never empty;
+    with no cost at all they are the equal-length ones of :func:`shard_ranges`.
+    """
+    if any(c < 0 for c in costs):
+        raise ValueError("costs must be >= 0")
+    k = len(costs)
+    total = sum(costs)
+    if total == 0:
+        return shard_ranges(k, num_shards)
+    if num_shards < 1:
+        raise ValueError(f"num_shards must be >= 1, got {num_shards}")
+    count = min(num_shards, k)
+    prefix = list(itertools.accumulate(costs, initial=0))  # prefix[m] = cost of [0, m)
+    cuts = [0]
+    for j in range(1, count):
+        share = -(-j * total // count)  # ceil(j * total / count): integers, no rounding
+        at = bisect.bisect_left(prefix, share)  # first m whose prefix reaches the share
+        # Never empty: after the previous cut, and room left for the ranges still to come.
+        cuts.append(min(max(at, cuts[-1] + 1), k - (count - j)))
+    cuts.append(k)
+    return list(itertools.pairwise(cuts))
 
 
 def default_shards_per_frame(num_workers: int) -> int:

@@ -302,9 +302,7 @@ class ScoreCAM:
         targets = targets.to(base.x.device)
         acts = base.activations[:, start:stop]  # (N, R, h, w)
         lows, highs = base.lows[:, start:stop], base.highs[:, start:stop]
-        constant = highs == lows  # (N, R): mask is all zero, masked input is the zero image
-        if not self.skip_constant:
-            constant = torch.zeros_like(constant)
+        constant = self._skipped(lows, highs)
         scores = self._scores(base, targets, acts, lows, highs, constant)  # (N, T, R)
 
         shift = norm = None
@@ -325,11 +323,24 @@ class ScoreCAM:
             norm=norm,
         )
 
+    def passes(self, base: BasePass) -> torch.Tensor:
+        """Return (N, Kc) bool: whether each channel's masked pass runs (False: skipped).
+
+        The work of a shard is the count of its True channels (the distributed explainer
+        balances shards by it).
+        """
+        return ~self._skipped(base.lows, base.highs)
+
     def clear_cache(self) -> None:
         """Forget the cached score of the zero image (after changing the model's weights)."""
         self._zero_logits.clear()
 
     # ------------------------------------------------------------------ internals
+
+    def _skipped(self, lows: torch.Tensor, highs: torch.Tensor) -> torch.Tensor:
+        """Return which channels' passes are skipped: constant ones, when ``skip_constant``."""
+        constant = highs == lows  # mask is all zero, the masked input is the zero image
+        return constant if self.skip_constant else torch.zeros_like(constant)
 
     def _scores(
         self,

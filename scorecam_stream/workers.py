@@ -145,10 +145,13 @@ class Worker:
             self._cache.popitem(last=False)
         return base
 
-    def classify(self, index: int, x: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """Return (logits (C,) on CPU, Kc channels) of a frame; its base pass is kept."""
+    def classify(self, index: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (logits (C,), passes (Kc,) bool) of a frame, on CPU; its base pass is kept.
+
+        ``passes`` says which channels' masked passes will run: the work of each channel.
+        """
         base = self.base(index, x)
-        return base.logits[0].cpu(), base.num_channels
+        return base.logits[0].cpu(), self.engine.passes(base)[0].cpu()
 
     def shard(
         self, index: int, x: torch.Tensor, targets: torch.Tensor, start: int, stop: int

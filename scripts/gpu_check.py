@@ -47,8 +47,9 @@ def main() -> None:
     model = torchvision.models.vgg16(weights=None).eval().to(device)
     layer = model.features[29]
     # Smooth, image-like inputs: random weights on white noise give degenerate activations.
-    x = torch.nn.functional.interpolate(torch.randn(args.frames, 3, 14, 14), size=args.size,
-                                        mode="bilinear").to(device)
+    x = torch.nn.functional.interpolate(
+        torch.randn(args.frames, 3, 14, 14), size=args.size, mode="bilinear"
+    ).to(device)
 
     print("\n## correctness (relative error of the map vs fp32)")
     reference = ScoreCAM(model, layer, batch_size=64)(x)
@@ -82,8 +83,11 @@ def main() -> None:
                 sync(device)
                 raw = 3 * batch / (time.perf_counter() - began)
             rate = passes / seconds
-            print(f"| {name} | {batch} | {rate:.0f} | {raw:.0f} | {rate / raw:.2f} | "
-                  f"{seconds / len(x):.3f} |", flush=True)
+            print(
+                f"| {name} | {batch} | {rate:.0f} | {raw:.0f} | {rate / raw:.2f} | "
+                f"{seconds / len(x):.3f} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -232,7 +232,7 @@ def test_matches_local_in_order_with_bounded_inflight_then_closes(
             out.append((payload, result))
         assert explainer.stats.resubmitted == explainer.stats.retried == 0
         # the batch classification, then 8 frame classifications + 8 x 3 shards (16 channels
-        # in ranges of 6, 5, 5)
+        # in 3 ranges of equal work)
         assert explainer.stats.calls == 1 + 8 * 4
     assert_same(out, reference)
     assert max(held) == MAX_INFLIGHT  # pulled lazily up to the bound, never beyond it

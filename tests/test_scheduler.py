@@ -11,6 +11,7 @@ from scorecam_stream.scheduler import (
     MAX_INFLIGHT_FRAMES,
     InflightTracker,
     ReorderBuffer,
+    balanced_ranges,
     default_max_inflight,
     default_shards_per_frame,
     max_held_items,
@@ -165,3 +166,42 @@ def test_simulated_dispatch_honours_inflight_bound():
             tracker.release(frame)
             out.append(frame)
     assert out == list(range(total))
+
+
+def check_balanced(costs: list[int], num_shards: int) -> list[tuple[int, int]]:
+    ranges = balanced_ranges(costs, num_shards)
+    assert len(ranges) == min(num_shards, len(costs))
+    assert ranges[0][0] == 0 and ranges[-1][1] == len(costs)
+    for (_, stop), (start, _) in itertools.pairwise(ranges):
+        assert stop == start
+    assert all(stop > start for start, stop in ranges)
+    return ranges
+
+
+def test_balanced_ranges_split_the_passes_evenly():
+    rng = random.Random(0)
+    for _ in range(3000):
+        k = rng.randint(1, 60)
+        density = rng.random()
+        # Constant channels in runs, as in real layers: blocks of ones and zeros.
+        costs = [int(rng.random() < density) for _ in range(k)]
+        shards = rng.randint(1, 12)
+        ranges = check_balanced(costs, shards)
+        loads = [sum(costs[a:b]) for a, b in ranges]
+        assert sum(loads) == sum(costs)
+        if sum(costs) >= len(ranges):
+            assert max(loads) - min(loads) <= 1, (costs, shards, ranges)
+
+
+def test_balanced_ranges_examples_and_errors():
+    # Equal lengths would give loads 4 and 0; the cut moves to where half the work is done.
+    assert balanced_ranges([1, 1, 1, 1, 0, 0, 0, 0], 2) == [(0, 2), (2, 8)]
+    assert balanced_ranges([0, 0, 0, 0], 3) == shard_ranges(4, 3)  # no work: equal lengths
+    assert balanced_ranges([5, 0, 0], 3) == [(0, 1), (1, 2), (2, 3)]  # never empty
+    assert balanced_ranges([1, 1, 1], 1) == [(0, 3)]
+    with pytest.raises(ValueError, match="num_shards"):
+        balanced_ranges([1, 1], 0)
+    with pytest.raises(ValueError, match="costs"):
+        balanced_ranges([1, -1], 2)
+    with pytest.raises(ValueError, match="num_channels"):
+        balanced_ranges([], 2)

@@ -150,6 +150,21 @@ def test_constant_skip_saves_forwards(images):
     assert sum(calls) == 3 + 3 * 8  # the zero image's score is cached
 
 
+def test_passes_say_which_channels_run(images):
+    model = _with_constant_channels()
+    for skip in (True, False):
+        engine = ScoreCAM(model, model.features[3], skip_constant=skip)
+        base = engine.base(images)
+        passes = engine.passes(base)
+        assert passes.shape == (3, 12) and passes.dtype == torch.bool
+        assert bool(passes[:, :4].any()) is not skip  # channels 0-3 are constant
+        varying = base.highs[:, 4:] > base.lows[:, 4:]
+        assert varying.any() and torch.equal(passes[:, 4:], varying | (not skip))
+        # A shard's work is its count of passes: the skipped ones are the rest.
+        shard = engine.shard(base, torch.zeros(3, 1, dtype=torch.long), 2, 9)
+        assert shard.skipped.tolist() == (~passes[:, 2:9]).sum(dim=1).tolist()
+
+
 def test_target_list_parity(tiny, images):
     engine = ScoreCAM(tiny, tiny.features[3], batch_size=4)
     pairs = torch.tensor([[1, 4], [0, 9], [3, 3]])
