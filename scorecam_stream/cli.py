@@ -1,7 +1,8 @@
 """The ``scorecam-video`` command: argv and config files -> Config -> pipeline; exit codes.
 
 Exit codes: 0 success, 2 a user mistake or a fault that stopped the run (one line on stderr),
-130 interrupted (Ctrl-C). Only this module reads argv, the environment and config files.
+130 interrupted (Ctrl-C), 143 terminated (SIGTERM). Only this module reads argv, the
+environment and config files.
 """
 
 from __future__ import annotations
@@ -9,7 +10,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -17,7 +20,7 @@ import yaml
 
 from . import __version__
 from .config import FIELDS, Config, build_config
-from .errors import ScoreCamError
+from .errors import ScoreCamError, Terminated
 
 PROG = "scorecam-video"
 log = logging.getLogger(__name__)
@@ -168,10 +171,29 @@ def _log_to_stderr(quiet: bool) -> logging.Handler:
     return handler
 
 
+class _OnSigterm:
+    """A SIGTERM handler that raises Terminated, and remembers that it did.
+
+    Remembered because a KeyboardInterrupt subclass raised inside a Ray call comes out of it as a
+    plain KeyboardInterrupt.
+    """
+
+    def __init__(self) -> None:
+        self.received = False
+
+    def __call__(self, _signum: int, _frame: object) -> None:
+        self.received = True
+        raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command; return its exit code."""
     bar: _ProgressBar | None = None
     handler: logging.Handler | None = None
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    # SIGTERM (kill, `ray job stop`) unwinds like Ctrl-C: workers stopped, nothing half-written.
+    sigterm = _OnSigterm()
+    previous = signal.signal(signal.SIGTERM, sigterm) if on_main_thread else None
     try:
         config = parse_config(argv)
         handler = _log_to_stderr(config.quiet)
@@ -195,9 +217,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        if sigterm.received:
+            print(f"{PROG}: terminated; no output written", file=sys.stderr)
+            return 128 + signal.SIGTERM
         print(f"{PROG}: interrupted; no output written", file=sys.stderr)
         return 130
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
         if bar is not None:
             bar.close()
         if handler is not None:

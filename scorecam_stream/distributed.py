@@ -19,12 +19,15 @@ raises :class:`~scorecam_stream.errors.ScoreCamError` naming the frame and shard
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import heapq
 import itertools
 import logging
 import os
+import signal
 import socket
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -333,7 +336,8 @@ class RayExplainer:
             # A ray:// client passes its keyword arguments to the server's ray.init: pass none.
             kwargs = {} if address.startswith("ray://") else quiet
             try:
-                ray.init(address=address, **kwargs)
+                with _keep_sigterm_handler():
+                    ray.init(address=address, **kwargs)
             except AuthenticationError as err:
                 raise ScoreCamError(
                     f"the Ray cluster at {address} refused this process ({_first_line(err)}); "
@@ -348,7 +352,8 @@ class RayExplainer:
         else:
             # address="local": a new instance, whatever RAY_ADDRESS or an earlier `ray start` say.
             cpus = max(os.cpu_count() or 1, self.dist.workers)
-            ray.init(address="local", num_cpus=cpus, include_dashboard=False, **quiet)
+            with _keep_sigterm_handler():
+                ray.init(address="local", num_cpus=cpus, include_dashboard=False, **quiet)
             log.info("started a local Ray instance with %d CPUs", cpus)
         self._owns_ray = True  # a connection is only ended by ray.shutdown, never the cluster
 
@@ -659,6 +664,22 @@ class RayExplainer:
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError("the explainer is closed")
+
+
+@contextlib.contextmanager
+def _keep_sigterm_handler() -> Iterator[None]:
+    """Put back a SIGTERM handler that ray.init replaces (with ``sys.exit``).
+
+    The command line turns SIGTERM into :class:`~scorecam_stream.errors.Terminated`, which every
+    clean-up handles like Ctrl-C; without a handler of its own, Ray's stays.
+    """
+    main = threading.current_thread() is threading.main_thread()
+    before = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        yield
+    finally:
+        if callable(before):
+            signal.signal(signal.SIGTERM, before)
 
 
 def _check_reachable(address: str, timeout: float) -> None:

@@ -1,4 +1,4 @@
-"""The project's exception for mistakes a user can make."""
+"""The project's exceptions: mistakes a user can make, and a termination request."""
 
 
 class ScoreCamError(Exception):
@@ -6,3 +6,7 @@ class ScoreCamError(Exception):
 
     The message is one line; the command line prints it and exits with code 2.
     """
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, ``ray job stop``): stop like Ctrl-C, with every clean-up."""

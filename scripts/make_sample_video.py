@@ -78,7 +78,11 @@ def write_tone(path: Path, seconds: float) -> None:
 
 
 def make_sample_video(
-    path: Path, seconds: float, fps: int, size: tuple[int, int], overwrite: bool = False
+    path: Path,
+    seconds: float = 4.0,
+    fps: int = 12,
+    size: tuple[int, int] = (320, 240),
+    overwrite: bool = False,
 ) -> int:
     """Write the sample clip to ``path``; return the number of video frames."""
     width, height = size

@@ -62,7 +62,9 @@ def assert_same_run(video: Path, maps: Path, single: tuple[Path, Path]) -> None:
     assert want["maps"].max() > 0
     np.testing.assert_array_equal(got["targets"], want["targets"])
     np.testing.assert_array_equal(got["pts_seconds"], want["pts_seconds"])
-    np.testing.assert_allclose(got["maps"], want["maps"], rtol=1e-5, atol=1e-6)
+    # Float rounding differs with the thread count (1 per worker here): relative to the scale.
+    atol = 1e-5 * float(want["maps"].max())
+    np.testing.assert_allclose(got["maps"], want["maps"], rtol=1e-5, atol=atol)
     frames, ref_frames = decoded(video), decoded(ref_video)
     assert frames.shape == ref_frames.shape and frames.shape[0] == 10
     np.testing.assert_array_equal(frames, ref_frames)
@@ -159,6 +161,16 @@ def wait_for_dashboard(address: str, token: str, process: subprocess.Popen, log:
     pytest.fail(f"the Ray dashboard did not come up in 90 s:\n{log.read_text()}")
 
 
+def submit(command: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    """Run ``ray job submit``; again while the head's job agent is still starting (a fresh head)."""
+    for _ in range(5):
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+        if "No available agent to submit job" not in done.stdout + done.stderr:
+            break
+        time.sleep(3)
+    return done
+
+
 def test_ray_job_submit_with_token_auth(head, clip, single, tmp_path):
     address, env = head
     video, maps = tmp_path / "out.mp4", tmp_path / "maps.npz"
@@ -172,7 +184,7 @@ def test_ray_job_submit_with_token_auth(head, clip, single, tmp_path):
         "--workers", "2", "--address", "auto", *FAST,
     ]
     # fmt: on
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    done = submit(command, env)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "succeeded" in done.stdout + done.stderr
     assert probe(str(video)).frame_count == 10
@@ -183,3 +195,46 @@ def test_ray_job_submit_with_token_auth(head, clip, single, tmp_path):
     done = subprocess.run(command, env=refused, capture_output=True, text=True, timeout=120)
     assert done.returncode != 0
     assert "auth" in (done.stdout + done.stderr).lower()
+
+
+@pytest.mark.parametrize(
+    ("signum", "code", "workers"),
+    [(signal.SIGINT, 130, "1"), (signal.SIGTERM, 143, "1"), (signal.SIGTERM, 143, "0")],
+    ids=["ctrl-c-ray", "sigterm-ray", "sigterm-in-process"],
+)
+def test_signal_mid_run_stops_everything_and_writes_nothing(clip, tmp_path, signum, code, workers):
+    out, records = tmp_path / "out.mp4", tmp_path / "records.jsonl"
+    out.write_bytes(b"precious")
+    script = BIN / "scorecam-video"
+    args = [str(clip), "-o", str(out), "--overwrite", "--jsonl", str(records)]
+    args += ["--model", "efficientnet_lite0", "--input-size", "128", "--workers", workers]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    process = subprocess.Popen(
+        [str(script), *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its session holds it and the Ray instance it starts
+    )
+    try:
+        # Mid-run: the first record is out (in the temporary file), the last one is not.
+        deadline = time.monotonic() + 120
+        while not any(p.stat().st_size for p in tmp_path.glob(".records.jsonl.tmp-*")):
+            assert process.poll() is None, process.communicate()
+            assert time.monotonic() < deadline, "no frame was explained in 120 s"
+            time.sleep(0.2)
+        assert session_pids(process.pid)
+        process.send_signal(signum)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == code, stderr
+    assert stderr.strip().splitlines()[-1].endswith("; no output written")
+    assert out.read_bytes() == b"precious"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.mp4"]
+    deadline = time.monotonic() + 30
+    while session_pids(process.pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert session_pids(process.pid) == []  # no Ray process left behind
