@@ -352,6 +352,9 @@ class RayExplainer:
         else:
             # address="local": a new instance, whatever RAY_ADDRESS or an earlier `ray start` say.
             cpus = max(os.cpu_count() or 1, self.dist.workers)
+            # A private instance: Ray's own start-up notices (e.g. its token set-up) say nothing
+            # the user can act on, so only its errors are shown.
+            quiet["logging_level"] = logging.ERROR
             with _keep_sigterm_handler():
                 ray.init(address="local", num_cpus=cpus, include_dashboard=False, **quiet)
             log.info("started a local Ray instance with %d CPUs", cpus)

@@ -24,7 +24,7 @@ import av
 import numpy as np
 import pytest
 import ray
-from clips import FAST, make_clip
+from clips import FAST, REPO, make_clip
 
 from scorecam_stream.cli import main
 from scorecam_stream.video import probe
@@ -189,6 +189,16 @@ def test_ray_job_submit_with_token_auth(head, clip, single, tmp_path):
     assert "succeeded" in done.stdout + done.stderr
     assert probe(str(video)).frame_count == 10
     assert_same_run(video, maps, single)
+
+    # scripts/submit_job.py: the same job through JobSubmissionClient, following its logs.
+    video2, maps2 = tmp_path / "out2.mp4", tmp_path / "maps2.npz"
+    script = [sys.executable, str(REPO / "scripts" / "submit_job.py"), "--address", address]
+    script += ["--working-dir", str(clip.parent), "--", clip.name, "-o", str(video2)]
+    script += ["--save-maps", str(maps2), "--workers", "2", "--address", "auto", *FAST]
+    done = subprocess.run(script, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stderr.strip().splitlines()[-1].endswith(": SUCCEEDED (Job finished successfully.)")
+    assert_same_run(video2, maps2, single)
 
     # Without the token the cluster refuses the job, and the message says why.
     refused = dict(env, RAY_AUTH_TOKEN="0" * 32)
