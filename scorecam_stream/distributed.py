@@ -9,8 +9,8 @@ Per frame: one worker classifies it (its base pass is cached there) and the targ
 once; the channel range is split by :func:`~scorecam_stream.scheduler.balanced_ranges` into
 shards of equal work (constant channels cost no pass); every shard goes to whichever worker has
 room (the classifying worker gets one of them, its base pass is ready); the partials are summed
-in shard order. Several frames are in flight, within a bound, so
-no worker idles between frames and memory stays flat for any video length.
+in shard order. Several frames are in flight, within a bound, so no worker idles between frames
+and memory stays flat for any video length.
 
 Faults: a worker that dies is restarted by Ray (``max_restarts``) while its unfinished calls go
 to the other workers; an exception inside a call is retried ``max_shard_retries`` times, then
@@ -519,7 +519,9 @@ class RayExplainer:
         elif call.run.tracker.done(call.frame.seq, call.shard, value):
             self._frame_done(call.run, call.frame)
 
-    def _classified(self, call: _Call, slot: _Slot, value: tuple[torch.Tensor, int]) -> None:
+    def _classified(
+        self, call: _Call, slot: _Slot, value: tuple[torch.Tensor, torch.Tensor]
+    ) -> None:
         logits, passes = value
         frame = call.frame
         frame.logits = logits
