@@ -58,7 +58,7 @@ def assert_same_run(video: Path, maps: Path, single: tuple[Path, Path]) -> None:
     """The maps agree with the single-process ones, the targets and the frames are the same."""
     ref_video, ref_maps = single
     got, want = np.load(maps), np.load(ref_maps)
-    assert got["maps"].shape == want["maps"].shape == (10, 64, 64)
+    assert got["maps"].shape == want["maps"].shape and want["maps"].shape[-2:] == (64, 64)
     assert want["maps"].max() > 0
     np.testing.assert_array_equal(got["targets"], want["targets"])
     np.testing.assert_array_equal(got["pts_seconds"], want["pts_seconds"])
@@ -70,10 +70,26 @@ def assert_same_run(video: Path, maps: Path, single: tuple[Path, Path]) -> None:
     np.testing.assert_array_equal(frames, ref_frames)
 
 
-def test_workers_give_the_single_process_output(clip, single, tmp_path):
+@pytest.mark.parametrize(
+    ("options", "shape"),
+    [
+        ([], (10, 64, 64)),
+        # the batched classification of every frame first, and frames passed through
+        (["--target", "dominant", "--every", "3"], (4, 64, 64)),
+        (["--topk", "2"], (10, 2, 64, 64)),
+    ],
+    ids=["top1", "dominant-every-3", "topk-2"],
+)
+def test_workers_give_the_single_process_output(clip, single, tmp_path, options, shape):
     assert not ray.is_initialized()
+    if options:
+        ref_video, ref_maps = tmp_path / "ref.mp4", tmp_path / "ref.npz"
+        ref = [str(clip), "-o", str(ref_video), "--save-maps", str(ref_maps), *FAST, *options]
+        assert main(ref) == 0
+        single = (ref_video, ref_maps)
+    assert np.load(single[1])["maps"].shape == shape
     video, maps = tmp_path / "out.mp4", tmp_path / "maps.npz"
-    args = [str(clip), "-o", str(video), "--save-maps", str(maps), *FAST]
+    args = [str(clip), "-o", str(video), "--save-maps", str(maps), *FAST, *options]
     assert main([*args, "--workers", "2", "--shards-per-frame", "3"]) == 0
     assert not ray.is_initialized()  # the local instance it started is shut down
     assert_same_run(video, maps, single)
