@@ -172,6 +172,16 @@ def test_config_file_and_flag_precedence(tmp_path):
         assert parse_config(["in.mp4", "--config", str(preset)]).input == "in.mp4"
 
 
+def test_distributed_flags_reach_the_config():
+    flags = "--gpus 3 --max-inflight-frames 5 --shards-per-frame 6 --startup-timeout 9"
+    flags += " --max-shard-retries 0 --threads-per-worker 2 --address ray://head:10001"
+    dist = parse_config(["in.mp4", *flags.split()]).distributed
+    assert (dist.gpus, dist.max_inflight_frames, dist.shards_per_frame) == (3, 5, 6)
+    assert (dist.startup_timeout, dist.max_shard_retries, dist.threads_per_worker) == (9, 0, 2)
+    assert dist.address == "ray://head:10001" and dist.num_workers == 3
+    assert parse_config(["in.mp4", "--gpus", "3"]).model.device == "cuda"
+
+
 def test_ray_address_comes_from_environment_only_when_distributing(monkeypatch):
     monkeypatch.setenv("RAY_ADDRESS", "auto")
     assert parse_config(["in.mp4"]).distributed.address is None
@@ -242,6 +252,14 @@ BAD_OPTIONS = [
     (["-o", "out.avi"], "out.avi"),
     (["--save-maps", "maps.txt"], "npz"),
     (["--gpus", "1", "--workers", "2"], "not both"),
+    (["--workers", "-1"], "--workers must be >= 0"),
+    (["--workers", "2", "--threads-per-worker", "0"], "--threads-per-worker must be >= 1"),
+    (["--workers", "2", "--max-shard-retries", "-1"], "--max-shard-retries must be >= 0"),
+    (["--workers", "2", "--max-inflight-frames", "0"], "--max-inflight-frames must be >= 1"),
+    (["--workers", "2", "--shards-per-frame", "0"], "--shards-per-frame must be >= 1"),
+    (["--workers", "2", "--startup-timeout", "0"], "--startup-timeout must be > 0"),
+    (["--workers", "2", "--address", "headnode"], "--address must be auto, HOST:PORT"),
+    (["--workers", "2", "--address", "127.0.0.1:1"], "cannot connect to the Ray cluster"),
     (["--config", "/nonexistent.yaml"], "config file"),
 ]
 
