@@ -40,7 +40,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 class _Kept:
-    """An explainer the pipeline may close: the benchmark closes the real one itself."""
+    """The explainer as the pipeline sees it: its close() is a no-op, so that stopping the
+    workers is not timed; the benchmark closes the real one after the clock stops."""
 
     def __init__(self, inner: Explainer) -> None:
         self.inner = inner
