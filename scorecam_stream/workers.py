@@ -39,7 +39,7 @@ def keep_freed_memory() -> bool:
     The engine allocates and frees the same large activation buffers in every batch of masked
     passes. By default glibc serves blocks over its mmap threshold (at most 32 MiB) with mmap
     and unmaps them on free, so every batch page-faults its memory in again: on the 2-core VM a
-    third of the CPU time went to the kernel and a frame took 1.47x longer (EfficientNet-Lite0
+    third of the CPU time went to the kernel and a frame took 1.48x longer (EfficientNet-Lite0
     at 128 px, 1 thread). Memory then stays at its peak, which the next batch reaches anyway.
     Once per process; Linux with glibc only (elsewhere nothing changes).
     """
