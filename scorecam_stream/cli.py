@@ -49,10 +49,37 @@ def build_parser() -> argparse.ArgumentParser:
         argument_default=argparse.SUPPRESS,
         description="Score-CAM heatmaps over every frame of a video (or an image).",
     )
-    p.add_argument("input", help="video file, stream URL (http/rtsp/udp...), or image")
-    p.add_argument("-o", "--output", help="output file (default: <input>.scorecam.mp4 beside it)")
+    p.add_argument(
+        "input", help="video file, stream URL (udp/srt/rtsp/rtmp/http...), - for stdin, or image"
+    )
+    p.add_argument(
+        "-o",
+        "--output",
+        help="output file, DIR/name.m3u8 (HLS), udp://, srt://, tcp://, rtmp:// or - "
+        "(default: <input>.scorecam.mp4 beside it)",
+    )
     p.add_argument("--config", help="YAML file of settings (keys are the flags, e.g. batch_size)")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    g = p.add_argument_group("input and live mode")
+    _bool_flag(
+        g,
+        "live",
+        "read at the source's pace and explain the newest frame when free "
+        "(default: on for network, pipe and device inputs)",
+    )
+    g.add_argument("--input-format", help="FFmpeg input format, e.g. v4l2 for /dev/video0")
+    g.add_argument(
+        "--input-option",
+        action="append",
+        metavar="KEY=VALUE",
+        help="FFmpeg demuxer/protocol option, repeatable (e.g. rtsp_transport=tcp)",
+    )
+    g.add_argument(
+        "--read-timeout",
+        type=float,
+        help="seconds without data after which the input has ended (default 10 for live)",
+    )
+    g.add_argument("--duration", type=float, help="stop after this many seconds of source")
     g = p.add_argument_group("model")
     g.add_argument(
         "--model", help="vgg16 (default), efficientnet_lite0, torchvision:NAME, timm:NAME"
@@ -87,6 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save-maps", help="write the maps, targets and times to FILE.npz")
     g.add_argument("--jsonl", help="write one JSON record per frame to FILE")
     g.add_argument("--preview", help="write a contact sheet of ~8 frames to FILE.png")
+    g.add_argument("--hls-time", type=float, help="HLS output: segment seconds (default 2)")
+    g.add_argument(
+        "--hls-list-size", type=int, help="HLS output: segments in the playlist (default 6)"
+    )
     g.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     g.add_argument("--quiet", action="store_true", help="no progress bar, errors only")
     g = p.add_argument_group("distributed (Ray)")
@@ -136,6 +167,8 @@ def parse_config(argv: list[str] | None) -> Config:
     settings = load_settings(args.pop("config")) if "config" in args else {}
     settings.update(args)
     input_path = settings.pop("input")
+    if "input_option" in settings:
+        settings["input_option"] = tuple(settings["input_option"] or ())
     quiet = bool(settings.pop("quiet", False))
     distributing = settings.get("gpus") or settings.get("workers")
     if distributing and not settings.get("address") and os.environ.get("RAY_ADDRESS"):

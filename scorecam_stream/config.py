@@ -116,9 +116,16 @@ class OutputConfig:
     save_maps: str | None = None
     jsonl: str | None = None
     preview: str | None = None
+    hls_time: float = 2.0
+    hls_list_size: int = 6
 
     def __post_init__(self) -> None:
         _check(0 <= self.crf <= 51, f"--crf must be in [0, 51], got {self.crf}")
+        _check(
+            math.isfinite(self.hls_time) and self.hls_time > 0,
+            f"--hls-time must be > 0 seconds, got {self.hls_time}",
+        )
+        _check(self.hls_list_size >= 0, f"--hls-list-size must be >= 0, got {self.hls_list_size}")
         _check(
             self.layout in LAYOUTS, f"--layout must be overlay or side-by-side, got '{self.layout}'"
         )
@@ -142,12 +149,50 @@ class OutputConfig:
 
 
 @dataclass(frozen=True)
+class SourceConfig:
+    """How the input is opened and read: live (source pace, newest frame) or every frame.
+
+    ``live``: None decides by the input (network URLs, ``-`` and devices are live).
+    ``input_option``: FFmpeg demuxer/protocol options as ``KEY=VALUE`` strings.
+    ``read_timeout``: seconds without data after which the input has ended (default 10 for
+    live inputs, 30 for other URLs).
+    """
+
+    live: bool | None = None
+    input_format: str | None = None
+    input_option: tuple[str, ...] = ()
+    read_timeout: float | None = None
+
+    def __post_init__(self) -> None:
+        _check(
+            isinstance(self.input_option, (tuple, list))
+            and all(isinstance(o, str) and "=" in o.strip("=") for o in self.input_option),
+            f"--input-option takes KEY=VALUE, got {self.input_option}",
+        )
+        _check(
+            self.read_timeout is None
+            or (math.isfinite(self.read_timeout) and self.read_timeout > 0),
+            f"--read-timeout must be > 0 seconds, got {self.read_timeout}",
+        )
+        _check(
+            self.input_format is None or bool(self.input_format.strip()),
+            "--input-format must name an FFmpeg input format (e.g. v4l2, mpegts)",
+        )
+
+    @property
+    def options(self) -> dict[str, str]:
+        """Return the FFmpeg options as a dict."""
+        return dict(option.split("=", 1) for option in self.input_option)
+
+
+@dataclass(frozen=True)
 class WindowConfig:
-    """Which part of the input is processed."""
+    """Which part of the input is processed; ``duration``: seconds of source after its first."""
 
     start: float | None = None
     end: float | None = None
     max_frames: int | None = None
+    duration: float | None = None
 
     def __post_init__(self) -> None:
         for name, value in (("--start", self.start), ("--end", self.end)):
@@ -162,6 +207,10 @@ class WindowConfig:
         _check(
             self.max_frames is None or self.max_frames >= 1,
             f"--max-frames must be >= 1, got {self.max_frames}",
+        )
+        _check(
+            self.duration is None or (math.isfinite(self.duration) and self.duration > 0),
+            f"--duration must be > 0 seconds, got {self.duration}",
         )
 
 
@@ -216,6 +265,7 @@ class Config:
     """Everything one run needs."""
 
     input: str
+    source: SourceConfig = field(default_factory=SourceConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     explain: ExplainConfig = field(default_factory=ExplainConfig)
@@ -230,6 +280,7 @@ class Config:
 
 # Flat setting name -> (section, field). Names are the flags with underscores.
 _SECTIONS = {
+    "source": SourceConfig,
     "model": ModelConfig,
     "engine": EngineConfig,
     "explain": ExplainConfig,

@@ -1,18 +1,20 @@
 """Wires the stages: decode -> preprocess -> explain -> render -> encode, plus side outputs.
 
-Decoding and encoding run in their own threads with bounded queues, so they overlap with the
-explainer (PyAV, OpenCV and torch release the GIL). Frames stay in order end to end; memory is
-bounded by the queues and the explainer's in-flight frames, whatever the video's length.
+The input is opened once (one :class:`~scorecam_stream.video.VideoReader` session). A file is
+read frame by frame as fast as the explainer goes (:func:`_process`); a live source is read at
+its own pace and the explainer takes the newest frame whenever it is free
+(:mod:`scorecam_stream.live`). Frames stay in order end to end; memory is bounded by the
+hand-over queues and the explainer's in-flight frames, whatever the input's length.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import itertools
 import logging
-import queue
-import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,12 +28,12 @@ from .config import Config
 from .errors import ScoreCamError
 from .models import preprocess_frame
 from .outputs import MapsWriter, PreviewSampler, RecordsWriter
-from .render import MapScaler, RenderOptions, render_frame
+from .render import MapScaler, RenderOptions
+from .stages import Channel, DrawItem, Encoder, produce
 from .workers import Explainer, FrameResult, FrameTask, LocalExplainer, ModelMeta, Worker
 
 log = logging.getLogger(__name__)
 
-QUEUE_FRAMES = 8  # decoded frames waiting for the explainer, rendered frames for the encoder
 Progress = Callable[[int, int | None], None]
 
 
@@ -39,16 +41,46 @@ Progress = Callable[[int, int | None], None]
 class RunSummary:
     """What a run produced."""
 
-    output: Path
+    output: Path | str
     frames: int  # frames written
-    explained: int  # frames whose map was computed (the others reuse one, --every)
+    explained: int  # frames whose map was computed (the others reuse one)
     seconds: float  # wall time of the whole run
     target: str  # the target policy, or the class explained in every frame
+    live: bool = False
+    stopped_by: str | None = None  # live runs: "signal", "duration", "read timeout", None (end)
+    latency_p50_ms: float | None = None  # live runs: frame arrival -> its map ready
+    latency_p95_ms: float | None = None
+
+
+@dataclass
+class Outputs:
+    """Where one run writes: the claimed temporary paths and the side-output writers."""
+
+    video: Path | str | None  # a temporary file, an HLS playlist or a stream URL; None: none
+    image: bool  # the input is a still image: the output is one PNG/JPEG
+    maps: MapsWriter | None
+    records: RecordsWriter | None
+    preview: PreviewSampler | None
+    preview_path: Path | None
+
+    def abort(self) -> None:
+        """Drop what was not finished."""
+        if self.maps is not None:
+            self.maps.abort()
+
+    def close(self) -> None:
+        """Write the maps archive and the preview sheet."""
+        if self.maps is not None:
+            self.maps.close()
+        if self.preview is not None and self.preview_path is not None:
+            self.preview.write(self.preview_path)
 
 
 def default_output(input_path: str, is_image: bool) -> Path:
     """Return ``<input stem>.scorecam.mp4`` (``.png`` for images) beside the input."""
     suffix = ".scorecam.png" if is_image else ".scorecam.mp4"
+    if input_path == video.STDIN:
+        return Path(f"stdin{suffix}")
     if "://" in input_path:  # a stream: name it after the URL's last path part, in the cwd
         stem = Path(urlparse(input_path).path).stem or "stream"
         return Path(f"{stem}{suffix}")
@@ -66,69 +98,135 @@ def make_explainer(config: Config) -> Explainer:
     return LocalExplainer(Worker(config.model, config.engine), topk)
 
 
+def _read_timeout(config: Config, live: bool) -> float | None:
+    given = config.source.read_timeout
+    return given if given is not None or not live else video.LIVE_READ_TIMEOUT_S
+
+
 def run(
     config: Config,
     progress: Progress | None = None,
     explainer_factory: Callable[[Config], Explainer] = make_explainer,
 ) -> RunSummary:
-    """Explain every frame of ``config.input`` and write the annotated output; return a summary.
+    """Explain the frames of ``config.input`` and write the annotated output; return a summary.
 
-    Every output is written to a temporary file beside it and moved into place only when the
-    whole run succeeded: a failed or interrupted run leaves nothing half-written.
+    Every file output is written to a temporary file beside it and moved into place only when
+    the whole run succeeded: a failed or interrupted run leaves nothing half-written. A live
+    run stopped by Ctrl-C, SIGTERM or ``--duration`` finishes its outputs and succeeds.
     """
     began = time.perf_counter()
-    info = video.probe(config.input)
-    out = config.output
-    output = Path(out.output) if out.output else default_output(config.input, info.is_image)
-    _check_output_kind(output, info.is_image)
+    source = config.source
+    guess_live = video.is_live_source(config.input, source.input_format)
+    live = source.live if source.live is not None else guess_live
+    reader = video.VideoReader(
+        config.input, source.input_format, source.options, _read_timeout(config, live)
+    )
     with contextlib.ExitStack() as stack:
+        stack.callback(reader.close)
+        info = reader.info
+        out = config.output
+        target = out.output or str(default_output(config.input, info.is_image))
+        kind = _output_kind(target, info.is_image)
         # Claim every output first: an existing file without --overwrite fails before any work.
-        paths = {
+        claimed = {
             name: stack.enter_context(video.atomic_output(path, out.overwrite))
             for name, path in (
-                ("video", output),
+                ("video", target if kind == "file" else None),
                 ("maps", out.save_maps),
                 ("jsonl", out.jsonl),
                 ("preview", out.preview),
             )
             if path
         }
+        if kind == "hls" and Path(target).exists() and not out.overwrite:
+            raise ScoreCamError(f"output {target} exists; pass --overwrite")
+        outputs = Outputs(
+            video=claimed.get("video", None if kind == "file" else target),
+            image=info.is_image,
+            maps=MapsWriter(claimed["maps"]) if "maps" in claimed else None,
+            records=RecordsWriter(claimed["jsonl"]) if "jsonl" in claimed else None,
+            preview=PreviewSampler() if "preview" in claimed else None,
+            preview_path=claimed.get("preview"),
+        )
+        if outputs.records is not None:
+            stack.callback(outputs.records.close)
+        if live:
+            from .live import run_live
+
+            if config.distributed.distributed:
+                # One frame in flight: its passes spread over every worker, so its map is
+                # ready soonest; the next frame is the newest one when this one is done.
+                config = dataclasses.replace(
+                    config,
+                    distributed=dataclasses.replace(config.distributed, max_inflight_frames=1),
+                )
+            live_config = config
+            summary = run_live(
+                config, reader, lambda: explainer_factory(live_config), outputs, progress, stack
+            )
+            return dataclasses.replace(summary, output=target, seconds=time.perf_counter() - began)
         explainer = explainer_factory(config)
         stack.callback(explainer.close)
-        target, fixed = _resolve_target(config, info, explainer)
-        frames, explained = _process(config, info, explainer, fixed, paths, progress)
-    log.info("wrote %s: %d frames (%d explained)", output, frames, explained)
+        description, fixed = _resolve_target(config, reader, explainer)
+        frames, explained = _process(config, reader, explainer, fixed, outputs, progress)
+    log.info("wrote %s: %d frames (%d explained)", target, frames, explained)
     return RunSummary(
-        output=output,
+        output=Path(target),
         frames=frames,
         explained=explained,
         seconds=time.perf_counter() - began,
-        target=target,
+        target=description,
     )
 
 
-def _check_output_kind(output: Path, is_image: bool) -> None:
-    allowed = video.IMAGE_CODECS if is_image else video.OUTPUT_FORMATS
-    if output.suffix.lower() not in allowed:
-        kind = "an image input gives an image" if is_image else "a video output"
-        raise ScoreCamError(f"output {output}: {kind}; use one of {', '.join(allowed)}")
+def _output_kind(target: str, is_image: bool) -> str:
+    if is_image:
+        if Path(target).suffix.lower() not in video.IMAGE_CODECS:
+            allowed = ", ".join(video.IMAGE_CODECS)
+            raise ScoreCamError(f"output {target}: an image input gives an image; use {allowed}")
+        return "file"
+    return video.output_kind(target)
+
+
+def window_frames(config: Config, reader: video.VideoReader) -> Iterator[video.Frame]:
+    """Return the frames of the configured window (``--duration`` counted from the first)."""
+    w = config.window
+    frames = reader.frames(start=w.start, end=w.end, max_frames=w.max_frames)
+    if w.duration is None:
+        return frames
+    first: list[float] = []
+
+    def within(frame: video.Frame) -> bool:
+        if not first:
+            first.append(frame.seconds)
+        return frame.seconds - first[0] < w.duration  # type: ignore[operator]
+
+    return itertools.takewhile(within, frames)
 
 
 def _resolve_target(
-    config: Config, info: video.VideoInfo, explainer: Explainer
+    config: Config, reader: video.VideoReader, explainer: Explainer
 ) -> tuple[str, tuple[int, ...] | None]:
     """Return (description, fixed classes or None for each frame's top-k)."""
     wanted = config.explain.target
     names = explainer.meta.class_names
-    if wanted == "top1":
-        return "top1", None
     if wanted == "dominant":
-        counts = _classify_all(config, info, explainer)
+        counts = _classify_all(config, reader, explainer)
         best = int(np.argmax(counts))
         log.info(
-            "dominant class %d (%s): top-1 in %d frames", best, _name(names, best), counts[best]
+            "dominant class %d (%s): top-1 in %d frames",
+            best,
+            class_name(names, best),
+            counts[best],
         )
-        return f"dominant: {_name(names, best)}", (best,)
+        return f"dominant: {class_name(names, best)}", (best,)
+    return fixed_target(wanted, names)
+
+
+def fixed_target(wanted: str, names: tuple[str, ...]) -> tuple[str, tuple[int, ...] | None]:
+    """Return (description, (class,)) for a class id or name; (wanted, None) for top1/dominant."""
+    if wanted in ("top1", "dominant"):
+        return wanted, None
     if wanted.lstrip("-").isdigit():
         index = int(wanted)
         classes = len(names) if names else None
@@ -136,7 +234,7 @@ def _resolve_target(
             raise ScoreCamError(
                 f"--target {index} is not a class id of the model (0..{(classes or 1) - 1})"
             )
-        return _name(names, index), (index,)
+        return class_name(names, index), (index,)
     lowered = [n.lower() for n in names]
     if wanted.lower() in lowered:
         index = lowered.index(wanted.lower())
@@ -148,7 +246,7 @@ def _resolve_target(
     )
 
 
-def _classify_all(config: Config, info: video.VideoInfo, explainer: Explainer) -> np.ndarray:
+def _classify_all(config: Config, reader: video.VideoReader, explainer: Explainer) -> np.ndarray:
     """Return how often each class is top-1 over the frames in the window (one forward each)."""
     meta = explainer.meta
     counts: np.ndarray | None = None
@@ -162,8 +260,8 @@ def _classify_all(config: Config, info: video.VideoInfo, explainer: Explainer) -
         )
         batch.clear()
 
-    for frame in _window_frames(config):
-        batch.append(_model_input(frame.image, meta))
+    for frame in window_frames(config, reader):
+        batch.append(model_input(frame.image, meta))
         if len(batch) == 32:
             flush()
     if batch:
@@ -173,48 +271,92 @@ def _classify_all(config: Config, info: video.VideoInfo, explainer: Explainer) -
     return counts
 
 
-def _window_frames(config: Config) -> Iterator[video.Frame]:
-    w = config.window
-    return video.read_frames(config.input, start=w.start, end=w.end, max_frames=w.max_frames)
-
-
-def _model_input(image: np.ndarray, meta: ModelMeta) -> torch.Tensor:
+def model_input(image: np.ndarray, meta: ModelMeta) -> torch.Tensor:
+    """Return the model input (3, S, S) of a decoded frame."""
     return preprocess_frame(image, meta.input_size, meta.mean, meta.std)
 
 
-def _name(names: tuple[str, ...], index: int) -> str:
+def class_name(names: tuple[str, ...], index: int) -> str:
+    """Return the name of class ``index`` (the id itself when the model has no names)."""
     return names[index] if 0 <= index < len(names) else str(index)
+
+
+def render_options(config: Config) -> RenderOptions:
+    """Return how maps are drawn in this run."""
+    out = config.output
+    return RenderOptions(layout=out.layout, colormap=out.colormap, alpha=out.alpha)
+
+
+def open_writer(
+    config: Config, reader: video.VideoReader, path: Path | str
+) -> Callable[[np.ndarray], video.VideoWriter]:
+    """Return a function that opens the video writer for the first rendered image."""
+    info, w, out = reader.info, config.window, config.output
+
+    def opener(image: np.ndarray) -> video.VideoWriter:
+        audio_end = w.end
+        if w.max_frames is not None:
+            # Audio stops with the last frame: the window's start plus max_frames at the rate.
+            cap = (w.start or info.start_time) + w.max_frames / info.fps
+            audio_end = cap if audio_end is None else min(audio_end, cap)
+        return video.VideoWriter(
+            str(path),
+            image.shape[1],
+            image.shape[0],
+            info.time_base,
+            info.fps,
+            crf=out.crf,
+            audio=reader.audio_stream,
+            audio_start=w.start,
+            audio_end=audio_end,
+            time_offset=w.start or 0.0,
+            hls_time=out.hls_time,
+            hls_list_size=out.hls_list_size,
+        )
+
+    return opener
+
+
+def make_encoder(
+    config: Config,
+    reader: video.VideoReader,
+    items: Channel[DrawItem] | Iterator[DrawItem],
+    outputs: Outputs,
+) -> Encoder:
+    """Return the render -> encode thread of a run, writing to ``outputs.video``."""
+    path = outputs.video
+    return Encoder(
+        items,
+        render_options(config),
+        open_writer(config, reader, path) if path is not None and not outputs.image else None,
+        image_path=Path(path) if path is not None and outputs.image else None,
+        preview=outputs.preview,
+    )
 
 
 def _process(
     config: Config,
-    info: video.VideoInfo,
+    reader: video.VideoReader,
     explainer: Explainer,
     fixed: tuple[int, ...] | None,
-    paths: dict[str, Path],
+    outputs: Outputs,
     progress: Progress | None,
 ) -> tuple[int, int]:
     """Run decode -> explain -> render -> encode; return (frames written, frames explained)."""
     meta = explainer.meta
     every = config.explain.every
-    total = _expected_frames(config, info)
-    options = RenderOptions(
-        layout=config.output.layout, colormap=config.output.colormap, alpha=config.output.alpha
-    )
+    total = _expected_frames(config, reader.info)
     scaler = MapScaler(config.output.scale)
-    maps_out = MapsWriter(paths["maps"]) if "maps" in paths else None
-    records = RecordsWriter(paths["jsonl"]) if "jsonl" in paths else None
-    preview = PreviewSampler() if "preview" in paths else None
-
-    decoded = _Producer(_window_frames(config))
+    decoded = produce(window_frames(config, reader), name="decode")
 
     def tasks() -> Iterator[tuple[video.Frame, FrameTask | None]]:
         for frame in decoded:
             explain = frame.index % every == 0
-            x = _model_input(frame.image, meta) if explain else None
+            x = model_input(frame.image, meta) if explain else None
             yield frame, (FrameTask(frame.index, x, fixed) if explain else None)
 
-    encoder = _Encoder(info, config, paths.get("video"), options, preview)
+    drawn: Channel[DrawItem] = Channel()
+    encoder = make_encoder(config, reader, drawn, outputs)
     smoothed: np.ndarray | None = None
     latest: FrameResult | None = None
     heat: np.ndarray | None = None
@@ -223,39 +365,48 @@ def _process(
         for frame, result in explainer.explain(tasks()):
             if result is not None:
                 latest, explained = result, explained + 1
-                first = result.maps[0]
-                a = config.explain.smooth
-                smoothed = first if smoothed is None or a == 0 else a * smoothed + (1 - a) * first
+                smoothed = _smooth(smoothed, result.maps[0], config.explain.smooth)
                 heat = scaler(smoothed)
-                if maps_out is not None:
-                    maps = result.maps if config.explain.topk > 1 else result.maps[0]
-                    targets = result.targets if config.explain.topk > 1 else result.targets[0]
-                    maps_out.add(maps, targets, frame.seconds)
+                add_maps(config, outputs, result, frame)
             assert latest is not None and heat is not None  # frame 0 is always explained
-            label = _label(meta, latest, frame, reused=result is None)
-            if records is not None:
-                records.add(_record(meta, latest, frame, reused=result is None))
-            encoder.put(frame, heat, label)
+            label = frame_label(meta, latest, frame, reused=result is None)
+            if outputs.records is not None:
+                outputs.records.add(frame_record(meta, latest, frame, reused=result is None))
+            if not drawn.put(DrawItem(frame, heat, label)):
+                encoder.alive()  # the encoder stopped: raise its error
             done += 1
             if progress is not None:
                 progress(done, total)
-        encoder.finish()
-        if maps_out is not None:
-            maps_out.close()
-        if preview is not None:
-            preview.write(paths["preview"])
+        drawn.end()
+        if done == 0:
+            raise ScoreCamError(f"no frames decoded from {config.input} in the time window")
+        encoder.finish(reader.trailing_audio)
+        outputs.close()
     except BaseException:
+        drawn.close()
         encoder.abort()
-        if maps_out is not None:
-            maps_out.abort()
+        outputs.abort()
         raise
     finally:
-        decoded.stop()
-        if records is not None:
-            records.close()
-    if done == 0:
-        raise ScoreCamError(f"no frames decoded from {config.input} in the time window")
+        decoded.close()
     return done, explained
+
+
+def _smooth(previous: np.ndarray | None, current: np.ndarray, weight: float) -> np.ndarray:
+    """Return the exponential moving average of the maps (``weight`` of the past)."""
+    if previous is None or weight == 0:
+        return current
+    return weight * previous + (1 - weight) * current
+
+
+def add_maps(config: Config, outputs: Outputs, result: FrameResult, frame: video.Frame) -> None:
+    """Append an explained frame's maps to the npz output, if any."""
+    if outputs.maps is None:
+        return
+    many = config.explain.topk > 1
+    maps = result.maps if many else result.maps[0]
+    targets = result.targets if many else result.targets[0]
+    outputs.maps.add(maps, targets, frame.seconds)
 
 
 def _expected_frames(config: Config, info: video.VideoInfo) -> int | None:
@@ -267,26 +418,30 @@ def _expected_frames(config: Config, info: video.VideoInfo) -> int | None:
     if count is not None and (w.start or w.end):
         span = (w.end if w.end is not None else (info.duration or 0)) - (w.start or 0)
         count = max(0, round(span * info.fps))
+    if count is not None and w.duration is not None:
+        count = min(count, round(w.duration * info.fps))
     if w.max_frames is not None:
         count = min(count, w.max_frames) if count is not None else w.max_frames
     return count
 
 
-def _label(meta: ModelMeta, result: FrameResult, frame: video.Frame, reused: bool) -> str:
-    name = _name(meta.class_names, int(result.targets[0]))
+def frame_label(meta: ModelMeta, result: FrameResult, frame: video.Frame, reused: bool) -> str:
+    """Return the label drawn on ``frame``: class, probability, time, and the map's origin."""
+    name = class_name(meta.class_names, int(result.targets[0]))
     minutes, seconds = divmod(max(frame.seconds, 0.0), 60)
     text = f"{name} {result.probs[0]:.2f}  {int(minutes):02d}:{seconds:05.2f}"
     return f"{text}  (map of frame {result.index})" if reused else text
 
 
-def _record(
+def frame_record(
     meta: ModelMeta, result: FrameResult, frame: video.Frame, reused: bool
 ) -> dict[str, Any]:
+    """Return the jsonl record of ``frame`` drawn with ``result``'s map."""
     return {
         "index": frame.index,
         "pts_seconds": round(frame.seconds, 6),
         "target": int(result.targets[0]),
-        "name": _name(meta.class_names, int(result.targets[0])),
+        "name": class_name(meta.class_names, int(result.targets[0])),
         "probability": round(float(result.probs[0]), 6),
         "targets": [int(t) for t in result.targets],
         "probabilities": [round(float(p), 6) for p in result.probs],
@@ -294,148 +449,3 @@ def _record(
         "milliseconds": 0.0 if reused else round(result.seconds * 1000, 3),
         "map_of_frame": result.index,
     }
-
-
-class _Producer:
-    """Runs an iterator in a thread, handing items over a bounded queue (errors re-raised)."""
-
-    _END = object()
-
-    def __init__(self, source: Iterable[Any], size: int = QUEUE_FRAMES) -> None:
-        self._queue: queue.Queue = queue.Queue(size)
-        self._stopped = threading.Event()
-        self._thread = threading.Thread(
-            target=self._run, args=(source,), daemon=True, name="decode"
-        )
-        self._thread.start()
-
-    def _run(self, source: Iterable[Any]) -> None:
-        try:
-            for item in source:
-                if not self._put(item):
-                    return
-            self._put(self._END)
-        except BaseException as err:  # handed to the consumer, raised there
-            self._put(err)
-
-    def _put(self, item: Any) -> bool:
-        while not self._stopped.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def __iter__(self) -> Iterator[Any]:
-        while True:
-            item = self._queue.get()
-            if item is self._END:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-
-    def stop(self) -> None:
-        """Ask the thread to stop and wait for it briefly."""
-        self._stopped.set()
-        self._thread.join(timeout=5)
-
-
-class _Encoder:
-    """Renders and encodes frames in a thread, in the order they are put."""
-
-    def __init__(
-        self,
-        info: video.VideoInfo,
-        config: Config,
-        path: Path | None,
-        options: RenderOptions,
-        preview: PreviewSampler | None,
-    ) -> None:
-        self._info, self._config, self._path = info, config, path
-        self._options, self._preview = options, preview
-        self._queue: queue.Queue = queue.Queue(QUEUE_FRAMES)
-        self._error: BaseException | None = None
-        self._writer: video.VideoWriter | None = None
-        self._thread = threading.Thread(target=self._run, daemon=True, name="encode")
-        self._thread.start()
-
-    def put(self, frame: video.Frame, heat: np.ndarray, label: str) -> None:
-        """Queue one frame; raises the encoder's error if it failed."""
-        while True:
-            self._raise_error()
-            try:
-                self._queue.put((frame, heat, label), timeout=0.1)
-                return
-            except queue.Full:
-                continue
-
-    def finish(self) -> None:
-        """Encode what is queued, flush and close the output."""
-        self._queue.put(None)
-        self._thread.join()
-        self._raise_error()
-
-    def abort(self) -> None:
-        """Stop without flushing (the caller discards the output)."""
-        self._error = self._error or ScoreCamError("aborted")
-        with contextlib.suppress(queue.Full):
-            self._queue.put_nowait(None)
-        self._thread.join(timeout=10)
-
-    def _raise_error(self) -> None:
-        if self._error is not None:
-            raise self._error
-
-    def _run(self) -> None:
-        try:
-            while (item := self._queue.get()) is not None:
-                if self._error is not None:
-                    continue  # aborted: drain
-                frame, heat, label = item
-                image = render_frame(frame.image, heat, label, self._options)
-                if self._preview is not None:
-                    self._preview.offer(image)
-                self._write(frame, image)
-            if self._error is None:
-                self._close()
-        except BaseException as err:
-            self._error = err
-            if self._writer is not None:
-                with contextlib.suppress(Exception):
-                    self._writer._abort()
-
-    def _write(self, frame: video.Frame, image: np.ndarray) -> None:
-        if self._path is None:
-            return
-        if self._info.is_image:
-            video.write_image(str(self._path), image)
-            return
-        if self._writer is None:
-            self._writer = self._open_writer(image)
-        self._writer.write(image, frame.pts, frame.time_base)
-
-    def _open_writer(self, image: np.ndarray) -> video.VideoWriter:
-        info, w = self._info, self._config.window
-        audio_end = w.end
-        if w.max_frames is not None:
-            # Audio stops with the last frame: the window's start plus max_frames at the rate.
-            cap = (w.start or info.start_time) + w.max_frames / info.fps
-            audio_end = cap if audio_end is None else min(audio_end, cap)
-        return video.VideoWriter(
-            str(self._path),
-            image.shape[1],
-            image.shape[0],
-            info.time_base,
-            info.fps,
-            crf=self._config.output.crf,
-            audio_from=self._config.input if info.has_audio else None,
-            audio_start=w.start,
-            audio_end=audio_end,
-            time_offset=w.start or 0.0,
-        )
-
-    def _close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()

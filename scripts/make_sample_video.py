@@ -92,11 +92,15 @@ def make_sample_video(
         tone = Path(scratch) / "tone.m4a"
         write_tone(tone, count / fps)
         with (
+            av.open(str(tone)) as sound,
             atomic_output(path, overwrite) as temporary,
-            VideoWriter(str(temporary), width, height, time_base, fps, audio_from=str(tone)) as out,
+            VideoWriter(
+                str(temporary), width, height, time_base, fps, audio=sound.streams.audio[0]
+            ) as out,
         ):
             for index, image in enumerate(pan_zoom_frames(count, width, height)):
                 out.write(image, index, time_base)
+            out.add_audio(sound.demux(sound.streams.audio[0]))
     return count
 
 

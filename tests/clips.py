@@ -101,3 +101,55 @@ def audio_span(path: Path) -> tuple[str, float, float]:
             float(first * stream.time_base),
             float((last - first) * stream.time_base),
         )
+
+
+def free_udp_port() -> int:
+    """Return a UDP port on 127.0.0.1 that nothing is bound to right now."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def send_mpegts(
+    url: str,
+    seconds: float,
+    fps: int = 25,
+    size: tuple[int, int] = (128, 96),
+    stop: object | None = None,
+    realtime: bool = True,
+) -> int:
+    """Send a synthetic clip as MPEG-TS (H.264, a keyframe every 0.5 s) to ``url``.
+
+    Frames go out at the clip's own pace when ``realtime`` (a live source), as fast as they
+    encode otherwise; ``stop`` (a threading.Event) ends it early. Returns the frames sent.
+    Written with PyAV directly, not with the code under test.
+    """
+    import time
+
+    width, height = size
+    count = round(seconds * fps)
+    began = time.monotonic()
+    sent = 0
+    with av.open(url, "w", format="mpegts") as output:
+        stream = output.add_stream(
+            "libx264",
+            rate=fps,
+            width=width,
+            height=height,
+            options={"tune": "zerolatency", "g": str(max(1, fps // 2)), "bf": "0"},
+        )
+        for i in range(count):
+            if stop is not None and stop.is_set():  # type: ignore[attr-defined]
+                break
+            if realtime:
+                delay = began + i / fps - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+            frame = av.VideoFrame.from_ndarray(picture(i, width, height), format="rgb24")
+            frame.pts, frame.time_base = i, Fraction(1, fps)
+            output.mux(stream.encode(frame))
+            sent += 1
+        output.mux(stream.encode(None))
+    return sent

@@ -17,7 +17,7 @@ import torch
 from clips import FAST, FPS, REPO, H, W, audio_span, make_clip, read_timing
 
 from scorecam_stream import ScoreCAM, load_model
-from scorecam_stream import pipeline as pipeline_module
+from scorecam_stream import stages as stages_module
 from scorecam_stream.cli import main, parse_config
 from scorecam_stream.video import probe, read_frames
 
@@ -306,7 +306,7 @@ def test_broken_stream_gives_the_decoded_frames(tmp_path, capsys):
 
 
 def _fail_at_frame(monkeypatch, error: type[BaseException], at: int = 3) -> None:
-    real = pipeline_module.render_frame
+    real = stages_module.render_frame
     calls = []
 
     def render(*args, **kwargs):
@@ -315,7 +315,7 @@ def _fail_at_frame(monkeypatch, error: type[BaseException], at: int = 3) -> None
             raise error("stop here")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(pipeline_module, "render_frame", render)
+    monkeypatch.setattr(stages_module, "render_frame", render)
 
 
 @pytest.mark.parametrize(("error", "code"), [(KeyboardInterrupt, 130), (RuntimeError, None)])

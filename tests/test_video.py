@@ -19,6 +19,7 @@ from clips import FPS, REPO, SAMPLE_RATE, H, W, audio_span, make_clip, picture, 
 from scorecam_stream.errors import ScoreCamError
 from scorecam_stream.video import (
     VideoInfo,
+    VideoReader,
     VideoWriter,
     atomic_output,
     probe,
@@ -28,14 +29,27 @@ from scorecam_stream.video import (
 )
 
 
-def copy_through(source: Path, target: Path, **writer_options: object) -> VideoInfo:
-    """Copy ``source`` frame by frame to ``target`` as the pipeline would; return its info."""
-    info = probe(str(source))
-    with VideoWriter(
-        str(target), info.width, info.height, info.time_base, info.fps, **writer_options
-    ) as writer:
-        for frame in read_frames(str(source)):
-            writer.write(frame.image, frame.pts, frame.time_base)
+def copy_through(
+    source: Path, target: Path, audio: bool = False, **writer_options: object
+) -> VideoInfo:
+    """Copy ``source`` frame by frame (and its audio) to ``target`` as the pipeline would.
+
+    Returns the input's info. The input is opened once: frames and audio from one demux.
+    """
+    with VideoReader(str(source)) as reader:
+        info = reader.info
+        with VideoWriter(
+            str(target),
+            info.width,
+            info.height,
+            info.time_base,
+            info.fps,
+            audio=reader.audio_stream if audio else None,
+            **writer_options,
+        ) as writer:
+            for frame in reader.frames():
+                writer.write(frame.image, frame.pts, frame.time_base, frame.audio)
+            writer.add_audio(reader.trailing_audio)
     return info
 
 
@@ -124,7 +138,7 @@ def test_odd_size_is_padded_by_replicating_the_edge(tmp_path: Path) -> None:
 def test_aac_audio_is_copied_with_its_duration(tmp_path: Path) -> None:
     source, target = tmp_path / "in.mp4", tmp_path / "out.mp4"
     make_clip(source, count=24, audio="aac")
-    info = copy_through(source, target, audio_from=str(source))
+    info = copy_through(source, target, audio=True)
     assert info.has_audio and probe(str(target)).has_audio
     in_codec, _, in_length = audio_span(source)
     out_codec, _, out_length = audio_span(target)
@@ -136,7 +150,7 @@ def test_aac_audio_is_copied_with_its_duration(tmp_path: Path) -> None:
 def test_audio_the_output_cannot_hold_is_reencoded_to_aac(tmp_path: Path) -> None:
     source, target = tmp_path / "in.mkv", tmp_path / "out.mp4"
     make_clip(source, count=24, audio="pcm_s16le")
-    copy_through(source, target, audio_from=str(source))
+    copy_through(source, target, audio=True)
     _, _, in_length = audio_span(source)
     out_codec, _, out_length = audio_span(target)
     assert out_codec == "aac"
@@ -146,21 +160,23 @@ def test_audio_the_output_cannot_hold_is_reencoded_to_aac(tmp_path: Path) -> Non
 def test_audio_window_and_offset_follow_the_video_window(tmp_path: Path) -> None:
     source, target = tmp_path / "in.mp4", tmp_path / "out.mp4"
     make_clip(source, count=36, audio="aac", gop=6)
-    info = probe(str(source))
     start, end = 1.0, 2.0
-    with VideoWriter(
-        str(target),
-        info.width,
-        info.height,
-        info.time_base,
-        info.fps,
-        audio_from=str(source),
-        audio_start=start,
-        audio_end=end,
-        time_offset=start,
-    ) as writer:
-        for frame in read_frames(str(source), start=start, end=end):
-            writer.write(frame.image, frame.pts, frame.time_base)
+    with VideoReader(str(source)) as reader:
+        info = reader.info
+        with VideoWriter(
+            str(target),
+            info.width,
+            info.height,
+            info.time_base,
+            info.fps,
+            audio=reader.audio_stream,
+            audio_start=start,
+            audio_end=end,
+            time_offset=start,
+        ) as writer:
+            for frame in reader.frames(start=start, end=end):
+                writer.write(frame.image, frame.pts, frame.time_base, frame.audio)
+            writer.add_audio(reader.trailing_audio)
     frames = list(read_frames(str(target)))
     assert len(frames) == 12
     assert frames[0].seconds == 0
@@ -172,7 +188,7 @@ def test_audio_window_and_offset_follow_the_video_window(tmp_path: Path) -> None
 def test_audio_from_a_silent_input_gives_a_silent_output(tmp_path: Path) -> None:
     source, target = tmp_path / "in.mp4", tmp_path / "out.mp4"
     make_clip(source, count=6)
-    copy_through(source, target, audio_from=str(source))
+    copy_through(source, target, audio=True)
     assert not probe(str(target)).has_audio
 
 

@@ -1,0 +1,326 @@
+"""Live sources: read at the source's pace, explain the newest frame, write every frame.
+
+    reader thread (source pace) --> newest-frame slot --> explainer (takes the newest when free)
+          |                                                   | map
+          +--- every frame --> render with the latest map --> encoder (file / HLS / stream)
+
+The reader never waits for the explainer and the explainer never queues old frames, so the
+output is a real-time copy of the source with the freshest map, and its latency is one
+frame's passes (spread over the Ray workers when there are several). Stopping (Ctrl-C,
+SIGTERM, ``--duration``, a source that goes quiet for ``--read-timeout``) is the normal end:
+the outputs are finished and kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from . import video
+from .config import Config
+from .errors import ScoreCamError
+from .pipeline import (
+    Outputs,
+    Progress,
+    RunSummary,
+    add_maps,
+    fixed_target,
+    frame_label,
+    frame_record,
+    make_encoder,
+    model_input,
+)
+from .render import MapScaler
+from .stages import DrawItem
+from .workers import Explainer, FrameResult, FrameTask
+
+log = logging.getLogger(__name__)
+
+_WAIT_S = 0.1  # a blocked wait wakes this often, so Ctrl-C and a stopped source are seen soon
+_BACKLOG_BYTES = 512 << 20  # decoded frames waiting for the encoder, at most
+_STALL_GRACE_S = 2.0  # past FFmpeg's own read timeout, before the reader is given up on
+
+
+class LiveSource:
+    """Decodes frames in a thread at the source's pace; never waits for the explainer.
+
+    Every frame goes to :meth:`output_frames` (for the encoder; if the encoder falls more
+    than ``backlog`` frames behind, the oldest are dropped, with a warning); the newest one is
+    kept for :meth:`newest_after` (for the explainer). ``duration`` stops after that many
+    seconds of source; ``read_timeout`` ends the source when no frame came for that long.
+    """
+
+    def __init__(
+        self,
+        frames: Iterator[video.Frame],
+        backlog: int,
+        read_timeout: float | None,
+        duration: float | None = None,
+    ) -> None:
+        self._frames = frames
+        self._backlog = backlog
+        self._read_timeout = read_timeout
+        self._duration = duration
+        self._cond = threading.Condition()
+        self._newest: video.Frame | None = None
+        self._pending: deque[video.Frame] = deque()
+        self._error: BaseException | None = None
+        self._last_arrival = time.monotonic()
+        self.ended = False
+        self.stopped = False
+        self.end_reason: str | None = None  # "duration", "read timeout", "signal"; None: EOF
+        self.frames_in = 0
+        self.dropped = 0
+        self._thread = threading.Thread(target=self._run, daemon=True, name="live-read")
+        self._thread.start()
+
+    def _run(self) -> None:
+        first: float | None = None
+        try:
+            for frame in self._frames:
+                if first is None:
+                    first = frame.seconds
+                if self._duration is not None and frame.seconds - first >= self._duration:
+                    self._end("duration")
+                    return
+                with self._cond:
+                    if self.stopped:
+                        return
+                    self._newest = frame
+                    self._last_arrival = frame.arrival
+                    self.frames_in += 1
+                    self._pending.append(frame)
+                    if len(self._pending) > self._backlog:
+                        self._pending.popleft()
+                        if self.dropped == 0:
+                            log.warning("the encoder cannot keep up: dropping output frames")
+                        self.dropped += 1
+                    self._cond.notify_all()
+        except BaseException as err:  # raised in the consumers' threads
+            self._error = err
+        self._end(None)
+
+    def _end(self, reason: str | None) -> None:
+        with self._cond:
+            if not self.ended:
+                self.ended = True
+                self.end_reason = self.end_reason or reason
+            self._cond.notify_all()
+
+    def _check_stall(self) -> None:
+        """End the source when no frame came for too long (a read FFmpeg cannot interrupt)."""
+        if self._read_timeout is None or self.ended:
+            return
+        if time.monotonic() - self._last_arrival > self._read_timeout + _STALL_GRACE_S:
+            log.warning("no frame for %g s; taking the input as ended", self._read_timeout)
+            self.ended = True
+            self.end_reason = "read timeout"
+
+    def newest_after(self, index: int) -> video.Frame | None:
+        """Return the newest frame once one with ``index`` or later has come; None at the end."""
+        with self._cond:
+            while True:
+                newest = self._newest
+                if newest is not None and newest.index >= index and not self.stopped:
+                    return newest
+                if self.ended:
+                    if self._error is not None:
+                        raise self._error
+                    return None
+                self._cond.wait(_WAIT_S)
+                self._check_stall()
+
+    def output_frames(self) -> Iterator[video.Frame]:
+        """Yield every frame in order (less any dropped) until the source ends."""
+        while True:
+            with self._cond:
+                while not self._pending and not self.ended:
+                    self._cond.wait(_WAIT_S)
+                    self._check_stall()
+                if not self._pending:
+                    if self._error is not None:
+                        raise self._error
+                    return
+                frame = self._pending.popleft()
+            yield frame
+
+    def stop(self, reason: str) -> None:
+        """End the source now (frames already read still go to the output)."""
+        with self._cond:
+            self.stopped = True
+            self.end_reason = self.end_reason or reason
+            self.ended = True
+            self._cond.notify_all()
+
+    def join(self, timeout: float) -> bool:
+        """Wait for the reader thread; return whether it has finished."""
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+
+@dataclass(frozen=True)
+class _Map:
+    """The latest map, as every written frame is drawn with it."""
+
+    heat: np.ndarray
+    result: FrameResult
+    frame: video.Frame  # the frame it explains
+
+
+class _RunningDominant:
+    """Targets for ``--target dominant`` on a live source: the most frequent top-1 so far."""
+
+    def __init__(self, explainer: Explainer) -> None:
+        self._explainer = explainer
+        self._counts: np.ndarray | None = None
+
+    def __call__(self, x: torch.Tensor) -> tuple[int, ...]:
+        top = int(self._explainer.classify(x[None])[0].argmax())
+        if self._counts is None:
+            self._counts = np.zeros(top + 1, np.int64)
+        if top >= len(self._counts):
+            self._counts = np.pad(self._counts, (0, top + 1 - len(self._counts)))
+        self._counts[top] += 1
+        return (int(np.argmax(self._counts)),)
+
+
+def _backlog(info: video.VideoInfo) -> int:
+    """Return how many decoded frames may wait for the encoder: ~10 s, at most 512 MiB."""
+    frame_bytes = max(1, info.width * info.height * 3)
+    return int(max(16, min(_BACKLOG_BYTES // frame_bytes, 10 * info.fps)))
+
+
+def run_live(
+    config: Config,
+    reader: video.VideoReader,
+    make_explainer: Callable[[], Explainer],
+    outputs: Outputs,
+    progress: Progress | None,
+    stack: contextlib.ExitStack,
+) -> RunSummary:
+    """Explain a live source until it ends or is stopped; return the summary (output unset)."""
+    w = config.window
+    frames = reader.frames(start=w.start, end=w.end, max_frames=w.max_frames)
+    # Reading starts before the model loads: the source does not wait, and neither do we.
+    source = LiveSource(frames, _backlog(reader.info), reader.read_timeout, w.duration)
+    stack.callback(_stop_reader, source, reader)
+    explainer = make_explainer()
+    stack.callback(explainer.close)
+    meta = explainer.meta
+    description, fixed = fixed_target(config.explain.target, meta.class_names)
+    dominant = _RunningDominant(explainer) if config.explain.target == "dominant" else None
+    every = config.explain.every
+    latest: list[_Map] = []  # the encoder thread reads the last one; appending is atomic
+
+    def draw_items() -> Iterator[DrawItem]:
+        for frame in source.output_frames():
+            current = latest[-1] if latest else None
+            if current is None:
+                yield DrawItem(frame, None, "waiting for the first map")
+                continue
+            label = frame_label(meta, current.result, frame, reused=False)
+            age = frame.seconds - current.frame.seconds
+            yield DrawItem(frame, current.heat, f"{label}  (map {age:.1f} s old)")
+            if len(latest) > 1:
+                del latest[:-1]  # only the newest is ever read again
+
+    def tasks() -> Iterator[tuple[video.Frame, FrameTask]]:
+        wanted = 0
+        while (frame := source.newest_after(wanted)) is not None:
+            wanted = frame.index + every
+            x = model_input(frame.image, meta)
+            targets = dominant(x) if dominant is not None else fixed
+            yield frame, FrameTask(frame.index, x, targets)
+
+    encoder = make_encoder(config, reader, draw_items(), outputs)
+    scaler = MapScaler(config.output.scale)
+    smoothed: np.ndarray | None = None
+    latencies: list[float] = []
+    previous = -1
+    try:
+        with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C, SIGTERM: the normal stop
+            for frame, result in explainer.explain(tasks()):
+                assert result is not None
+                latency_ms = (time.monotonic() - frame.arrival) * 1000
+                a = config.explain.smooth
+                first = result.maps[0]
+                smoothed = first if smoothed is None or a == 0 else a * smoothed + (1 - a) * first
+                latest.append(_Map(scaler(smoothed), result, frame))
+                latencies.append(latency_ms)
+                add_maps(config, outputs, result, frame)
+                if outputs.records is not None:
+                    record = frame_record(meta, result, frame, reused=False)
+                    record["latency_ms"] = round(latency_ms, 3)
+                    record["skipped_frames"] = frame.index - previous - 1
+                    outputs.records.add(record)
+                previous = frame.index
+                if progress is not None:
+                    progress(len(latencies), None)
+                encoder.alive()
+        if not source.ended:
+            source.stop("signal")
+        encoder.finish()
+        if encoder.frames == 0:
+            raise ScoreCamError(f"no frames decoded from {config.input}")
+        outputs.close()
+    except BaseException:
+        source.stop("error")
+        encoder.abort()
+        outputs.abort()
+        raise
+    reason = "read timeout" if reader.timed_out else source.end_reason
+    if source.dropped:
+        log.warning("%d output frames were dropped: the encoder fell behind", source.dropped)
+    p50, p95 = (
+        (float(np.percentile(latencies, 50)), float(np.percentile(latencies, 95)))
+        if latencies
+        else (None, None)
+    )
+    summary = RunSummary(
+        output=str(outputs.video),
+        frames=encoder.frames,
+        explained=len(latencies),
+        seconds=0.0,
+        target=description,
+        live=True,
+        stopped_by=reason,
+        latency_p50_ms=p50,
+        latency_p95_ms=p95,
+    )
+    if outputs.records is not None:
+        outputs.records.add({"summary": _summary_record(summary, source)})
+    if reason == "read timeout":
+        log.warning("%s sent nothing for a while: the output is finished", config.input)
+    return summary
+
+
+def _summary_record(summary: RunSummary, source: LiveSource) -> dict[str, object]:
+    def ms(value: float | None) -> float | None:
+        return None if value is None else round(value, 3)
+
+    return {
+        "live": True,
+        "frames_in": source.frames_in,
+        "frames_written": summary.frames,
+        "frames_explained": summary.explained,
+        "frames_dropped": source.dropped,
+        "latency_p50_ms": ms(summary.latency_p50_ms),
+        "latency_p95_ms": ms(summary.latency_p95_ms),
+        "stopped_by": summary.stopped_by,
+    }
+
+
+def _stop_reader(source: LiveSource, reader: video.VideoReader) -> None:
+    """Stop the reader thread; leave the input open if it is stuck in a read."""
+    source.stop("end")
+    if not source.join(timeout=5):
+        log.debug("the reader is blocked in a read; leaving %s open until exit", reader.path)
+        reader.detach()

@@ -1,0 +1,192 @@
+"""The pipeline's threads: a bounded hand-over between threads, and the render -> encode stage.
+
+PyAV, OpenCV and torch release the GIL, so decoding, explaining and encoding overlap.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Generic, TypeVar
+
+import av
+import numpy as np
+
+from .outputs import PreviewSampler
+from .render import RenderOptions, render_frame
+from .video import Frame, VideoWriter, write_image
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+QUEUE_FRAMES = 8  # decoded frames waiting for the explainer, rendered frames for the encoder
+_POLL_S = 0.1  # how often a blocked hand-over looks whether the other side stopped or failed
+
+
+class Channel(Generic[T]):
+    """A bounded queue between two threads that either side can close; errors travel along.
+
+    ``put`` blocks while full (returns False once the channel is closed); iterating yields
+    items until the producer calls :meth:`end` (or either side :meth:`close` s it), and raises
+    the producer's error if it sent one.
+    """
+
+    _END = object()
+
+    def __init__(self, size: int = QUEUE_FRAMES) -> None:
+        self._queue: queue.Queue = queue.Queue(size)
+        self._closed = threading.Event()
+        self.producer: threading.Thread | None = None  # joined by close()
+
+    def put(self, item: T) -> bool:
+        """Hand ``item`` over; return False if the consumer closed the channel."""
+        while not self._closed.is_set():
+            try:
+                self._queue.put(item, timeout=_POLL_S)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def end(self, error: BaseException | None = None) -> None:
+        """Tell the consumer no more items come (after ``error``, if given)."""
+        self.put(error if error is not None else self._END)  # type: ignore[arg-type]
+
+    def close(self) -> None:
+        """Stop both sides: puts return False, iteration ends; wait briefly for the producer."""
+        self._closed.set()
+        if self.producer is not None and self.producer is not threading.current_thread():
+            self.producer.join(timeout=5)
+
+    def __iter__(self) -> Iterator[T]:
+        while True:
+            try:
+                item = self._queue.get(timeout=_POLL_S)
+            except queue.Empty:
+                if self._closed.is_set():
+                    return
+                continue
+            if item is self._END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+
+def produce(source: Iterable[T], name: str, size: int = QUEUE_FRAMES) -> Channel[T]:
+    """Return a channel fed from ``source`` by a daemon thread (its errors re-raised on read)."""
+    channel: Channel[T] = Channel(size)
+
+    def run() -> None:
+        try:
+            for item in source:
+                if not channel.put(item):
+                    return
+            channel.end()
+        except BaseException as err:  # handed to the consumer, raised there
+            channel.end(err)
+
+    channel.producer = threading.Thread(target=run, daemon=True, name=name)
+    channel.producer.start()
+    return channel
+
+
+@dataclass(frozen=True)
+class DrawItem:
+    """One frame to render: its map in [0, 1] (None: no map yet) and its label."""
+
+    frame: Frame
+    heat: np.ndarray | None
+    label: str
+
+
+class Encoder:
+    """Renders and encodes, in a thread, the :class:`DrawItem` s of an iterable, in order.
+
+    ``open_writer(image)`` opens the video writer at the first rendered image (its size is
+    known then); with ``image_path`` the single frame is written as a still image instead.
+    :meth:`finish` waits, muxes the trailing audio, closes the output and raises the thread's
+    error; :meth:`abort` stops without flushing.
+    """
+
+    def __init__(
+        self,
+        items: Iterable[DrawItem],
+        options: RenderOptions,
+        open_writer: Callable[[np.ndarray], VideoWriter] | None,
+        image_path: Path | None = None,
+        preview: PreviewSampler | None = None,
+    ) -> None:
+        self._items = items
+        self._options = options
+        self._no_map = RenderOptions(
+            layout=options.layout, colormap=options.colormap, alpha=0.0, colorbar=False
+        )
+        self._open_writer = open_writer
+        self._image_path = image_path
+        self._preview = preview
+        self._writer: VideoWriter | None = None
+        self._error: BaseException | None = None
+        self._aborted = threading.Event()
+        self.frames = 0
+        self._thread = threading.Thread(target=self._run, daemon=True, name="encode")
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            for item in self._items:
+                if self._aborted.is_set():
+                    return
+                self._write(item)
+        except BaseException as err:
+            self._error = err
+            if isinstance(self._items, Channel):
+                self._items.close()  # the producer's next put returns False instead of blocking
+
+    def _write(self, item: DrawItem) -> None:
+        frame = item.frame
+        if item.heat is None:  # no map yet (live mode): the frame as it is, with its label
+            heat = np.zeros((1, 1), np.float32)
+            image = render_frame(frame.image, heat, item.label, self._no_map)
+        else:
+            image = render_frame(frame.image, item.heat, item.label, self._options)
+        if self._preview is not None:
+            self._preview.offer(image)
+        self.frames += 1
+        if self._image_path is not None:
+            write_image(str(self._image_path), image)
+            return
+        if self._open_writer is None:
+            return
+        if self._writer is None:
+            self._writer = self._open_writer(image)
+        self._writer.write(image, frame.pts, frame.time_base, frame.audio)
+
+    def alive(self) -> bool:
+        """Return whether the thread still runs; raise its error if it failed."""
+        if self._error is not None:
+            raise self._error
+        return self._thread.is_alive()
+
+    def finish(self, trailing_audio: Iterable[av.Packet] = ()) -> None:
+        """Wait for the items to end, mux ``trailing_audio``, close the output; raise errors."""
+        self._thread.join()
+        if self._error is not None:
+            self.abort()
+            raise self._error
+        if self._writer is not None:
+            self._writer.add_audio(trailing_audio)
+            self._writer.close()
+
+    def abort(self) -> None:
+        """Stop without flushing (a file output is discarded by the caller)."""
+        self._aborted.set()
+        self._thread.join(timeout=10)
+        if self._writer is not None:
+            with contextlib.suppress(Exception):
+                self._writer.abort()

@@ -1,0 +1,44 @@
+"""Video input and output with PyAV: one reading session per input, H.264 files and streams.
+
+- :mod:`.reader`: :class:`VideoReader` opens an input once (files, URLs, ``-``, devices) and
+  gives its info, its frames and their audio packets; :func:`probe` and :func:`read_frames`
+  are one-call shortcuts.
+- :mod:`.audio`: the input's audio packets into the output, copied or re-encoded.
+- :mod:`.writer`: :class:`VideoWriter` to files, HLS playlists and live streams.
+- :mod:`.files`: still images and :func:`atomic_output`.
+"""
+
+from .files import IMAGE_CODECS, atomic_output, write_image
+from .reader import (
+    LIVE_READ_TIMEOUT_S,
+    STDIN,
+    Frame,
+    VideoInfo,
+    VideoReader,
+    is_live_source,
+    is_url,
+    probe,
+    read_frames,
+    rotate_upright,
+)
+from .writer import HLS_SUFFIX, OUTPUT_FORMATS, VideoWriter, output_kind
+
+__all__ = [
+    "HLS_SUFFIX",
+    "IMAGE_CODECS",
+    "LIVE_READ_TIMEOUT_S",
+    "OUTPUT_FORMATS",
+    "STDIN",
+    "Frame",
+    "VideoInfo",
+    "VideoReader",
+    "VideoWriter",
+    "atomic_output",
+    "is_live_source",
+    "is_url",
+    "output_kind",
+    "probe",
+    "read_frames",
+    "rotate_upright",
+    "write_image",
+]

@@ -1,0 +1,227 @@
+"""Live sources end to end: a synthetic clip sent as MPEG-TS over UDP on 127.0.0.1 at real-time
+pace (or through a pipe), explained in live mode with a deliberately slow small model.
+
+Each test is bounded in time (a few seconds of stream) and sends only to the loopback address.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import pytest
+from clips import free_udp_port, send_mpegts
+
+from scorecam_stream.cli import main
+from scorecam_stream.video import probe
+
+FPS = 25
+# EfficientNet-Lite0 at 64 px with 48 channels' passes: several frame intervals per map here.
+SLOW = [
+    "--model",
+    "efficientnet_lite0",
+    "--input-size",
+    "64",
+    "--max-channels",
+    "48",
+    "--batch-size",
+    "8",
+    "--quiet",
+]
+SCRIPT = Path(sys.executable).parent / "scorecam-video"
+
+
+@contextmanager
+def udp_source(seconds: float) -> Iterator[tuple[str, threading.Event, list[int]]]:
+    """Send a clip to a free UDP port in a thread; yield (url, stop event, [frames sent])."""
+    url = f"udp://127.0.0.1:{free_udp_port()}"
+    stop = threading.Event()
+    sent: list[int] = []
+    thread = threading.Thread(
+        target=lambda: sent.append(send_mpegts(url, seconds, FPS, stop=stop)), daemon=True
+    )
+    thread.start()
+    try:
+        yield url, stop, sent
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+
+
+def records(path: Path) -> tuple[list[dict], dict]:
+    """Return (per-frame records, summary) of a jsonl output."""
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert "summary" in lines[-1] and all("summary" not in r for r in lines[:-1])
+    return lines[:-1], lines[-1]["summary"]
+
+
+def video_pts(path: Path) -> tuple[Fraction, list[int]]:
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        return stream.time_base, [frame.pts for frame in container.decode(stream)]
+
+
+def test_live_udp_source_gives_a_real_time_copy_with_the_newest_maps(tmp_path):
+    out, jsonl = tmp_path / "live.mp4", tmp_path / "live.jsonl"
+    with udp_source(4.0) as (url, _, sent):
+        code = main([url, "-o", str(out), "--jsonl", str(jsonl), "--read-timeout", "1", *SLOW])
+    assert code == 0
+    explained, summary = records(jsonl)
+    time_base, pts = video_pts(out)
+    # Every frame that arrived is written (the first ones, before the stream's first keyframe
+    # reached the reader, never arrive), with its own timestamp: a continuous real-time copy.
+    assert summary["frames_in"] == summary["frames_written"] == len(pts)
+    assert 0.75 * sent[0] <= len(pts) <= sent[0]
+    steps = {round((b - a) * time_base * FPS, 6) for a, b in itertools.pairwise(pts)}
+    assert steps == {1.0}
+    # The explainer takes the newest frame when free: some frames, not all, are explained.
+    assert 0 < len(explained) == summary["frames_explained"] < len(pts)
+    indices = [r["index"] for r in explained]
+    assert indices == sorted(set(indices))
+    assert sum(r["skipped_frames"] + 1 for r in explained) == indices[-1] + 1
+    assert any(r["skipped_frames"] > 0 for r in explained[1:])
+    # Latency: one explanation, plus waiting at most for the frame to be the newest.
+    slowest = max(r["milliseconds"] for r in explained)
+    assert all(r["latency_ms"] >= r["milliseconds"] for r in explained)
+    assert summary["latency_p95_ms"] < slowest + 1000
+    assert summary["stopped_by"] == "read timeout"
+
+
+def test_duration_stops_after_that_much_source(tmp_path):
+    out = tmp_path / "short.mp4"
+    jsonl = tmp_path / "short.jsonl"
+    with udp_source(5.0) as (url, _, _sent):
+        code = main([url, "-o", str(out), "--duration", "1", "--jsonl", str(jsonl), *SLOW])
+    assert code == 0
+    _, summary = records(jsonl)
+    assert summary["stopped_by"] == "duration"
+    assert summary["frames_written"] == probe(str(out)).frame_count == FPS
+
+
+def test_no_live_reads_a_udp_source_like_a_file(tmp_path):
+    out, jsonl = tmp_path / "all.mp4", tmp_path / "all.jsonl"
+    fast = [*SLOW[:5], "8", *SLOW[6:]]  # 8 channels: keeps up with most of the stream
+    with udp_source(2.0) as (url, _, sent):
+        code = main(
+            [url, "-o", str(out), "--no-live", "--read-timeout", "1", "--jsonl", str(jsonl), *fast]
+        )
+    assert code == 0
+    lines = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert 0.75 * sent[0] <= len(lines) == probe(str(out)).frame_count
+    assert all(r["map_of_frame"] == r["index"] for r in lines)  # every frame explained
+
+
+def test_hls_output_is_closed_and_its_segments_decode(tmp_path):
+    playlist = tmp_path / "hls" / "live.m3u8"
+    playlist.parent.mkdir()
+    with udp_source(3.0) as (url, _, _sent):
+        code = main([url, "-o", str(playlist), "--hls-time", "1", "--read-timeout", "1", *SLOW])
+    assert code == 0
+    lines = playlist.read_text().splitlines()
+    assert lines[0] == "#EXTM3U" and lines[-1] == "#EXT-X-ENDLIST"
+    segments = [line for line in lines if line and not line.startswith("#")]
+    assert len(segments) >= 2
+    frames = 0
+    for name in segments:
+        with av.open(str(playlist.parent / name)) as container:
+            frames += sum(1 for _ in container.decode(video=0))
+    assert frames > 2 * FPS
+    assert not [p for p in playlist.parent.iterdir() if ".tmp" in p.name]
+    # An existing playlist is not replaced without --overwrite.
+    clip = tmp_path / "in.ts"
+    send_mpegts(str(clip), 0.4, FPS, realtime=False)
+    assert main([str(clip), "-o", str(playlist), *SLOW]) == 2
+
+
+def test_standard_input_is_read_live(tmp_path):
+    source = tmp_path / "in.ts"
+    frames = send_mpegts(str(source), 2.0, FPS, realtime=False)
+    out, jsonl = tmp_path / "piped.mp4", tmp_path / "piped.jsonl"
+    with source.open("rb") as stdin:
+        done = subprocess.run(
+            [SCRIPT, "-", "-o", out, "--jsonl", jsonl, *SLOW],
+            stdin=stdin,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert done.returncode == 0, done.stderr
+    _, summary = records(jsonl)
+    assert summary["live"] and summary["frames_written"] == frames
+    assert probe(str(out)).frame_count == frames
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def _wait_for_records(path: Path, count: int, deadline: float) -> None:
+    """Wait until the run's jsonl (still under its temporary name) holds ``count`` records."""
+    while time.monotonic() < deadline:
+        for temporary in path.parent.glob(f".{path.name}.tmp-*"):
+            if len(temporary.read_text().splitlines()) >= count:
+                return
+        time.sleep(0.1)
+    raise AssertionError(f"fewer than {count} records in {path} in time")
+
+
+def test_sigint_finishes_the_output_and_memory_stays_flat(tmp_path):
+    out, jsonl = tmp_path / "stopped.mp4", tmp_path / "stopped.jsonl"
+    with udp_source(30.0) as (url, stop, _sent):
+        process = subprocess.Popen(
+            [SCRIPT, url, "-o", out, "--jsonl", jsonl, *SLOW],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            _wait_for_records(jsonl, 2, time.monotonic() + 90)
+            early = _rss_kib(process.pid)
+            _wait_for_records(jsonl, 6, time.monotonic() + 60)
+            late = _rss_kib(process.pid)
+            process.send_signal(signal.SIGINT)
+            _, err = process.communicate(timeout=60)
+        finally:
+            if process.poll() is None:
+                process.kill()
+        stop.set()
+    assert process.returncode == 0, err
+    assert late - early < 40 * 1024, (early, late)  # no growth with the stream's length
+    _, summary = records(jsonl)
+    assert summary["stopped_by"] == "signal"
+    assert probe(str(out)).frame_count == summary["frames_written"] > FPS
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stopped.jsonl", "stopped.mp4"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--input-option", "novalue"], "KEY=VALUE"),
+        (["--read-timeout", "0"], "--read-timeout"),
+        (["--duration", "-1"], "--duration"),
+        (["--hls-time", "0"], "--hls-time"),
+        (["-o", "ftp://127.0.0.1/x.ts"], "cannot stream to"),
+        (["--input-format", "nosuchformat"], "cannot read"),
+    ],
+)
+def test_bad_live_options_are_one_line_errors(tmp_path, capsys, monkeypatch, args, message):
+    clip = tmp_path / "in.ts"
+    send_mpegts(str(clip), 0.4, FPS, realtime=False)
+    monkeypatch.chdir(tmp_path)
+    assert main([str(clip), *args, *SLOW]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.ts"]
