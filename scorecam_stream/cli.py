@@ -239,12 +239,19 @@ def main(argv: list[str] | None = None) -> int:
             bar.close()
         if not config.quiet:
             rate = summary.frames / summary.seconds if summary.seconds else 0.0
-            print(
+            line = (
                 f"{PROG}: wrote {summary.output} ({summary.frames} frames, "
                 f"{summary.explained} explained, target {summary.target}) in "
-                f"{summary.seconds:.1f} s, {rate:.2f} frames/s",
-                file=sys.stderr,
+                f"{summary.seconds:.1f} s, {rate:.2f} frames/s"
             )
+            if summary.live and summary.latency_p50_ms is not None:
+                line += (
+                    f"; live, latency p50 {summary.latency_p50_ms:.0f} ms, "
+                    f"p95 {summary.latency_p95_ms:.0f} ms"
+                )
+            if summary.stopped_by:
+                line += f"; stopped by {summary.stopped_by}"
+            print(line, file=sys.stderr)
         return 0
     except ScoreCamError as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)

@@ -14,6 +14,7 @@ the outputs are finished and kept.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import threading
 import time
@@ -56,6 +57,7 @@ class LiveSource:
     than ``backlog`` frames behind, the oldest are dropped, with a warning); the newest one is
     kept for :meth:`newest_after` (for the explainer). ``duration`` stops after that many
     seconds of source; ``read_timeout`` ends the source when no frame came for that long.
+    ``pace``: hand frames over no faster than their timestamps (a file played as if live).
     """
 
     def __init__(
@@ -64,8 +66,10 @@ class LiveSource:
         backlog: int,
         read_timeout: float | None,
         duration: float | None = None,
+        pace: bool = False,
     ) -> None:
         self._frames = frames
+        self._pace = pace
         self._backlog = backlog
         self._read_timeout = read_timeout
         self._duration = duration
@@ -84,6 +88,7 @@ class LiveSource:
 
     def _run(self) -> None:
         first: float | None = None
+        began = time.monotonic()
         try:
             for frame in self._frames:
                 if first is None:
@@ -91,6 +96,9 @@ class LiveSource:
                 if self._duration is not None and frame.seconds - first >= self._duration:
                     self._end("duration")
                     return
+                if self._pace:
+                    time.sleep(max(0.0, began + frame.seconds - first - time.monotonic()))
+                    frame = dataclasses.replace(frame, arrival=time.monotonic())
                 with self._cond:
                     if self.stopped:
                         return
@@ -210,7 +218,9 @@ def run_live(
     w = config.window
     frames = reader.frames(start=w.start, end=w.end, max_frames=w.max_frames)
     # Reading starts before the model loads: the source does not wait, and neither do we.
-    source = LiveSource(frames, _backlog(reader.info), reader.read_timeout, w.duration)
+    source = LiveSource(
+        frames, _backlog(reader.info), reader.read_timeout, w.duration, pace=not reader.live
+    )
     stack.callback(_stop_reader, source, reader)
     explainer = make_explainer()
     stack.callback(explainer.close)
