@@ -23,10 +23,11 @@ from .video import write_image
 class MapsWriter:
     """Writes ``maps`` (N, [T,] S, S) float32, ``targets`` (N, [T]) and ``pts_seconds`` (N,)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, scratch: Path | None = None) -> None:
         self.path = path
-        # Closed by close()/abort(); deleted by the OS when closed.
-        self._raw: IO[bytes] = tempfile.TemporaryFile(dir=path.parent)  # noqa: SIM115
+        # Closed by close()/abort(); deleted by the OS when closed. In ``scratch`` (the
+        # output's own directory: the same disk, which has room for the maps).
+        self._raw: IO[bytes] = tempfile.TemporaryFile(dir=scratch or path.parent)  # noqa: SIM115
         self._shape: tuple[int, ...] | None = None
         self._targets: list[np.ndarray] = []
         self._seconds: list[float] = []
@@ -105,8 +106,12 @@ class PreviewSampler:
                 self._stride *= 2
         self._seen += 1
 
-    def write(self, path: Path) -> None:
-        """Write the contact sheet of ~count evenly spaced kept frames as PNG."""
+    def write(self, path: Path, name: str | None = None) -> None:
+        """Write the contact sheet of ~count evenly spaced kept frames as PNG (to ``path``).
+
+        ``name`` is the sheet's real name when ``path`` is a temporary (see atomic_output).
+        """
         step = max(1, len(self._kept) / self.count)
         chosen = [self._kept[int(i * step)] for i in range(min(self.count, len(self._kept)))]
-        write_image(str(path), preview_sheet(chosen, columns=4, tile_width=self.tile_width))
+        sheet = preview_sheet(chosen, columns=4, tile_width=self.tile_width)
+        write_image(str(path), sheet, name=name)

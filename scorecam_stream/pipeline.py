@@ -57,11 +57,13 @@ class Outputs:
     """Where one run writes: the claimed temporary paths and the side-output writers."""
 
     video: Path | str | None  # a temporary file, an HLS playlist or a stream URL; None: none
+    video_name: str  # the video output's real name (``video`` may be a temporary)
     image: bool  # the input is a still image: the output is one PNG/JPEG
     maps: MapsWriter | None
     records: RecordsWriter | None
     preview: PreviewSampler | None
     preview_path: Path | None
+    preview_name: str | None
 
     def abort(self) -> None:
         """Drop what was not finished."""
@@ -73,7 +75,7 @@ class Outputs:
         if self.maps is not None:
             self.maps.close()
         if self.preview is not None and self.preview_path is not None:
-            self.preview.write(self.preview_path)
+            self.preview.write(self.preview_path, self.preview_name)
 
 
 def default_output(input_path: str, is_image: bool) -> Path:
@@ -142,11 +144,15 @@ def run(
             raise ScoreCamError(f"output {target} exists; pass --overwrite")
         outputs = Outputs(
             video=claimed.get("video", None if kind == "file" else target),
+            video_name=target,
             image=info.is_image,
-            maps=MapsWriter(claimed["maps"]) if "maps" in claimed else None,
+            maps=(
+                MapsWriter(claimed["maps"], Path(out.save_maps).parent) if out.save_maps else None
+            ),
             records=RecordsWriter(claimed["jsonl"]) if "jsonl" in claimed else None,
             preview=PreviewSampler() if "preview" in claimed else None,
             preview_path=claimed.get("preview"),
+            preview_name=out.preview,
         )
         if outputs.records is not None:
             stack.callback(outputs.records.close)
@@ -288,7 +294,7 @@ def render_options(config: Config) -> RenderOptions:
 
 
 def open_writer(
-    config: Config, reader: video.VideoReader, path: Path | str
+    config: Config, reader: video.VideoReader, path: Path | str, name: str
 ) -> Callable[[np.ndarray], video.VideoWriter]:
     """Return a function that opens the video writer for the first rendered image."""
     info, w, out = reader.info, config.window, config.output
@@ -312,6 +318,7 @@ def open_writer(
             time_offset=w.start or 0.0,
             hls_time=out.hls_time,
             hls_list_size=out.hls_list_size,
+            name=name,
         )
 
     return opener
@@ -324,12 +331,12 @@ def make_encoder(
     outputs: Outputs,
 ) -> Encoder:
     """Return the render -> encode thread of a run, writing to ``outputs.video``."""
-    path = outputs.video
+    path, name = outputs.video, outputs.video_name
     return Encoder(
         items,
         render_options(config),
-        open_writer(config, reader, path) if path is not None and not outputs.image else None,
-        image_path=Path(path) if path is not None and outputs.image else None,
+        open_writer(config, reader, path, name) if path is not None and not outputs.image else None,
+        image=(Path(path), name) if path is not None and outputs.image else None,
         preview=outputs.preview,
     )
 

@@ -109,7 +109,7 @@ class Encoder:
     """Renders and encodes, in a thread, the :class:`DrawItem` s of an iterable, in order.
 
     ``open_writer(image)`` opens the video writer at the first rendered image (its size is
-    known then); with ``image_path`` the single frame is written as a still image instead.
+    known then); with ``image`` (path, name) the frame is written as a still image instead.
     :meth:`finish` waits, muxes the trailing audio, closes the output and raises the thread's
     error; :meth:`abort` stops without flushing.
     """
@@ -119,7 +119,7 @@ class Encoder:
         items: Iterable[DrawItem],
         options: RenderOptions,
         open_writer: Callable[[np.ndarray], VideoWriter] | None,
-        image_path: Path | None = None,
+        image: tuple[Path, str] | None = None,
         preview: PreviewSampler | None = None,
     ) -> None:
         self._items = items
@@ -128,7 +128,7 @@ class Encoder:
             layout=options.layout, colormap=options.colormap, alpha=0.0, colorbar=False
         )
         self._open_writer = open_writer
-        self._image_path = image_path
+        self._image = image  # (path to write, real name) of a still image output
         self._preview = preview
         self._writer: VideoWriter | None = None
         self._error: BaseException | None = None
@@ -158,8 +158,8 @@ class Encoder:
         if self._preview is not None:
             self._preview.offer(image)
         self.frames += 1
-        if self._image_path is not None:
-            write_image(str(self._image_path), image)
+        if self._image is not None:
+            write_image(str(self._image[0]), image, name=self._image[1])
             return
         if self._open_writer is None:
             return

@@ -95,7 +95,13 @@ def make_sample_video(
             av.open(str(tone)) as sound,
             atomic_output(path, overwrite) as temporary,
             VideoWriter(
-                str(temporary), width, height, time_base, fps, audio=sound.streams.audio[0]
+                str(temporary),
+                width,
+                height,
+                time_base,
+                fps,
+                audio=sound.streams.audio[0],
+                name=str(path),
             ) as out,
         ):
             for index, image in enumerate(pan_zoom_frames(count, width, height)):

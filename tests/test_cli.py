@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import subprocess
 import sys
+import time
 from fractions import Fraction
 from pathlib import Path
 
@@ -348,3 +350,29 @@ def test_console_script(clip, tmp_path):
     assert probe(str(out)).frame_count == 2
     bad = subprocess.run([script, str(tmp_path / "missing.mp4")], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1
+
+
+def test_a_killed_run_leaves_no_file_behind(tmp_path):
+    """SIGKILL (the OOM killer, Ray ending its driver): no clean-up runs, and nothing is left."""
+    clip = tmp_path / "long.mp4"
+    make_clip(clip, count=96)
+    script = Path(sys.executable).parent / "scorecam-video"
+    outputs = ["-o", "o.mp4", "--save-maps", "m.npz", "--jsonl", "r.jsonl", "--preview", "p.png"]
+    run = subprocess.Popen([script, clip.name, *outputs, *FAST], cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and run.poll() is None:
+            fds = Path(f"/proc/{run.pid}/fd")
+            with contextlib.suppress(OSError):
+                targets = [os.readlink(fd) for fd in fds.iterdir()]
+                if sum(t.startswith(str(tmp_path)) and "deleted" in t for t in targets) >= 3:
+                    break  # the outputs are open, unnamed
+            time.sleep(0.05)
+        time.sleep(2)  # mid-run: frames are being written
+        assert run.poll() is None, "the run ended before it could be killed"
+        run.kill()
+        run.wait(timeout=30)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["long.mp4"]

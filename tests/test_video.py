@@ -332,12 +332,28 @@ def test_garbage_in_the_middle_is_skipped_with_a_warning(
 def test_atomic_output_moves_the_result_into_place(tmp_path: Path) -> None:
     target = tmp_path / "out.mp4"
     with atomic_output(target, overwrite=False) as temporary:
-        assert temporary.parent == tmp_path and temporary.suffix == ".mp4"
-        assert temporary.name.startswith(".out.mp4.tmp-")
         temporary.write_bytes(b"video")
-        assert not target.exists()
+        # Linux: the file being written has no name at all, so nothing can be left behind.
+        assert os.listdir(tmp_path) == []
     assert target.read_bytes() == b"video"
     assert os.listdir(tmp_path) == ["out.mp4"]
+
+
+def test_atomic_output_without_unnamed_files_sweeps_what_dead_runs_left(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delattr(os, "O_TMPFILE")  # as on a system without it
+    target = tmp_path / "out.mp4"
+    stale = tmp_path / ".out.mp4.tmp-999999999-abc.mp4"  # no such pid
+    alive = tmp_path / f".out.mp4.tmp-{os.getpid()}-abc.mp4"  # a live run's: kept
+    stale.write_bytes(b"left by a killed run")
+    alive.write_bytes(b"being written")
+    with atomic_output(target, overwrite=False) as temporary:
+        assert temporary.parent == tmp_path and temporary.suffix == ".mp4"
+        assert temporary.name.startswith(f".out.mp4.tmp-{os.getpid()}-")
+        temporary.write_bytes(b"video")
+    assert target.read_bytes() == b"video"
+    assert sorted(os.listdir(tmp_path)) == sorted([alive.name, "out.mp4"])
 
 
 @pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
@@ -355,7 +371,7 @@ def test_atomic_output_failure_keeps_the_existing_file(tmp_path: Path) -> None:
     with (
         pytest.raises(ScoreCamError, match="model failed"),
         atomic_output(target, overwrite=True) as temporary,
-        VideoWriter(str(temporary), W, H, Fraction(1, FPS), FPS) as writer,
+        VideoWriter(str(temporary), W, H, Fraction(1, FPS), FPS, name=str(target)) as writer,
     ):
         writer.write(picture(0), 0, Fraction(1, FPS))
         raise ScoreCamError("model failed")
@@ -372,7 +388,7 @@ def test_atomic_output_overwrite_rules(tmp_path: Path) -> None:
     ):
         pass
     with atomic_output(target, overwrite=True) as temporary:
-        write_image(str(temporary), picture(0))
+        write_image(str(temporary), picture(0), name=str(target))
     assert target.read_bytes()[:4] == b"\x89PNG"
     with (
         pytest.raises(ScoreCamError, match="does not exist"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import stat
 import tempfile
@@ -22,9 +23,12 @@ IMAGE_CODECS = {
 }
 
 
-def write_image(path: str, image: np.ndarray) -> None:
-    """Write a (H, W, 3) uint8 RGB picture as PNG or JPEG, chosen by the extension."""
-    codec = IMAGE_CODECS.get(Path(path).suffix.lower())
+def write_image(path: str, image: np.ndarray, name: str | None = None) -> None:
+    """Write a (H, W, 3) uint8 RGB picture as PNG or JPEG, chosen by ``name``'s extension.
+
+    ``name`` defaults to ``path`` (see :func:`atomic_output` for why they may differ).
+    """
+    codec = IMAGE_CODECS.get(Path(name or path).suffix.lower())
     if codec is None:
         raise ScoreCamError(
             f"cannot write {path}: an image output must end with one of {', '.join(IMAGE_CODECS)}"
@@ -50,12 +54,53 @@ def _default_file_mode() -> int:
     return 0o666 & ~umask
 
 
+def _unnamed_file(directory: Path) -> int | None:
+    """Return a file descriptor of a new file in ``directory`` with no name, or None.
+
+    Linux's O_TMPFILE: the file exists only while the descriptor is open, so a process that is
+    killed (SIGKILL, the OOM killer, Ray ending its driver) leaves nothing behind.
+    """
+    flag = getattr(os, "O_TMPFILE", None)
+    if flag is None or not Path("/proc/self/fd").is_dir():
+        return None
+    try:
+        return os.open(directory, flag | os.O_RDWR, 0o600)
+    except OSError:  # a filesystem without O_TMPFILE support
+        return None
+
+
+def _link_unnamed(proc_path: Path, name: Path) -> None:
+    """Give the unnamed file at ``/proc/self/fd/N`` the name ``name`` (it must not exist)."""
+    # linkat(AT_FDCWD, "/proc/self/fd/N", AT_FDCWD, name, AT_SYMLINK_FOLLOW) needs no
+    # privilege; os.link would link the /proc entry itself (a cross-device link).
+    libc = ctypes.CDLL(None, use_errno=True)
+    at_fdcwd, at_symlink_follow = -100, 0x400
+    if libc.linkat(
+        at_fdcwd, os.fsencode(proc_path), at_fdcwd, os.fsencode(name), at_symlink_follow
+    ):
+        errno = ctypes.get_errno()
+        raise OSError(errno, os.strerror(errno))
+
+
+def _sweep_stale(directory: Path, name: str) -> None:
+    """Delete the named temporaries of ``name`` left by processes of ours that died."""
+    for stale in directory.glob(f".{name}.tmp-*"):
+        pid = stale.name.removeprefix(f".{name}.tmp-").split("-")[0]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            with contextlib.suppress(OSError):
+                stale.unlink()
+
+
 @contextlib.contextmanager
 def atomic_output(path: str | Path, overwrite: bool) -> Iterator[Path]:
-    """Yield a temporary path beside ``path`` (same extension) that replaces ``path`` on success.
+    """Yield a path to write ``path``'s content to; it becomes ``path`` only on success.
 
-    On any exception (KeyboardInterrupt included) the temporary file is deleted and an
-    existing file at ``path`` is left untouched.
+    On Linux the yielded path (``/proc/self/fd/N``) is a file with no name in ``path``'s
+    directory, linked into place at the end: even a killed process leaves no file behind.
+    Elsewhere it is a hidden temporary beside ``path``, deleted on any exception; such files
+    left by a killed run are swept by the next run. The yielded path has no meaningful
+    extension: writers that choose a format by it are given ``path`` too. An existing file at
+    ``path`` is left untouched unless the run succeeds.
     """
     target = Path(path)
     if target.is_dir():
@@ -67,24 +112,37 @@ def atomic_output(path: str | Path, overwrite: bool) -> Iterator[Path]:
         raise ScoreCamError(f"output directory {parent} does not exist")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise ScoreCamError(f"output directory {parent} is not writable")
-    try:
-        fd, name = tempfile.mkstemp(prefix=f".{target.name}.tmp-", suffix=target.suffix, dir=parent)
-    except OSError as exc:
-        raise ScoreCamError(f"cannot create a file in {parent}: {reason(exc)}") from exc
-    os.close(fd)
-    temporary = Path(name)
+    fd = _unnamed_file(parent)
+    prefix = f".{target.name}.tmp-{os.getpid()}-"
+    if fd is None:
+        _sweep_stale(parent, target.name)
+        try:
+            fd, name = tempfile.mkstemp(prefix=prefix, suffix=target.suffix, dir=parent)
+        except OSError as exc:
+            raise ScoreCamError(f"cannot create a file in {parent}: {reason(exc)}") from exc
+        temporary, named = Path(name), True
+    else:
+        temporary, named = Path(f"/proc/self/fd/{fd}"), False
+    linked: Path | None = None
     try:
         yield temporary
-        if not temporary.is_file() or temporary.stat().st_size == 0:
+        if os.fstat(fd).st_size == 0:
             raise ScoreCamError(f"nothing was written for {target}")
         try:
-            existing = target.exists()
-            os.chmod(
-                temporary, stat.S_IMODE(target.stat().st_mode) if existing else _default_file_mode()
-            )
-            os.replace(temporary, target)
+            mode = stat.S_IMODE(target.stat().st_mode) if target.exists() else _default_file_mode()
+            os.fchmod(fd, mode)
+            if not named:  # give it a name beside the target (an instant), then replace
+                linked = Path(tempfile.mktemp(prefix=prefix, suffix=target.suffix, dir=parent))
+                _link_unnamed(temporary, linked)
+            os.replace(linked or temporary, target)
+            linked = None
         except OSError as exc:
             raise ScoreCamError(f"cannot move the output into {target}: {reason(exc)}") from exc
     except BaseException:
-        temporary.unlink(missing_ok=True)
+        if named:
+            temporary.unlink(missing_ok=True)
         raise
+    finally:
+        os.close(fd)
+        if linked is not None:
+            linked.unlink(missing_ok=True)

@@ -58,10 +58,10 @@ def _as_rate(fps: float) -> Fraction:
 
 
 def _open_output(
-    target: str, kind: str, hls_time: float, hls_list_size: int
+    target: str, name: str, kind: str, hls_time: float, hls_list_size: int
 ) -> av.container.OutputContainer:
     if kind == "file":
-        fmt = OUTPUT_FORMATS[Path(target).suffix.lower()]
+        fmt = OUTPUT_FORMATS[Path(name).suffix.lower()]
         options = {"movflags": "+faststart"} if fmt in ("mp4", "mov") else {}
         return av.open(target, "w", format=fmt, container_options=options)
     if kind == "hls":
@@ -111,8 +111,11 @@ class VideoWriter:
         time_offset: float = 0.0,
         hls_time: float = 2.0,
         hls_list_size: int = 6,
+        name: str | None = None,
     ) -> None:
-        self.kind = output_kind(str(path))
+        # ``name``: the output's real name when ``path`` is a temporary (see atomic_output).
+        self.name = str(name or path)
+        self.kind = output_kind(self.name)
         if width <= 0 or height <= 0:
             raise ScoreCamError(f"invalid output size {width}x{height}")
         if not fps > 0:
@@ -132,7 +135,7 @@ class VideoWriter:
         self._paced_from: tuple[float, float] | None = None  # (wall clock, seconds) of frame 0
         self._audio: AudioTrack | None = None
         try:
-            self._output = _open_output(self.path, self.kind, hls_time, hls_list_size)
+            self._output = _open_output(self.path, self.name, self.kind, hls_time, hls_list_size)
         except (av.FFmpegError, OSError) as exc:
             raise ScoreCamError(f"cannot write {path}: {reason(exc)}") from exc
         # B-frames are off: with them, a variable-rate mp4 gets a track duration shorter than
@@ -180,7 +183,7 @@ class VideoWriter:
             out = pts - self._offset_units
         if self._last_pts is not None and out <= self._last_pts:
             if not self._warned_pts:
-                log.warning("%s: timestamps not increasing at pts %d; nudging them", self.path, out)
+                log.warning("%s: timestamps not increasing at pts %d; nudging them", self.name, out)
                 self._warned_pts = True
             out = self._last_pts + 1
         return out
@@ -225,7 +228,7 @@ class VideoWriter:
             if self._audio is not None:
                 self._audio.add(audio)
         except (av.FFmpegError, OSError) as exc:
-            raise ScoreCamError(f"cannot write {self.path}: {reason(exc)}") from exc
+            raise ScoreCamError(f"cannot write {self.name}: {reason(exc)}") from exc
         self._last_pts = out_pts
         self._frames += 1
 
@@ -235,7 +238,7 @@ class VideoWriter:
             try:
                 self._audio.add(packets)
             except (av.FFmpegError, OSError) as exc:
-                raise ScoreCamError(f"cannot write {self.path}: {reason(exc)}") from exc
+                raise ScoreCamError(f"cannot write {self.name}: {reason(exc)}") from exc
 
     def close(self) -> None:
         """Flush the encoder and the audio, and close the output."""
@@ -243,7 +246,7 @@ class VideoWriter:
             return
         if self._frames == 0:
             self.abort()
-            raise ScoreCamError(f"no frames to write to {self.path} (empty input or time window?)")
+            raise ScoreCamError(f"no frames to write to {self.name} (empty input or time window?)")
         try:
             self._output.mux(self._stream.encode(None))
             if self._audio is not None:
@@ -252,7 +255,7 @@ class VideoWriter:
             self._output.close()  # writes the index (mp4) or the playlist's end tag (HLS)
         except (av.FFmpegError, OSError) as exc:
             self.abort()
-            raise ScoreCamError(f"cannot write {self.path}: {reason(exc)}") from exc
+            raise ScoreCamError(f"cannot write {self.name}: {reason(exc)}") from exc
 
     def abort(self) -> None:
         """Close without flushing; the caller discards a file output."""
@@ -260,4 +263,4 @@ class VideoWriter:
         try:
             self._output.close()
         except (av.FFmpegError, OSError) as exc:
-            log.debug("ignoring an error while closing %s: %s", self.path, exc)
+            log.debug("ignoring an error while closing %s: %s", self.name, exc)
