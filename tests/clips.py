@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from fractions import Fraction
 from pathlib import Path
 
@@ -153,3 +154,36 @@ def send_mpegts(
             sent += 1
         output.mux(stream.encode(None))
     return sent
+
+
+def unnamed_outputs(pid: int, directory: Path) -> list[Path]:
+    """Return ``/proc/PID/fd/N`` of the unnamed files process ``pid`` writes in ``directory``.
+
+    A run's outputs have no name until it succeeds (O_TMPFILE); this is how a test reads
+    them mid-run.
+    """
+    found = []
+    fds = Path(f"/proc/{pid}/fd")
+    try:
+        for fd in fds.iterdir():
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith(f"{directory}/") and target.endswith("(deleted)"):
+                found.append(fd)
+    except OSError:  # the process has ended
+        return []
+    return found
+
+
+def jsonl_lines_written(pid: int, directory: Path) -> int:
+    """Return how many JSON lines process ``pid`` wrote to an unnamed file in ``directory``."""
+    for fd in unnamed_outputs(pid, directory):
+        try:
+            data = fd.read_bytes()
+        except OSError:
+            continue
+        if data.startswith(b'{"'):
+            return data.count(b"\n")
+    return 0

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -16,7 +15,17 @@ import av
 import numpy as np
 import pytest
 import torch
-from clips import FAST, FPS, REPO, H, W, audio_span, make_clip, read_timing
+from clips import (
+    FAST,
+    FPS,
+    REPO,
+    H,
+    W,
+    audio_span,
+    jsonl_lines_written,
+    make_clip,
+    read_timing,
+)
 
 from scorecam_stream import ScoreCAM, load_model
 from scorecam_stream import stages as stages_module
@@ -362,13 +371,9 @@ def test_a_killed_run_leaves_no_file_behind(tmp_path):
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and run.poll() is None:
-            fds = Path(f"/proc/{run.pid}/fd")
-            with contextlib.suppress(OSError):
-                targets = [os.readlink(fd) for fd in fds.iterdir()]
-                if sum(t.startswith(str(tmp_path)) and "deleted" in t for t in targets) >= 3:
-                    break  # the outputs are open, unnamed
+            if jsonl_lines_written(run.pid, tmp_path):
+                break  # mid-run: a frame is done, its record is in the still unnamed jsonl
             time.sleep(0.05)
-        time.sleep(2)  # mid-run: frames are being written
         assert run.poll() is None, "the run ended before it could be killed"
         run.kill()
         run.wait(timeout=30)

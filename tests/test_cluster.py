@@ -27,7 +27,7 @@ import av
 import numpy as np
 import pytest
 import ray
-from clips import FAST, REPO, make_clip
+from clips import FAST, REPO, jsonl_lines_written, make_clip
 
 from scorecam_stream.cli import main
 from scorecam_stream.video import probe
@@ -248,9 +248,9 @@ def test_signal_mid_run_stops_everything_and_writes_nothing(clip, tmp_path, sign
         start_new_session=True,  # its session holds it and the Ray instance it starts
     )
     try:
-        # Mid-run: the first record is out (in the temporary file), the last one is not.
+        # Mid-run: the first record is out (in the still unnamed file), the last one is not.
         deadline = time.monotonic() + 120
-        while not any(p.stat().st_size for p in tmp_path.glob(".records.jsonl.tmp-*")):
+        while not jsonl_lines_written(process.pid, tmp_path):
             assert process.poll() is None, process.communicate()
             assert time.monotonic() < deadline, "no frame was explained in 120 s"
             time.sleep(0.2)
