@@ -25,6 +25,7 @@ import heapq
 import itertools
 import logging
 import os
+import select
 import signal
 import socket
 import threading
@@ -358,7 +359,34 @@ class RayExplainer:
             with _keep_sigterm_handler():
                 ray.init(address="local", num_cpus=cpus, include_dashboard=False, **quiet)
             log.info("started a local Ray instance with %d CPUs", cpus)
+            self._watch_local_raylet()
         self._owns_ray = True  # a connection is only ended by ray.shutdown, never the cluster
+
+    def _watch_local_raylet(self) -> None:
+        """Say in one line when the local instance's raylet dies (e.g. the OOM killer).
+
+        Ray then ends this process itself, from a C++ thread, with only its own messages and
+        no Python clean-up (the outputs, having no name yet, vanish with it). A thread woken
+        by the raylet's pidfd gets the line out first.
+        """
+        try:
+            node = ray._private.worker.global_worker.node
+            pid = node.all_processes["raylet"][0].process.pid
+            pidfd = os.pidfd_open(pid)
+        except (AttributeError, KeyError, IndexError, OSError) as err:  # private API, Linux only
+            log.debug("not watching the local raylet: %s", err)
+            return
+
+        def watch() -> None:
+            select.select([pidfd], [], [])
+            if not self._closed:
+                log.error(
+                    "the local Ray instance was lost (its raylet, pid %d, died); no output written",
+                    pid,
+                )
+            os.close(pidfd)
+
+        threading.Thread(target=watch, daemon=True, name="raylet-watch").start()
 
     def _start_workers(self, worker_cls: type[Worker]) -> None:
         n = self.num_workers

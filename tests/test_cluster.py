@@ -268,3 +268,45 @@ def test_signal_mid_run_stops_everything_and_writes_nothing(clip, tmp_path, sign
     while session_pids(process.pid) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert session_pids(process.pid) == []  # no Ray process left behind
+
+
+def test_local_ray_instance_lost_mid_run_leaves_nothing(clip, tmp_path):
+    """The local raylet killed (as the OOM killer would): Ray ends this process; no file stays."""
+    out, records = tmp_path / "out.mp4", tmp_path / "records.jsonl"
+    args = [str(clip), "-o", str(out), "--jsonl", str(records), "--save-maps", "m.npz"]
+    args += ["--model", "efficientnet_lite0", "--input-size", "128", "--workers", "1"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    process = subprocess.Popen(
+        [str(BIN / "scorecam-video"), *args],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not jsonl_lines_written(process.pid, tmp_path):
+            assert process.poll() is None, process.communicate()
+            assert time.monotonic() < deadline, "no frame was explained in 120 s"
+            time.sleep(0.2)
+        raylets = [
+            pid
+            for pid in session_pids(process.pid)
+            if "raylet" in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+        ]
+        assert raylets
+        for pid in raylets:
+            os.kill(pid, signal.SIGKILL)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+        for pid in session_pids(process.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    assert process.returncode != 0, stderr
+    ours = [line for line in stderr.splitlines() if line.startswith("scorecam-video: ERROR")]
+    assert ours == [ours[0]] and "local Ray instance was lost" in ours[0], stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
