@@ -381,3 +381,23 @@ def test_a_killed_run_leaves_no_file_behind(tmp_path):
         if run.poll() is None:
             run.kill()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["long.mp4"]
+
+
+@pytest.mark.parametrize("target", ["top1", "dominant"])
+def test_the_input_is_opened_once(clip, tmp_path, monkeypatch, target):
+    """Info, frames and audio come from one session (a live source has no second chance)."""
+    opened: list[str] = []
+    real_open = av.open
+
+    def counting_open(file, mode="r", *args, **kwargs):
+        if mode == "r":
+            opened.append(str(file))
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(av, "open", counting_open)
+    out = tmp_path / "once.mp4"
+    assert run_cli(clip, "-o", out, "--target", target, *FAST) == 0
+    assert opened == [str(clip)]
+    monkeypatch.undo()
+    assert probe(str(out)).has_audio
+    assert audio_span(out)[2] == pytest.approx(audio_span(clip)[2], abs=0.05)
