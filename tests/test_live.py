@@ -20,11 +20,13 @@ from fractions import Fraction
 from pathlib import Path
 
 import av
+import numpy as np
 import pytest
 from clips import free_udp_port, jsonl_lines_written, send_mpegts
 
 from scorecam_stream.cli import main
-from scorecam_stream.video import probe
+from scorecam_stream.live import LiveSource
+from scorecam_stream.video import Frame, probe
 
 FPS = 25
 # EfficientNet-Lite0 at 64 px with 48 channels' passes: several frame intervals per map here.
@@ -276,3 +278,50 @@ def test_a_receiver_that_goes_away_is_one_line_and_exit_2(tmp_path):
     _, err = writer.communicate(timeout=60)
     assert writer.returncode == 2
     assert err.decode().count("\n") == 1 and "cannot write -" in err.decode()
+
+
+# --- the live source alone: hand-over rules, without video or model ----------------------------
+
+
+def _frames(count: int, step: float = 0.04, block_after: threading.Event | None = None):
+    """Yield ``count`` tiny frames ``step`` seconds apart in stream time (as fast as asked)."""
+    for i in range(count):
+        image = np.zeros((2, 2, 3), np.uint8)
+        yield Frame(i, image, i, Fraction(1, 25), i * step, (), time.monotonic())
+    if block_after is not None:
+        block_after.wait()  # a source that stops sending without closing
+
+
+def _drain_when_ended(source: LiveSource, timeout: float = 10.0) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while not source.ended and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return [f.index for f in source.output_frames()]
+
+
+def test_live_source_hands_the_newest_frame_to_the_explainer_and_every_frame_to_the_output():
+    source = LiveSource(_frames(10), backlog=100, read_timeout=None)
+    written = _drain_when_ended(source)
+    assert written == list(range(10)) and source.frames_in == 10 and source.dropped == 0
+    newest = source.newest_after(0)
+    assert newest is not None and newest.index == 9  # the newest, never an older one
+    assert source.newest_after(10) is None  # ended: nothing newer will come
+
+
+def test_live_source_drops_the_oldest_output_frames_past_its_backlog():
+    source = LiveSource(_frames(10), backlog=3, read_timeout=None)
+    assert _drain_when_ended(source) == [7, 8, 9]
+    assert source.dropped == 7
+
+
+def test_live_source_duration_and_stall():
+    source = LiveSource(_frames(50, step=0.1), backlog=100, read_timeout=None, duration=1.0)
+    assert _drain_when_ended(source) == list(range(10))
+    assert source.end_reason == "duration"
+    release = threading.Event()
+    stalled = LiveSource(_frames(3, block_after=release), backlog=100, read_timeout=0.2)
+    try:
+        assert list(f.index for f in stalled.output_frames()) == [0, 1, 2]  # ends by itself
+        assert stalled.end_reason == "read timeout"
+    finally:
+        release.set()
