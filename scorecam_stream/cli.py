@@ -89,6 +89,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--preview", help="write a contact sheet of ~8 frames to FILE.png")
     g.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     g.add_argument("--quiet", action="store_true", help="no progress bar, errors only")
+    g = p.add_argument_group("faithfulness metrics")
+    g.add_argument(
+        "--metrics",
+        action="store_true",
+        help="score each map: Average Drop/Increase, insertion/deletion; table at the end",
+    )
+    g.add_argument("--baseline", help="gradcam: also its maps and metrics, side by side")
+    g.add_argument("--metric-steps", type=int, help="insertion/deletion steps (default 28)")
     g = p.add_argument_group("distributed (Ray)")
     g.add_argument("--gpus", type=int, help="N Ray workers, one GPU each")
     g.add_argument("--workers", type=int, help="N Ray workers on CPU")
@@ -212,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"{summary.seconds:.1f} s, {rate:.2f} frames/s",
                 file=sys.stderr,
             )
+        if summary.metrics_table:
+            print(summary.metrics_table)  # asked-for results: stdout, even with --quiet
         return 0
     except ScoreCamError as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)

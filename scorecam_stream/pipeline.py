@@ -24,6 +24,7 @@ import torch
 from . import video
 from .config import Config
 from .errors import ScoreCamError
+from .evaluation import Evaluator, format_table, make_evaluator
 from .models import preprocess_frame
 from .outputs import MapsWriter, PreviewSampler, RecordsWriter
 from .render import MapScaler, RenderOptions, render_frame
@@ -44,6 +45,8 @@ class RunSummary:
     explained: int  # frames whose map was computed (the others reuse one, --every)
     seconds: float  # wall time of the whole run
     target: str  # the target policy, or the class explained in every frame
+    metrics: dict[str, Any] | None = None  # --metrics: each method's means (evaluation.py)
+    metrics_table: str | None = None  # the same as a text table
 
 
 def default_output(input_path: str, is_image: bool) -> Path:
@@ -96,7 +99,9 @@ def run(
         explainer = explainer_factory(config)
         stack.callback(explainer.close)
         target, fixed = _resolve_target(config, info, explainer)
-        frames, explained = _process(config, info, explainer, fixed, paths, progress)
+        evaluator = make_evaluator(config, explainer)
+        frames, explained = _process(config, info, explainer, fixed, paths, progress, evaluator)
+    metrics = evaluator.summary() if evaluator is not None else None
     log.info("wrote %s: %d frames (%d explained)", output, frames, explained)
     return RunSummary(
         output=output,
@@ -104,6 +109,8 @@ def run(
         explained=explained,
         seconds=time.perf_counter() - began,
         target=target,
+        metrics=metrics,
+        metrics_table=format_table(metrics) if metrics else None,
     )
 
 
@@ -193,6 +200,7 @@ def _process(
     fixed: tuple[int, ...] | None,
     paths: dict[str, Path],
     progress: Progress | None,
+    evaluator: Evaluator | None = None,
 ) -> tuple[int, int]:
     """Run decode -> explain -> render -> encode; return (frames written, frames explained)."""
     meta = explainer.meta
@@ -218,6 +226,7 @@ def _process(
     smoothed: np.ndarray | None = None
     latest: FrameResult | None = None
     heat: np.ndarray | None = None
+    scores: dict[str, Any] = {}  # --metrics: the latest explained frame's record fields
     done = explained = 0
     try:
         for frame, result in explainer.explain(tasks()):
@@ -231,15 +240,21 @@ def _process(
                     maps = result.maps if config.explain.topk > 1 else result.maps[0]
                     targets = result.targets if config.explain.topk > 1 else result.targets[0]
                     maps_out.add(maps, targets, frame.seconds)
+                if evaluator is not None:
+                    scores = evaluator.evaluate(_model_input(frame.image, meta), result)
             assert latest is not None and heat is not None  # frame 0 is always explained
             label = _label(meta, latest, frame, reused=result is None)
             if records is not None:
-                records.add(_record(meta, latest, frame, reused=result is None))
+                records.add({**_record(meta, latest, frame, reused=result is None), **scores})
             encoder.put(frame, heat, label)
             done += 1
             if progress is not None:
                 progress(done, total)
         encoder.finish()
+        if records is not None and evaluator is not None:
+            # The last line; the same {"summary": {...}} line as the live mode's.
+            summary = {"frames": done, "explained": explained, **evaluator.summary()}
+            records.add({"summary": summary})
         if maps_out is not None:
             maps_out.close()
         if preview is not None:

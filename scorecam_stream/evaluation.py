@@ -1,0 +1,185 @@
+"""Faithfulness of a run's maps, frame by frame: the ``--metrics`` / ``--baseline`` stage.
+
+:class:`Evaluator` scores each explained frame's map (the first target's) with the metrics of
+:mod:`scorecam_stream.metrics` and, with a baseline, computes the baseline's map for the same
+frame and target and scores it too. Running means are kept, not the maps, so memory stays flat
+for any video length; stability compares each map with the previous explained frame's.
+
+The metric passes (2 x steps + 4 forwards per frame and method) run on this process's model:
+the local worker's replica, or, with Ray workers, a copy loaded here for them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .config import Config
+from .gradcam import GradCAM
+from .metrics import average_drop_increase, insertion_deletion, stability
+from .models import load_model
+from .workers import Explainer, FrameResult, LocalExplainer
+
+log = logging.getLogger(__name__)
+
+BASELINES = ("gradcam",)
+METRIC_KEYS = ("average_drop", "increase", "insertion", "deletion")
+
+
+@dataclass
+class _Means:
+    """Running sums of one method's per-frame metrics and its consecutive-frame stability."""
+
+    frames: int = 0
+    sums: dict[str, float] = field(default_factory=lambda: dict.fromkeys(METRIC_KEYS, 0.0))
+    milliseconds: float = 0.0
+    pairs: int = 0
+    correlations: list[float] = field(default_factory=list)  # one float per pair: small
+    ious: list[float] = field(default_factory=list)
+    previous: tuple[torch.Tensor, int] | None = None
+
+    def add(self, fields: dict[str, float], map_: torch.Tensor, target: int, ms: float) -> None:
+        self.frames += 1
+        for key in METRIC_KEYS:
+            self.sums[key] += fields[key]
+        self.milliseconds += ms
+        if self.previous is not None:
+            pair = stability(
+                torch.stack([self.previous[0], map_]), torch.tensor([self.previous[1], target])
+            )
+            self.pairs += pair["pairs"]
+            if pair["correlation"] is not None:
+                self.correlations.append(pair["correlation"])
+            if pair["iou"] is not None:
+                self.ious.append(pair["iou"])
+        self.previous = (map_, target)
+
+    def summary(self) -> dict[str, Any]:
+        n = max(self.frames, 1)
+        means = {key: round(self.sums[key] / n, 6) for key in METRIC_KEYS}
+        return {
+            "frames": self.frames,
+            **means,
+            "ad_percent": round(100 * means["average_drop"], 3),  # the paper's AD
+            "ai_percent": round(100 * means["increase"], 3),  # the paper's AI
+            "stability_pairs": self.pairs,
+            "stability_correlation": _mean(self.correlations),
+            "stability_iou": _mean(self.ious),
+            "milliseconds_per_frame": round(self.milliseconds / n, 3),
+        }
+
+
+class Evaluator:
+    """Scores explained frames; ``evaluate`` gives a frame's record fields, ``summary`` the means.
+
+    ``steps``: insertion/deletion steps; ``batch_size``: metric passes per forward;
+    ``baseline``: None or ``"gradcam"``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layer: nn.Module,
+        steps: int = 28,
+        batch_size: int = 32,
+        baseline: str | None = None,
+    ) -> None:
+        if baseline is not None and baseline not in BASELINES:
+            raise ValueError(f"baseline must be one of {', '.join(BASELINES)}, got '{baseline}'")
+        self.model = model
+        self.steps = steps
+        self.batch_size = batch_size
+        self.baseline = baseline
+        self._gradcam = GradCAM(model, layer, batch_size=batch_size) if baseline else None
+        self._means = {"scorecam": _Means(), **({baseline: _Means()} if baseline else {})}
+
+    def evaluate(self, x: torch.Tensor, result: FrameResult) -> dict[str, Any]:
+        """Return the record fields of one explained frame (model input ``x`` (3, S, S)).
+
+        ``average_drop``, ``increase``, ``insertion``, ``deletion`` of its Score-CAM map (the
+        first target's), and with a baseline the same for the baseline's map under its name,
+        with the baseline's milliseconds.
+        """
+        target = int(result.targets[0])
+        map_ = torch.from_numpy(np.asarray(result.maps[0], dtype=np.float32))
+        fields = self._score(x[None], map_, target)
+        self._means["scorecam"].add(fields, map_, target, result.seconds * 1000)
+        if self._gradcam is None:
+            return fields
+        began = time.perf_counter()
+        base_map = self._gradcam(x[None], torch.tensor([target])).maps[0].cpu()
+        ms = (time.perf_counter() - began) * 1000
+        base_fields = self._score(x[None], base_map, target)
+        self._means[self.baseline].add(base_fields, base_map, target, ms)
+        return {**fields, self.baseline: {**base_fields, "milliseconds": round(ms, 3)}}
+
+    def summary(self) -> dict[str, dict[str, Any]]:
+        """Return each method's means, AD/AI x100, stability and ms per frame, by method name."""
+        return {name: means.summary() for name, means in self._means.items()}
+
+    def _score(self, x: torch.Tensor, map_: torch.Tensor, target: int) -> dict[str, float]:
+        targets = torch.tensor([target])
+        drop, increase = average_drop_increase(self.model, x, map_[None], targets, self.batch_size)
+        ins, dele = insertion_deletion(
+            self.model, x, map_[None], targets, self.steps, self.batch_size
+        )
+        values = {"average_drop": drop, "increase": increase, "insertion": ins, "deletion": dele}
+        return {key: round(float(v[0]), 6) for key, v in values.items()}
+
+
+def make_evaluator(config: Config, explainer: Explainer) -> Evaluator | None:
+    """Return the run's Evaluator, or None without ``--metrics``/``--baseline``.
+
+    In-process, it shares the local worker's model; otherwise it loads a copy here (on the
+    configured device when this machine has it, else on the CPU).
+    """
+    options = config.evaluation
+    if not options.enabled:
+        return None
+    if isinstance(explainer, LocalExplainer):
+        loaded = explainer.worker.loaded
+    else:
+        m = config.model
+        device = m.device
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            device = "cpu"
+        log.info("metric passes run on this process's copy of the model (%s)", device)
+        loaded = load_model(m.spec, m.layer, m.weights, device, m.input_size)
+    return Evaluator(
+        loaded.model,
+        loaded.layer,
+        steps=options.metric_steps,
+        batch_size=config.engine.batch_size,
+        baseline=options.baseline,
+    )
+
+
+def format_table(summary: dict[str, dict[str, Any]]) -> str:
+    """Return the methods' summaries as a text table (AD/AI x100 as in the paper)."""
+    head = (
+        f"{'method':<10} {'frames':>6} {'AD %':>7} {'AI %':>7} {'insertion':>9} "
+        f"{'deletion':>8} {'stab. r':>7} {'top10% IoU':>10} {'ms/frame':>9}"
+    )
+    lines = [head]
+    for name, s in summary.items():
+        lines.append(
+            f"{name:<10} {s['frames']:>6} {s['ad_percent']:>7.2f} {s['ai_percent']:>7.2f} "
+            f"{s['insertion']:>9.4f} {s['deletion']:>8.4f} "
+            f"{_cell(s['stability_correlation']):>7} {_cell(s['stability_iou']):>10} "
+            f"{s['milliseconds_per_frame']:>9.1f}"
+        )
+    return "\n".join(lines)
+
+
+def _mean(values: list[float]) -> float | None:
+    return round(float(np.mean(values)), 6) if values else None
+
+
+def _cell(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
