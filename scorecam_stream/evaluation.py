@@ -1,12 +1,11 @@
 """Faithfulness of a run's maps, frame by frame: the ``--metrics`` / ``--baseline`` stage.
 
-:class:`Evaluator` scores each explained frame's map (the first target's) with the metrics of
+Two halves. :class:`FrameScorer` runs where the model is (in the worker that made the map, a Ray
+actor or this process): it scores a frame's map (the first target's) with the metrics of
 :mod:`scorecam_stream.metrics` and, with a baseline, computes the baseline's map for the same
-frame and target and scores it too. Running means are kept, not the maps, so memory stays flat
+frame and target and scores it too. :class:`Evaluator` runs in the pipeline: it turns each
+result's scores into record fields and keeps running means, not maps, so memory stays flat
 for any video length; stability compares each map with the previous explained frame's.
-
-The metric passes (2 x steps + 4 forwards per frame and method) run on this process's model:
-the local worker's replica, or, with Ray workers, a copy loaded here for them.
 """
 
 from __future__ import annotations
@@ -14,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -23,8 +22,9 @@ from torch import nn
 from .config import Config
 from .gradcam import GradCAM
 from .metrics import average_drop_increase, insertion_deletion, stability
-from .models import load_model
-from .workers import Explainer, FrameResult, LocalExplainer
+
+if TYPE_CHECKING:  # workers imports this module: the type only, for hints
+    from .workers import FrameResult
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +75,16 @@ class _Means:
         }
 
 
-class Evaluator:
-    """Scores explained frames; ``evaluate`` gives a frame's record fields, ``summary`` the means.
+@dataclass(frozen=True, eq=False)
+class FrameScores:
+    """One frame's metrics: its record fields, and the baseline's map for the stability."""
+
+    fields: dict[str, Any]  # the four METRIC_KEYS; with a baseline, {name: {keys, milliseconds}}
+    baseline_map: np.ndarray | None = None  # (S, S) float32
+
+
+class FrameScorer:
+    """Scores one frame's map where the model is: 2 x steps + 4 forwards per method.
 
     ``steps``: insertion/deletion steps; ``batch_size``: metric passes per forward;
     ``baseline``: None or ``"gradcam"``.
@@ -97,31 +105,20 @@ class Evaluator:
         self.batch_size = batch_size
         self.baseline = baseline
         self._gradcam = GradCAM(model, layer, batch_size=batch_size) if baseline else None
-        self._means = {"scorecam": _Means(), **({baseline: _Means()} if baseline else {})}
 
-    def evaluate(self, x: torch.Tensor, result: FrameResult) -> dict[str, Any]:
-        """Return the record fields of one explained frame (model input ``x`` (3, S, S)).
-
-        ``average_drop``, ``increase``, ``insertion``, ``deletion`` of its Score-CAM map (the
-        first target's), and with a baseline the same for the baseline's map under its name,
-        with the baseline's milliseconds.
-        """
-        target = int(result.targets[0])
-        map_ = torch.from_numpy(np.asarray(result.maps[0], dtype=np.float32))
+    def __call__(
+        self, x: torch.Tensor, map_: torch.Tensor | np.ndarray, target: int
+    ) -> FrameScores:
+        """Return the scores of ``map_`` (S, S) for model input ``x`` (3, S, S) and ``target``."""
+        map_ = torch.as_tensor(map_).detach().float().cpu()
         fields = self._score(x[None], map_, target)
-        self._means["scorecam"].add(fields, map_, target, result.seconds * 1000)
         if self._gradcam is None:
-            return fields
+            return FrameScores(fields)
         began = time.perf_counter()
         base_map = self._gradcam(x[None], torch.tensor([target])).maps[0].cpu()
         ms = (time.perf_counter() - began) * 1000
-        base_fields = self._score(x[None], base_map, target)
-        self._means[self.baseline].add(base_fields, base_map, target, ms)
-        return {**fields, self.baseline: {**base_fields, "milliseconds": round(ms, 3)}}
-
-    def summary(self) -> dict[str, dict[str, Any]]:
-        """Return each method's means, AD/AI x100, stability and ms per frame, by method name."""
-        return {name: means.summary() for name, means in self._means.items()}
+        base_fields = {**self._score(x[None], base_map, target), "milliseconds": round(ms, 3)}
+        return FrameScores({**fields, self.baseline: base_fields}, base_map.numpy())
 
     def _score(self, x: torch.Tensor, map_: torch.Tensor, target: int) -> dict[str, float]:
         targets = torch.tensor([target])
@@ -133,31 +130,37 @@ class Evaluator:
         return {key: round(float(v[0]), 6) for key, v in values.items()}
 
 
-def make_evaluator(config: Config, explainer: Explainer) -> Evaluator | None:
-    """Return the run's Evaluator, or None without ``--metrics``/``--baseline``.
+class Evaluator:
+    """Collects the explained frames' scores: ``add`` gives record fields, ``summary`` the means."""
 
-    In-process, it shares the local worker's model; otherwise it loads a copy here (on the
-    configured device when this machine has it, else on the CPU).
-    """
+    def __init__(self, baseline: str | None = None) -> None:
+        self.baseline = baseline
+        self._means = {"scorecam": _Means(), **({baseline: _Means()} if baseline else {})}
+
+    def add(self, result: FrameResult) -> dict[str, Any]:
+        """Return the record fields of one explained frame, scored by its worker."""
+        scores = result.scores
+        if scores is None:
+            raise RuntimeError(f"frame {result.index} was not scored: start workers with metrics")
+        target = int(result.targets[0])
+        map_ = torch.tensor(result.maps[0], dtype=torch.float32)  # a copy: Ray's may be read-only
+        self._means["scorecam"].add(scores.fields, map_, target, result.seconds * 1000)
+        if self.baseline is not None:
+            assert scores.baseline_map is not None
+            base = scores.fields[self.baseline]
+            base_map = torch.tensor(scores.baseline_map, dtype=torch.float32)
+            self._means[self.baseline].add(base, base_map, target, base["milliseconds"])
+        return scores.fields
+
+    def summary(self) -> dict[str, dict[str, Any]]:
+        """Return each method's means, AD/AI x100, stability and ms per frame, by method name."""
+        return {name: means.summary() for name, means in self._means.items()}
+
+
+def make_evaluator(config: Config) -> Evaluator | None:
+    """Return the run's Evaluator, or None without ``--metrics``/``--baseline``."""
     options = config.evaluation
-    if not options.enabled:
-        return None
-    if isinstance(explainer, LocalExplainer):
-        loaded = explainer.worker.loaded
-    else:
-        m = config.model
-        device = m.device
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            device = "cpu"
-        log.info("metric passes run on this process's copy of the model (%s)", device)
-        loaded = load_model(m.spec, m.layer, m.weights, device, m.input_size)
-    return Evaluator(
-        loaded.model,
-        loaded.layer,
-        steps=options.metric_steps,
-        batch_size=config.engine.batch_size,
-        baseline=options.baseline,
-    )
+    return Evaluator(options.baseline) if options.enabled else None
 
 
 def format_table(summary: dict[str, dict[str, Any]]) -> str:

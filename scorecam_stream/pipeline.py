@@ -62,11 +62,14 @@ def default_output(input_path: str, is_image: bool) -> Path:
 def make_explainer(config: Config) -> Explainer:
     """Return the in-process explainer, or the Ray one when workers/GPUs/address are given."""
     topk = config.explain.topk
+    evaluation = config.evaluation  # --metrics: the workers score their maps too
     if config.distributed.distributed:
         from .distributed import RayExplainer  # only imported (with ray) when asked for
 
-        return RayExplainer(config.model, config.engine, config.distributed, topk)
-    return LocalExplainer(Worker(config.model, config.engine), topk)
+        return RayExplainer(
+            config.model, config.engine, config.distributed, topk, evaluation=evaluation
+        )
+    return LocalExplainer(Worker(config.model, config.engine, evaluation=evaluation), topk)
 
 
 def run(
@@ -99,7 +102,7 @@ def run(
         explainer = explainer_factory(config)
         stack.callback(explainer.close)
         target, fixed = _resolve_target(config, info, explainer)
-        evaluator = make_evaluator(config, explainer)
+        evaluator = make_evaluator(config)
         frames, explained = _process(config, info, explainer, fixed, paths, progress, evaluator)
     metrics = evaluator.summary() if evaluator is not None else None
     log.info("wrote %s: %d frames (%d explained)", output, frames, explained)
@@ -241,7 +244,7 @@ def _process(
                     targets = result.targets if config.explain.topk > 1 else result.targets[0]
                     maps_out.add(maps, targets, frame.seconds)
                 if evaluator is not None:
-                    scores = evaluator.evaluate(_model_input(frame.image, meta), result)
+                    scores = evaluator.add(result)
             assert latest is not None and heat is not None  # frame 0 is always explained
             label = _label(meta, latest, frame, reused=result is None)
             if records is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -13,8 +14,7 @@ from conftest import make_tiny
 
 from scorecam_stream import load_model
 from scorecam_stream.cli import main
-from scorecam_stream.config import build_config
-from scorecam_stream.evaluation import METRIC_KEYS, Evaluator, make_evaluator
+from scorecam_stream.evaluation import METRIC_KEYS, Evaluator, FrameScorer
 from scorecam_stream.gradcam import GradCAM
 from scorecam_stream.metrics import average_drop_increase, insertion_deletion, stability
 from scorecam_stream.video import read_frames
@@ -34,19 +34,24 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_metrics_and_gradcam_baseline_write_keys_and_summary(clip, tmp_path, capsys):
+def run_and_check(clip: Path, tmp_path: Path, frames: int, *extra: str) -> dict:
+    """Run --metrics --baseline gradcam; check every record against a direct computation.
+
+    Return the summary line's dict.
+    """
     jsonl, maps = tmp_path / "r.jsonl", tmp_path / "m.npz"
     code = main(
         [str(clip), "-o", str(tmp_path / "o.mp4"), "--jsonl", str(jsonl), "--save-maps",
-         str(maps), "--metrics", "--baseline", "gradcam", "--metric-steps", str(STEPS), *FAST]
+         str(maps), "--metrics", "--baseline", "gradcam", "--metric-steps", str(STEPS),
+         "--max-frames", str(frames), *extra, *FAST]
     )  # fmt: skip
     assert code == 0
     lines = read_jsonl(jsonl)
     records, last = lines[:-1], lines[-1]
-    assert len(records) == 6 and list(last) == ["summary"]
+    assert len(records) == frames and list(last) == ["summary"]
     # Recompute every record's values directly from the saved maps and the same model input.
     loaded = load_model("efficientnet_lite0", input_size=64)
-    x = torch.stack([loaded.preprocess(f.image) for f in read_frames(str(clip))])
+    x = torch.stack([loaded.preprocess(f.image) for f in read_frames(str(clip))])[:frames]
     saved = np.load(maps)
     score_maps, targets = torch.from_numpy(saved["maps"]), torch.from_numpy(saved["targets"])
     grad_maps = GradCAM(loaded.model, loaded.layer)(x, targets).maps
@@ -60,7 +65,7 @@ def test_metrics_and_gradcam_baseline_write_keys_and_summary(clip, tmp_path, cap
         for key, values in zip(METRIC_KEYS, (drop, inc, ins, dele), strict=True):
             np.testing.assert_allclose([g[key] for g in got], values.numpy(), atol=atol)
         summary = last["summary"][name]
-        assert summary["frames"] == 6
+        assert summary["frames"] == frames
         for key in METRIC_KEYS:  # the summary's means are the records' means
             assert summary[key] == pytest.approx(np.mean([g[key] for g in got]), abs=1e-6)
         assert summary["ad_percent"] == pytest.approx(100 * summary["average_drop"], abs=1e-3)
@@ -71,9 +76,24 @@ def test_metrics_and_gradcam_baseline_write_keys_and_summary(clip, tmp_path, cap
             close = pytest.approx(expected[key], abs=1e-5 if name == "scorecam" else 2e-2)
             assert summary[f"stability_{key}"] == close
     assert all(r["gradcam"]["milliseconds"] > 0 for r in records)
-    assert last["summary"]["frames"] == last["summary"]["explained"] == 6
+    assert last["summary"]["frames"] == last["summary"]["explained"] == frames
+    return last["summary"]
+
+
+def test_metrics_and_gradcam_baseline_write_keys_and_summary(clip, tmp_path, capsys):
+    run_and_check(clip, tmp_path, 6)
     table = capsys.readouterr().out
     assert "AD %" in table and "scorecam" in table and "gradcam" in table
+
+
+def test_ray_workers_run_the_metric_passes(clip, tmp_path, monkeypatch):
+    """With --workers the metric passes run on the workers: none runs in this process."""
+
+    def not_here(*_args, **_kwargs):
+        raise AssertionError("a metric pass ran in the driver")
+
+    monkeypatch.setattr(FrameScorer, "__call__", not_here)  # the Ray workers are other processes
+    run_and_check(clip, tmp_path, 3, "--workers", "1", "--threads-per-worker", "1")
 
 
 def test_reused_frames_carry_their_maps_metrics(clip, tmp_path):
@@ -108,14 +128,16 @@ def test_bad_metric_options_are_one_line_errors(args, message, clip, tmp_path, c
     assert message in err and len(err.splitlines()) == 1
 
 
-def result_of(index: int, map_: torch.Tensor, target: int) -> FrameResult:
+def result_of(scorer: FrameScorer, x: torch.Tensor, map_: torch.Tensor, target: int):
+    """Return a FrameResult of one frame as a worker gives it: scored by ``scorer``."""
     return FrameResult(
-        index=index,
+        index=0,
         maps=map_[None].numpy(),
         targets=np.array([target]),
         probs=np.array([0.5], np.float32),
         skipped=0,
         seconds=0.01,
+        scores=scorer(x, map_, target),
     )
 
 
@@ -123,8 +145,9 @@ def test_evaluator_streams_the_batch_metrics(images):
     model = make_tiny()
     maps = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(2))
     targets = torch.tensor([4, 4, 4])
-    evaluator = Evaluator(model, model.features[3], steps=5, batch_size=4, baseline="gradcam")
-    records = [evaluator.evaluate(images[i], result_of(i, maps[i], 4)) for i in range(3)]
+    scorer = FrameScorer(model, model.features[3], steps=5, batch_size=4, baseline="gradcam")
+    evaluator = Evaluator(baseline="gradcam")
+    records = [evaluator.add(result_of(scorer, images[i], maps[i], 4)) for i in range(3)]
     ins, dele = insertion_deletion(model, images, maps, targets, steps=5)
     np.testing.assert_allclose([r["deletion"] for r in records], dele.numpy(), atol=1e-6)
     summary = evaluator.summary()
@@ -138,19 +161,6 @@ def test_evaluator_streams_the_batch_metrics(images):
         stability(grad, targets)["iou"], abs=1e-5
     )
     assert summary["scorecam"]["insertion"] == pytest.approx(float(ins.mean()), abs=1e-5)
-
-
-def test_a_remote_explainer_gets_a_model_copy_here():
-    config = build_config(
-        "clip.mp4",
-        {"model": "efficientnet_lite0", "input_size": 64, "metrics": True, "device": "cpu"},
-    )
-
-    class Remote:  # what the Ray explainer looks like to the evaluation: no local worker
-        meta = None
-
-    evaluator = make_evaluator(config, Remote())
-    assert evaluator is not None and evaluator.baseline is None
-    assert next(evaluator.model.parameters()).device.type == "cpu"
-    off = build_config("clip.mp4", {})
-    assert make_evaluator(off, Remote()) is None
+    unscored = dataclasses.replace(result_of(scorer, images[0], maps[0], 4), scores=None)
+    with pytest.raises(RuntimeError, match="not scored"):
+        evaluator.add(unscored)  # an explainer whose workers were started without metrics
