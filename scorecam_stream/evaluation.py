@@ -10,7 +10,6 @@ for any video length; stability compares each map with the previous explained fr
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -26,8 +25,6 @@ from .metrics import average_drop_increase, insertion_deletion, stability
 if TYPE_CHECKING:  # workers imports this module: the type only, for hints
     from .workers import FrameResult
 
-log = logging.getLogger(__name__)
-
 BASELINES = ("gradcam",)
 METRIC_KEYS = ("average_drop", "increase", "insertion", "deletion")
 
@@ -40,8 +37,9 @@ class _Means:
     sums: dict[str, float] = field(default_factory=lambda: dict.fromkeys(METRIC_KEYS, 0.0))
     milliseconds: float = 0.0
     pairs: int = 0
-    correlations: list[float] = field(default_factory=list)  # one float per pair: small
-    ious: list[float] = field(default_factory=list)
+    correlation_sum: float = 0.0
+    correlations: int = 0  # pairs whose correlation is defined (neither map constant)
+    iou_sum: float = 0.0
     previous: tuple[torch.Tensor, int] | None = None
 
     def add(self, fields: dict[str, float], map_: torch.Tensor, target: int, ms: float) -> None:
@@ -53,11 +51,12 @@ class _Means:
             pair = stability(
                 torch.stack([self.previous[0], map_]), torch.tensor([self.previous[1], target])
             )
-            self.pairs += pair["pairs"]
+            if pair["pairs"]:  # the same target in both frames
+                self.pairs += 1
+                self.iou_sum += pair["iou"]
             if pair["correlation"] is not None:
-                self.correlations.append(pair["correlation"])
-            if pair["iou"] is not None:
-                self.ious.append(pair["iou"])
+                self.correlation_sum += pair["correlation"]
+                self.correlations += 1
         self.previous = (map_, target)
 
     def summary(self) -> dict[str, Any]:
@@ -69,8 +68,8 @@ class _Means:
             "ad_percent": round(100 * means["average_drop"], 3),  # the paper's AD
             "ai_percent": round(100 * means["increase"], 3),  # the paper's AI
             "stability_pairs": self.pairs,
-            "stability_correlation": _mean(self.correlations),
-            "stability_iou": _mean(self.ious),
+            "stability_correlation": _mean(self.correlation_sum, self.correlations),
+            "stability_iou": _mean(self.iou_sum, self.pairs),
             "milliseconds_per_frame": round(self.milliseconds / n, 3),
         }
 
@@ -180,8 +179,8 @@ def format_table(summary: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _mean(values: list[float]) -> float | None:
-    return round(float(np.mean(values)), 6) if values else None
+def _mean(total: float, count: int) -> float | None:
+    return round(total / count, 6) if count else None
 
 
 def _cell(value: float | None) -> str:
