@@ -120,6 +120,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     g.add_argument("--quiet", action="store_true", help="no progress bar, errors only")
+    g = p.add_argument_group("faithfulness metrics")
+    g.add_argument(
+        "--metrics",
+        action="store_true",
+        help="score each map: Average Drop/Increase, insertion/deletion; table at the end",
+    )
+    g.add_argument("--baseline", help="gradcam: also its maps and metrics, side by side")
+    g.add_argument("--metric-steps", type=int, help="insertion/deletion steps (default 28)")
     g = p.add_argument_group("distributed (Ray)")
     g.add_argument("--gpus", type=int, help="N Ray workers, one GPU each")
     g.add_argument("--workers", type=int, help="N Ray workers on CPU")
@@ -252,6 +260,10 @@ def main(argv: list[str] | None = None) -> int:
             if summary.stopped_by:
                 line += f"; stopped by {summary.stopped_by}"
             print(line, file=sys.stderr)
+        if summary.metrics_table:
+            # Asked-for results: stdout, even with --quiet (stderr when stdout carries the video).
+            table_out = sys.stderr if config.output.output == "-" else sys.stdout
+            print(summary.metrics_table, file=table_out)
         return 0
     except ScoreCamError as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)

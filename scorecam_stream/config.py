@@ -261,6 +261,27 @@ class DistributedConfig:
 
 
 @dataclass(frozen=True)
+class EvaluationConfig:
+    """Faithfulness metrics of the maps (``--metrics``) and a baseline method to compare."""
+
+    metrics: bool = False
+    baseline: str | None = None  # "gradcam"; implies the metrics
+    metric_steps: int = 28  # insertion/deletion steps (RISE)
+
+    def __post_init__(self) -> None:
+        _check(
+            self.baseline in (None, "gradcam"),
+            f"--baseline must be gradcam, got '{self.baseline}'",
+        )
+        _check(self.metric_steps >= 1, f"--metric-steps must be >= 1, got {self.metric_steps}")
+
+    @property
+    def enabled(self) -> bool:
+        """Return whether the metric passes run."""
+        return bool(self.metrics or self.baseline)
+
+
+@dataclass(frozen=True)
 class Config:
     """Everything one run needs."""
 
@@ -272,6 +293,7 @@ class Config:
     output: OutputConfig = field(default_factory=OutputConfig)
     window: WindowConfig = field(default_factory=WindowConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     quiet: bool = False
 
     def __post_init__(self) -> None:
@@ -287,6 +309,7 @@ _SECTIONS = {
     "output": OutputConfig,
     "window": WindowConfig,
     "distributed": DistributedConfig,
+    "evaluation": EvaluationConfig,
 }
 FIELDS: dict[str, tuple[str, str]] = {
     ("model" if f.name == "spec" else f.name): (section, f.name)  # --model sets the spec

@@ -45,8 +45,9 @@ from ray.exceptions import (
     RayTaskError,
 )
 
-from .config import DistributedConfig, EngineConfig, ModelConfig
+from .config import DistributedConfig, EngineConfig, EvaluationConfig, ModelConfig
 from .errors import ScoreCamError
+from .evaluation import FrameScores
 from .scheduler import (
     InflightTracker,
     ReorderBuffer,
@@ -63,6 +64,7 @@ log = logging.getLogger(__name__)
 CALLS_PER_WORKER = 2  # outstanding calls per actor: one running, the next already queued there
 WORKER_MAX_RESTARTS = 5  # Ray restarts a dead actor this often, then it is gone for good
 MAX_WORKER_LOSSES = 4  # a call whose worker died this often is suspected of killing it
+SCORE_CALL = -2  # _Call.shard of a frame's metric passes (--metrics); -1 is its classification
 MAX_PROBE_FAILURES = 5  # "are you back?" calls that found it dead before it is given up
 _POLL_S = 1.0  # longest single wait, so that deadlines are checked
 _PROBE_DELAYS = (0.2, 0.5, 1.0)  # seconds between "are you back?" calls while it is restarting
@@ -112,6 +114,7 @@ class _Frame:
     began: float | None = None
     logits: torch.Tensor | None = None  # (C,)
     targets: torch.Tensor | None = None  # (T,)
+    result: FrameResult | None = None  # --metrics: the maps, waiting for their scores
 
 
 @dataclass(eq=False)
@@ -142,6 +145,8 @@ class _Call:
     losses: int = 0  # times its worker died under it
 
     def describe(self) -> str:
+        if self.shard == SCORE_CALL:
+            return f"frame {self.frame.task.index}: metrics"
         if self.shard < 0:
             return f"frame {self.frame.task.index}: classification"
         return f"frame {self.frame.task.index}: shard [{self.start}, {self.stop})"
@@ -169,6 +174,7 @@ class RayExplainer:
         topk: int = 1,
         *,
         worker_cls: type[Worker] = Worker,
+        evaluation: EvaluationConfig | None = None,
     ) -> None:
         if topk < 1:
             raise ScoreCamError(f"--topk must be >= 1, got {topk}")
@@ -176,6 +182,8 @@ class RayExplainer:
         self.engine = engine
         self.dist = dist
         self.topk = topk
+        # --metrics: each frame's metric passes run on a worker too, after its shards.
+        self.evaluation = evaluation if evaluation is not None and evaluation.enabled else None
         self.num_workers = dist.num_workers
         self.shards_per_frame = dist.shards_per_frame or default_shards_per_frame(self.num_workers)
         self.max_inflight = dist.max_inflight_frames or default_max_inflight(self.num_workers)
@@ -410,7 +418,8 @@ class RayExplainer:
         # Enough cached base passes that frames still in flight are never evicted.
         cache_frames = max(16, self.max_inflight + 4)
         self._slots = [
-            _Slot(i, remote_cls.remote(model, self.engine, threads, cache_frames)) for i in range(n)
+            _Slot(i, remote_cls.remote(model, self.engine, threads, cache_frames, self.evaluation))
+            for i in range(n)
         ]
         log.info("starting %d Ray workers (%s, %s threads each)", n, options, threads or "default")
         waiting = {slot.actor.info.remote(): slot for slot in self._slots}
@@ -489,7 +498,11 @@ class RayExplainer:
 
     def _send(self, call: _Call, slot: _Slot) -> None:
         frame = call.frame
-        if call.shard < 0:
+        if call.shard == SCORE_CALL:
+            assert frame.result is not None
+            result = frame.result
+            ref = slot.actor.score.remote(frame.x_ref, result.maps[0], int(result.targets[0]))
+        elif call.shard < 0:
             ref = slot.actor.classify.remote(frame.key, frame.x_ref)
         else:
             ref = slot.actor.shard.remote(
@@ -542,7 +555,9 @@ class RayExplainer:
             return
         if call.run.closed:
             return
-        if call.shard < 0:
+        if call.shard == SCORE_CALL:
+            self._scored(call.run, call.frame, value)
+        elif call.shard < 0:
             self._classified(call, slot, value)
         elif call.run.tracker.done(call.frame.seq, call.shard, value):
             self._frame_done(call.run, call.frame)
@@ -588,8 +603,19 @@ class RayExplainer:
             skipped,
             time.perf_counter() - frame.began,
         )
+        if self.evaluation is not None:  # its metric passes first, on whichever worker is free
+            frame.result = result
+            self._queue(_Call(run, frame, SCORE_CALL))
+            return
         run.buffer.push(frame.seq, (frame.payload, result))
         del run.frames[frame.seq]  # drops the frame's model input from the object store
+
+    def _scored(self, run: _Run, frame: _Frame, scores: FrameScores) -> None:
+        assert frame.result is not None
+        run.buffer.push(
+            frame.seq, (frame.payload, dataclasses.replace(frame.result, scores=scores))
+        )
+        del run.frames[frame.seq]
 
     # ------------------------------------------------------------------ faults
 

@@ -28,6 +28,7 @@ import torch
 from . import video
 from .config import Config
 from .errors import ScoreCamError
+from .evaluation import format_table, make_evaluator
 from .pipeline import (
     Outputs,
     Progress,
@@ -251,6 +252,7 @@ def run_live(
             yield frame, FrameTask(frame.index, x, targets)
 
     encoder = make_encoder(config, reader, draw_items(), outputs)
+    evaluator = make_evaluator(config)
     scaler = MapScaler(config.output.scale)
     smoothed: np.ndarray | None = None
     latencies: list[float] = []
@@ -266,11 +268,12 @@ def run_live(
                 latest.append(_Map(scaler(smoothed), result, frame))
                 latencies.append(latency_ms)
                 add_maps(config, outputs, result, frame)
+                scores = evaluator.add(result) if evaluator is not None else {}
                 if outputs.records is not None:
                     record = frame_record(meta, result, frame, reused=False)
                     record["latency_ms"] = round(latency_ms, 3)
                     record["skipped_frames"] = frame.index - previous - 1
-                    outputs.records.add(record)
+                    outputs.records.add({**record, **scores})
                 previous = frame.index
                 if progress is not None:
                     progress(len(latencies), None)
@@ -294,6 +297,7 @@ def run_live(
         if latencies
         else (None, None)
     )
+    metrics = evaluator.summary() if evaluator is not None else None
     summary = RunSummary(
         output=str(outputs.video),
         frames=encoder.frames,
@@ -304,9 +308,11 @@ def run_live(
         stopped_by=reason,
         latency_p50_ms=p50,
         latency_p95_ms=p95,
+        metrics=metrics,
+        metrics_table=format_table(metrics) if metrics else None,
     )
     if outputs.records is not None:
-        outputs.records.add({"summary": _summary_record(summary, source)})
+        outputs.records.add({"summary": {**_summary_record(summary, source), **(metrics or {})}})
     if reason == "read timeout":
         log.warning("%s sent nothing for a while: the output is finished", config.input)
     return summary

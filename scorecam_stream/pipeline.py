@@ -26,6 +26,7 @@ import torch
 from . import video
 from .config import Config
 from .errors import ScoreCamError
+from .evaluation import Evaluator, format_table, make_evaluator
 from .models import preprocess_frame
 from .outputs import MapsWriter, PreviewSampler, RecordsWriter
 from .render import MapScaler, RenderOptions
@@ -50,6 +51,8 @@ class RunSummary:
     stopped_by: str | None = None  # live runs: "signal", "duration", "read timeout", None (end)
     latency_p50_ms: float | None = None  # live runs: frame arrival -> its map ready
     latency_p95_ms: float | None = None
+    metrics: dict[str, Any] | None = None  # --metrics: each method's means (evaluation.py)
+    metrics_table: str | None = None  # the same as a text table
 
 
 @dataclass
@@ -93,11 +96,14 @@ def default_output(input_path: str, is_image: bool) -> Path:
 def make_explainer(config: Config) -> Explainer:
     """Return the in-process explainer, or the Ray one when workers/GPUs/address are given."""
     topk = config.explain.topk
+    evaluation = config.evaluation  # --metrics: the workers score their maps too
     if config.distributed.distributed:
         from .distributed import RayExplainer  # only imported (with ray) when asked for
 
-        return RayExplainer(config.model, config.engine, config.distributed, topk)
-    return LocalExplainer(Worker(config.model, config.engine), topk)
+        return RayExplainer(
+            config.model, config.engine, config.distributed, topk, evaluation=evaluation
+        )
+    return LocalExplainer(Worker(config.model, config.engine, evaluation=evaluation), topk)
 
 
 def _read_timeout(config: Config, live: bool) -> float | None:
@@ -174,7 +180,9 @@ def run(
         explainer = explainer_factory(config)
         stack.callback(explainer.close)
         description, fixed = _resolve_target(config, reader, explainer)
-        frames, explained = _process(config, reader, explainer, fixed, outputs, progress)
+        evaluator = make_evaluator(config)
+        frames, explained = _process(config, reader, explainer, fixed, outputs, progress, evaluator)
+    metrics = evaluator.summary() if evaluator is not None else None
     log.info("wrote %s: %d frames (%d explained)", target, frames, explained)
     return RunSummary(
         output=Path(target),
@@ -182,6 +190,8 @@ def run(
         explained=explained,
         seconds=time.perf_counter() - began,
         target=description,
+        metrics=metrics,
+        metrics_table=format_table(metrics) if metrics else None,
     )
 
 
@@ -348,6 +358,7 @@ def _process(
     fixed: tuple[int, ...] | None,
     outputs: Outputs,
     progress: Progress | None,
+    evaluator: Evaluator | None = None,
 ) -> tuple[int, int]:
     """Run decode -> explain -> render -> encode; return (frames written, frames explained)."""
     meta = explainer.meta
@@ -367,6 +378,7 @@ def _process(
     smoothed: np.ndarray | None = None
     latest: FrameResult | None = None
     heat: np.ndarray | None = None
+    scores: dict[str, Any] = {}  # --metrics: the latest explained frame's record fields
     done = explained = 0
     try:
         for frame, result in explainer.explain(tasks()):
@@ -375,10 +387,13 @@ def _process(
                 smoothed = _smooth(smoothed, result.maps[0], config.explain.smooth)
                 heat = scaler(smoothed)
                 add_maps(config, outputs, result, frame)
+                if evaluator is not None:
+                    scores = evaluator.add(result)
             assert latest is not None and heat is not None  # frame 0 is always explained
             label = frame_label(meta, latest, frame, reused=result is None)
             if outputs.records is not None:
-                outputs.records.add(frame_record(meta, latest, frame, reused=result is None))
+                record = frame_record(meta, latest, frame, reused=result is None)
+                outputs.records.add({**record, **scores})
             if not drawn.put(DrawItem(frame, heat, label)):
                 encoder.alive()  # the encoder stopped: raise its error
             done += 1
@@ -388,6 +403,10 @@ def _process(
         if done == 0:
             raise ScoreCamError(f"no frames decoded from {config.input} in the time window")
         encoder.finish(reader.trailing_audio)
+        if outputs.records is not None and evaluator is not None:
+            # The last line; the same {"summary": {...}} line as the live mode's.
+            summary = {"frames": done, "explained": explained, **evaluator.summary()}
+            outputs.records.add({"summary": summary})
         outputs.close()
     except BaseException:
         drawn.close()

@@ -8,6 +8,7 @@ the same thing: per-frame results, in frame order.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import logging
 import os
 import socket
@@ -21,7 +22,8 @@ from typing import Protocol, TypeVar
 import numpy as np
 import torch
 
-from .config import EngineConfig, ModelConfig
+from .config import EngineConfig, EvaluationConfig, ModelConfig
+from .evaluation import FrameScorer, FrameScores
 from .models import load_model
 from .scorecam import BasePass, ScoreCAM, ShardResult, combine_shards
 
@@ -94,6 +96,7 @@ class FrameResult:
     probs: np.ndarray  # (T,) float32 softmax probability of each target, unmasked input
     skipped: int  # constant channels whose masked pass was skipped
     seconds: float  # time spent computing this frame
+    scores: FrameScores | None = None  # --metrics: the first map's faithfulness (evaluation.py)
 
 
 def targets_for(logits: torch.Tensor, fixed: Sequence[int] | None, topk: int) -> torch.Tensor:
@@ -136,6 +139,7 @@ class Worker:
         engine: EngineConfig,
         threads: int | None = None,
         cache_frames: int = 16,
+        evaluation: EvaluationConfig | None = None,
     ) -> None:
         if threads:
             torch.set_num_threads(threads)
@@ -148,6 +152,15 @@ class Worker:
         self.device = torch.device(model.device)
         self.cache_frames = cache_frames
         self._cache: OrderedDict[int, BasePass] = OrderedDict()
+        self.scorer: FrameScorer | None = None  # --metrics: scores each map here, by the model
+        if evaluation is not None and evaluation.enabled:
+            self.scorer = FrameScorer(
+                self.loaded.model,
+                self.loaded.layer,
+                steps=evaluation.metric_steps,
+                batch_size=engine.batch_size,
+                baseline=evaluation.baseline,
+            )
 
     def info(self) -> dict[str, object]:
         """Return where this worker runs: host, pid, device, threads (for logs and tests)."""
@@ -206,9 +219,18 @@ class Worker:
         shard = self.engine.shard(base, targets.to(self.device)[None], 0, base.num_channels)
         maps = combine_shards([shard])[0]
         self._cache.pop(task.index, None)  # a whole frame is never asked for again
-        return make_result(
+        result = make_result(
             task.index, maps, targets, logits, int(shard.skipped[0]), time.perf_counter() - began
         )
+        if self.scorer is None:
+            return result
+        return dataclasses.replace(result, scores=self.score(task.x, result.maps[0], targets[0]))
+
+    def score(self, x: torch.Tensor, map_: np.ndarray, target: int) -> FrameScores:
+        """Return the faithfulness scores of one frame's map (S, S) for ``target``."""
+        if self.scorer is None:
+            raise RuntimeError("this worker was started without metrics")
+        return self.scorer(x, map_, int(target))
 
     def classify_batch(self, xs: torch.Tensor) -> torch.Tensor:
         """Return the logits (N, C) on CPU of a batch of model inputs (no caching)."""
