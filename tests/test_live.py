@@ -100,14 +100,18 @@ def test_live_udp_source_gives_a_real_time_copy_with_the_newest_maps(tmp_path):
     assert summary["stopped_by"] == "read timeout"
 
 
-def test_duration_stops_after_that_much_source(tmp_path):
+def test_duration_stops_after_that_much_source_and_metrics_score_live_maps(tmp_path):
     out = tmp_path / "short.mp4"
     jsonl = tmp_path / "short.jsonl"
     with udp_source(5.0) as (url, _, _sent):
-        code = main([url, "-o", str(out), "--duration", "1", "--jsonl", str(jsonl), *SLOW])
+        args = [url, "-o", str(out), "--duration", "1", "--jsonl", str(jsonl), "--metrics"]
+        code = main([*args, *SLOW])
     assert code == 0
-    _, summary = records(jsonl)
+    explained, summary = records(jsonl)
     assert summary["stopped_by"] == "duration"
+    # --metrics in live mode: each explained frame is scored, the means close the jsonl.
+    assert all({"average_drop", "insertion", "deletion", "increase"} <= set(r) for r in explained)
+    assert summary["scorecam"]["frames"] == len(explained) > 0
     assert summary["frames_written"] == probe(str(out)).frame_count == FPS
 
 
