@@ -84,7 +84,7 @@ def test_live_udp_source_gives_a_real_time_copy_with_the_newest_maps(tmp_path):
     # Every frame that arrived is written (the first ones, before the stream's first keyframe
     # reached the reader, never arrive), with its own timestamp: a continuous real-time copy.
     assert summary["frames_in"] == summary["frames_written"] == len(pts)
-    assert 0.75 * sent[0] <= len(pts) <= sent[0]
+    assert sent[0] // 2 <= len(pts) <= sent[0]
     steps = {round((b - a) * time_base * FPS, 6) for a, b in itertools.pairwise(pts)}
     assert steps == {1.0}
     # The explainer takes the newest frame when free: some frames, not all, are explained.
@@ -124,7 +124,7 @@ def test_no_live_reads_a_udp_source_like_a_file(tmp_path):
         )
     assert code == 0
     lines = [json.loads(line) for line in jsonl.read_text().splitlines()]
-    assert 0.75 * sent[0] <= len(lines) == probe(str(out)).frame_count
+    assert sent[0] // 2 <= len(lines) == probe(str(out)).frame_count
     assert all(r["map_of_frame"] == r["index"] for r in lines)  # every frame explained
 
 
@@ -242,7 +242,7 @@ def test_live_with_ray_workers_splits_each_frame(tmp_path):
         )  # fmt: skip
     assert code == 0
     explained, summary = records(jsonl)
-    assert summary["frames_written"] == probe(str(out)).frame_count >= 0.75 * sent[0]
+    assert summary["frames_written"] == probe(str(out)).frame_count >= sent[0] // 2
     assert 0 < len(explained) < summary["frames_written"]
     assert all(r["latency_ms"] >= r["milliseconds"] for r in explained)
 
