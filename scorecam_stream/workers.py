@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from .config import EngineConfig, ModelConfig
-from .models import load_model
+from .models import ModelMeta, load_model
 from .scorecam import BasePass, ScoreCAM, ShardResult, combine_shards
 
 log = logging.getLogger(__name__)
@@ -70,18 +70,6 @@ class FrameTask:
     index: int  # unique in a run; the workers' activation cache is keyed by it
     x: torch.Tensor  # (3, S, S) float32 model input (never the full-resolution frame)
     targets: tuple[int, ...] | None = None  # None: the frame's top-k classes
-
-
-@dataclass(frozen=True)
-class ModelMeta:
-    """What the driver needs to know of the workers' model: preprocessing and class names."""
-
-    name: str
-    layer_name: str
-    input_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    class_names: tuple[str, ...]
 
 
 @dataclass(frozen=True, eq=False)
@@ -142,7 +130,14 @@ class Worker:
         if not model.device.startswith("cuda"):
             keep_freed_memory()  # CPU tensors live in malloc'ed memory: see keep_freed_memory
         self.loaded = load_model(
-            model.spec, model.layer, model.weights, model.device, model.input_size
+            model.spec,
+            model.layer,
+            model.weights,
+            model.device,
+            model.input_size,
+            mean=model.mean,
+            std=model.std,
+            fit=model.fit,
         )
         self.engine = ScoreCAM(self.loaded.model, self.loaded.layer, **engine.engine_kwargs())
         self.device = torch.device(model.device)
@@ -161,15 +156,7 @@ class Worker:
 
     def meta(self) -> ModelMeta:
         """Return the model's preprocessing and class names."""
-        m = self.loaded
-        return ModelMeta(
-            name=m.name,
-            layer_name=m.layer_name,
-            input_size=m.input_size,
-            mean=m.mean,
-            std=m.std,
-            class_names=m.class_names,
-        )
+        return self.loaded.meta
 
     def base(self, index: int, x: torch.Tensor) -> BasePass:
         """Return the (cached) base pass of frame ``index`` with model input ``x`` (3, S, S)."""

@@ -172,6 +172,36 @@ def test_config_file_and_flag_precedence(tmp_path):
         assert parse_config(["in.mp4", "--config", str(preset)]).input == "in.mp4"
 
 
+def test_model_and_variant_flags_reach_the_config(tmp_path):
+    flags = "--variant pytorch-grad-cam --mean 0.5,0.5,0.5 --std 0.25,0.5,1 --fit pad"
+    parsed = parse_config(["in.mp4", *flags.split()])
+    assert parsed.model.mean == (0.5, 0.5, 0.5) and parsed.model.std == (0.25, 0.5, 1.0)
+    assert parsed.model.fit == "pad" and parsed.engine.variant == "pytorch-grad-cam"
+    assert parsed.engine.engine_kwargs()["variant"] == "pytorch-grad-cam"
+    config = tmp_path / "c.yaml"
+    config.write_text("mean: [0.1, 0.2, 0.3]\nstd: 0.4,0.5,0.6\nfit: crop\n")
+    parsed = parse_config(["in.mp4", "--config", str(config)])
+    assert parsed.model.mean == (0.1, 0.2, 0.3) and parsed.model.std == (0.4, 0.5, 0.6)
+    assert parsed.model.fit == "crop"
+    defaults = parse_config(["in.mp4"])
+    assert defaults.model.mean is None and defaults.engine.variant == "article"
+
+
+def test_version_answers_without_importing_torch():
+    code = (
+        "import sys\n"
+        "from scorecam_stream.cli import main\n"
+        "try:\n    main(['--version'])\nexcept SystemExit as e:\n    assert e.code == 0\n"
+        "assert 'torch' not in sys.modules, 'torch imported'\n"
+        "assert 'av' not in sys.modules, 'av imported'\n"
+        "import scorecam_stream\n"
+        "assert scorecam_stream.ScoreCAM.__name__ == 'ScoreCAM' and 'torch' in sys.modules\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "scorecam-video 0.1.0"
+
+
 def test_distributed_flags_reach_the_config():
     flags = "--gpus 3 --max-inflight-frames 5 --shards-per-frame 6 --startup-timeout 9"
     flags += " --max-shard-retries 0 --threads-per-worker 2 --address ray://head:10001"
@@ -261,6 +291,12 @@ BAD_OPTIONS = [
     (["--workers", "2", "--address", "headnode"], "--address must be auto, HOST:PORT"),
     (["--workers", "2", "--address", "127.0.0.1:1"], "cannot connect to the Ray cluster"),
     (["--config", "/nonexistent.yaml"], "config file"),
+    (["--variant", "torchcam"], "--variant must be article or pytorch-grad-cam"),
+    (["--variant", "pytorch-grad-cam", "--score", "softmax"], "--variant pytorch-grad-cam sets"),
+    (["--variant", "pytorch-grad-cam", "--no-channel-softmax"], "--variant pytorch-grad-cam"),
+    (["--fit", "stretch"], "--fit must be squash, pad or crop"),
+    (["--mean", "0.5,0.5"], "--mean"),
+    (["--std", "0.5,0,0.5"], "--std must be > 0"),
 ]
 
 
