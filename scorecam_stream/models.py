@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .errors import ScoreCamError
+from .fit import FITS, fit_frame
 
 log = logging.getLogger(__name__)
 
@@ -46,15 +47,12 @@ _POOLING = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool
 _PASS_THROUGH = (nn.Identity, nn.Dropout, nn.Dropout2d, nn.Flatten)
 
 
-FITS = ("squash", "pad", "crop")
-
-
 @dataclass(frozen=True)
 class ModelMeta:
     """What the driver needs of a model (no weights): its preprocessing and class names.
 
     ``preprocess`` maps an RGB uint8 (H, W, 3) frame to a float tensor (3, S, S) normalised
-    with ``mean``/``std``; ``fit`` says how a non-square frame becomes S x S (:func:`fit_frame`).
+    with ``mean``/``std``; ``fit`` says how a non-square frame becomes S x S (:mod:`.fit`).
     """
 
     name: str
@@ -113,37 +111,6 @@ class LoadedModel:
         return self.meta.class_name(index)
 
 
-def fit_box(height: int, width: int, fit: str) -> tuple[int, int, int, int]:
-    """Return (top, left, h, w): the part of the S x S model input the frame covers (pad), or
-    of the frame the model sees (crop), in that image's pixels; squash: the whole frame.
-
-    pad: the frame is scaled to fit inside a square of side max(H, W), centred, the rest black
-    (zero after normalisation is not black, so the pad is the frame's black, value 0).
-    crop: the centred square of side min(H, W).
-    """
-    if fit == "crop":
-        side = min(height, width)
-        return (height - side) // 2, (width - side) // 2, side, side
-    if fit == "pad":
-        side = max(height, width)
-        return (side - height) // 2, (side - width) // 2, height, width
-    return 0, 0, height, width
-
-
-def fit_frame(frame: np.ndarray, fit: str) -> np.ndarray:
-    """Return the frame made square as ``fit`` says (squash: unchanged, resized later)."""
-    height, width = frame.shape[:2]
-    if fit == "squash" or height == width:
-        return frame
-    top, left, h, w = fit_box(height, width, fit)
-    if fit == "crop":
-        return frame[top : top + h, left : left + w]
-    side = max(height, width)
-    square = np.zeros((side, side, 3), dtype=frame.dtype)
-    square[top : top + h, left : left + w] = frame
-    return square
-
-
 def preprocess_frame(
     frame: np.ndarray,
     size: int,
@@ -154,7 +121,7 @@ def preprocess_frame(
     """Return the normalised (3, size, size) float32 tensor of an RGB uint8 frame.
 
     ``fit``: ``squash`` resizes the whole frame to a square (aspect not kept), ``pad`` fits it
-    inside a black square, ``crop`` keeps its centred square (see :func:`fit_box`).
+    inside a black square, ``crop`` keeps its centred square (see :mod:`.fit`).
     """
     if frame.ndim != 3 or frame.shape[2] != 3:
         raise ScoreCamError(f"expected an RGB frame of shape (H, W, 3), got {frame.shape}")

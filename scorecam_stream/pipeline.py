@@ -198,7 +198,10 @@ def _process(
     every = config.explain.every
     total = _expected_frames(config, info)
     options = RenderOptions(
-        layout=config.output.layout, colormap=config.output.colormap, alpha=config.output.alpha
+        layout=config.output.layout,
+        colormap=config.output.colormap,
+        alpha=config.output.alpha,
+        fit=config.model.fit,
     )
     scaler = MapScaler(config.output.scale)
     maps_out = MapsWriter(paths["maps"]) if "maps" in paths else None
@@ -215,6 +218,7 @@ def _process(
 
     encoder = _Encoder(info, config, paths.get("video"), options, preview)
     smoothed: np.ndarray | None = None
+    shown_target = -1
     latest: FrameResult | None = None
     heat: np.ndarray | None = None
     done = explained = 0
@@ -222,10 +226,14 @@ def _process(
         for frame, result in explainer.explain(tasks()):
             if result is not None:
                 latest, explained = result, explained + 1
-                first = result.maps[0]
+                first, target = result.maps[0], int(result.targets[0])
                 a = config.explain.smooth
-                smoothed = first if smoothed is None or a == 0 else a * smoothed + (1 - a) * first
-                heat = scaler(smoothed)
+                # Maps of another class are other evidence: not averaged in, and on that
+                # class's own display scale (not the previous class's peak).
+                fresh = smoothed is None or a == 0 or target != shown_target
+                smoothed = first if fresh else a * smoothed + (1 - a) * first
+                shown_target = target
+                heat = scaler(smoothed, key=target)
                 if maps_out is not None:
                     maps = result.maps if config.explain.topk > 1 else result.maps[0]
                     targets = result.targets if config.explain.topk > 1 else result.targets[0]
