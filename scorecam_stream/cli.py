@@ -20,7 +20,7 @@ import yaml
 
 from . import __version__
 from .config import FIELDS, Config, build_config
-from .errors import ScoreCamError, Terminated
+from .errors import ScoreCamError, Terminated, first_line
 
 PROG = "scorecam-video"
 log = logging.getLogger(__name__)
@@ -134,8 +134,7 @@ def load_settings(path: str) -> dict[str, Any]:
     try:
         data = yaml.safe_load(file.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as err:
-        first = str(err).strip().splitlines()[0]
-        raise ScoreCamError(f"config file {path} is not valid YAML: {first}") from None
+        raise ScoreCamError(f"config file {path} is not valid YAML: {first_line(err)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

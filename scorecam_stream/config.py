@@ -176,6 +176,22 @@ class OutputConfig:
         )
 
 
+def check_window(start: float | None, end: float | None, max_frames: int | None) -> None:
+    """Raise ScoreCamError unless the window is valid: the one rule (config and video.py)."""
+    for name, value in (("--start", start), ("--end", end)):
+        _check(
+            value is None
+            or (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0),
+            f"{name} must be a time >= 0 in seconds, got {value}",
+        )
+    _check(
+        start is None or end is None or end > start,
+        f"--end ({end}) must be after --start ({start})",
+    )
+    _check(end is None or end > 0, f"--end must be > 0 seconds, got {end}")
+    _check(max_frames is None or max_frames >= 1, f"--max-frames must be >= 1, got {max_frames}")
+
+
 @dataclass(frozen=True)
 class WindowConfig:
     """Which part of the input is processed."""
@@ -185,19 +201,7 @@ class WindowConfig:
     max_frames: int | None = None
 
     def __post_init__(self) -> None:
-        for name, value in (("--start", self.start), ("--end", self.end)):
-            _check(
-                value is None or (math.isfinite(value) and value >= 0),
-                f"{name} must be a time >= 0 in seconds, got {value}",
-            )
-        _check(
-            self.start is None or self.end is None or self.end > self.start,
-            f"--end ({self.end}) must be after --start ({self.start})",
-        )
-        _check(
-            self.max_frames is None or self.max_frames >= 1,
-            f"--max-frames must be >= 1, got {self.max_frames}",
-        )
+        check_window(self.start, self.end, self.max_frames)
 
 
 @dataclass(frozen=True)

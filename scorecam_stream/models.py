@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import ScoreCamError
+from .errors import ScoreCamError, first_line
 from .fit import FITS, fit_frame
 
 log = logging.getLogger(__name__)
@@ -182,7 +182,7 @@ def load_model(
     try:
         model.to(device)
     except (RuntimeError, AssertionError) as err:
-        raise ScoreCamError(f"cannot use device {device!s}: {_first_line(err)}") from None
+        raise ScoreCamError(f"cannot use device {device!s}: {first_line(err)}") from None
     layer_name = layer or DEFAULT_LAYERS.get(family) or detect_layer(model, size, device)
     target = find_layer(model, layer_name)
     source = "given" if mean is not None or std is not None else own.get("source", "ImageNet's")
@@ -293,7 +293,7 @@ def _torchvision(name: str, pretrained: bool) -> nn.Module:
         return torchvision.models.get_model(name, weights="DEFAULT")
     except (OSError, RuntimeError) as err:  # URLError is an OSError
         raise ScoreCamError(
-            f"cannot get the ImageNet weights of {name} ({_first_line(err)}): {OFFLINE_HINT}"
+            f"cannot get the ImageNet weights of {name} ({first_line(err)}): {OFFLINE_HINT}"
         ) from None
 
 
@@ -304,7 +304,7 @@ def _timm(name: str, pretrained: bool) -> nn.Module:
         return timm.create_model(name, pretrained=pretrained)
     except (OSError, RuntimeError, ValueError) as err:
         raise ScoreCamError(
-            f"cannot get the weights of timm model {name} ({_first_line(err)}): {OFFLINE_HINT}"
+            f"cannot get the weights of timm model {name} ({first_line(err)}): {OFFLINE_HINT}"
         ) from None
 
 
@@ -372,14 +372,14 @@ def _load_state_dict(model: nn.Module, weights: str | Path) -> None:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several unrelated types for a bad file
-        raise ScoreCamError(f"cannot read weights file {path}: {_first_line(err)}") from None
+        raise ScoreCamError(f"cannot read weights file {path}: {first_line(err)}") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     try:
         model.load_state_dict(state)
     except (RuntimeError, TypeError, AttributeError) as err:
         raise ScoreCamError(
-            f"weights file {path} does not fit the model: {_first_line(err)}"
+            f"weights file {path} does not fit the model: {first_line(err)}"
         ) from None
 
 
@@ -435,8 +435,3 @@ def _num_classes(model: nn.Module) -> int:
         return 0
     m = last[-1]
     return m.out_features if isinstance(m, nn.Linear) else m.out_channels
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__

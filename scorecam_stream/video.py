@@ -23,6 +23,7 @@ import av
 import av.container
 import numpy as np
 
+from .config import check_window
 from .errors import ScoreCamError
 
 log = logging.getLogger(__name__)
@@ -209,17 +210,6 @@ def probe(path: str) -> VideoInfo:
         )
 
 
-def _check_window(start: float | None, end: float | None, max_frames: int | None) -> None:
-    if start is not None and start < 0:
-        raise ScoreCamError(f"start must be >= 0 seconds, got {start}")
-    if end is not None and start is not None and end <= start:
-        raise ScoreCamError(f"end ({end} s) must be after start ({start} s)")
-    if end is not None and end <= 0:
-        raise ScoreCamError(f"end must be > 0 seconds, got {end}")
-    if max_frames is not None and max_frames < 0:
-        raise ScoreCamError(f"max_frames must be >= 0, got {max_frames}")
-
-
 def read_frames(
     path: str,
     start: float | None = None,
@@ -233,7 +223,7 @@ def read_frames(
     For a still image ``start``/``end`` are ignored. A stream that breaks off or holds
     undecodable data is read as far as it decodes, with one warning logged, and never raises.
     """
-    _check_window(start, end, max_frames)
+    check_window(start, end, max_frames)  # the configuration's rule
     if not _is_url(path):
         # Fail on a missing, empty or unreadable file now, not at the first next().
         _open_input(path).close()
@@ -273,8 +263,6 @@ def _decode(
     Like the ffmpeg tool, a packet that fails to decode is skipped (after MAX_BAD_PACKETS in
     a row, reading stops); a read error ends the stream. Concealed (corrupt) frames are kept.
     """
-    if max_frames == 0:
-        return
     fps = _fps(stream)
     yielded = decoded = 0
     damage = {"packets flagged corrupt": 0, "undecodable packets": 0, "corrupt frames": 0}

@@ -86,9 +86,9 @@ class FrameResult:
 
 def targets_for(logits: torch.Tensor, fixed: Sequence[int] | None, topk: int) -> torch.Tensor:
     """Return the classes (T,) to explain for a frame with ``logits`` (C,)."""
-    if fixed is not None:
-        return torch.as_tensor(fixed, dtype=torch.int64)
-    return logits.topk(topk).indices
+    # One rule for targets: the engine's (fixed classes checked against C, else the top-k).
+    wanted = None if fixed is None else [list(fixed)]
+    return ScoreCAM.resolve_targets(logits[None], wanted, topk)[0][0]
 
 
 def make_result(

@@ -11,10 +11,13 @@ from fractions import Fraction
 from pathlib import Path
 
 import av
+import clips
+import cv2
 import numpy as np
 import pytest
 import torch
 from clips import FAST, FPS, REPO, H, W, audio_span, make_clip, read_timing
+from conftest import CLIP_FRAMES
 
 from scorecam_stream import ScoreCAM, load_model
 from scorecam_stream import pipeline as pipeline_module
@@ -24,14 +27,6 @@ from scorecam_stream.video import probe, read_frames
 
 def run_cli(*args: object) -> int:
     return main([str(a) for a in args])
-
-
-@pytest.fixture(scope="module")
-def clip(tmp_path_factory) -> Path:
-    """A 12-frame clip with an AAC tone."""
-    path = tmp_path_factory.mktemp("clip") / "clip.mp4"
-    make_clip(path, count=12, audio="aac")
-    return path
 
 
 def engine_maps(path: Path, **options) -> tuple[np.ndarray, np.ndarray]:
@@ -218,37 +213,12 @@ def test_ray_address_comes_from_environment_only_when_distributing(monkeypatch):
     assert parse_config(["in.mp4", "--workers", "2"]).distributed.address == "auto"
 
 
-def _text_file(tmp_path: Path) -> Path:
-    path = tmp_path / "notes.mp4"
-    path.write_text("this is not a video\n" * 50)
-    return path
-
-
-def _truncated_mp4(tmp_path: Path, clip: Path) -> Path:
-    path = tmp_path / "cut.mp4"
-    path.write_bytes(clip.read_bytes()[: clip.stat().st_size // 2])
-    return path
-
-
-def _audio_only(tmp_path: Path) -> Path:
-    path = tmp_path / "tone.m4a"
-    with av.open(str(path), "w") as output:
-        stream = output.add_stream("aac", rate=44100)
-        stream.layout = "mono"
-        samples = np.zeros((1, 1024), np.float32)
-        frame = av.AudioFrame.from_ndarray(samples, format="fltp", layout="mono")
-        frame.sample_rate, frame.pts = 44100, 0
-        output.mux(stream.encode(frame))
-        output.mux(stream.encode(None))
-    return path
-
-
 BAD_INPUTS = {
     "missing": lambda tmp, clip: tmp / "nope.mp4",
-    "empty": lambda tmp, clip: (tmp / "empty.mp4", (tmp / "empty.mp4").write_bytes(b""))[0],
-    "not a video": lambda tmp, clip: _text_file(tmp),
-    "truncated mp4": _truncated_mp4,
-    "no video stream": lambda tmp, clip: _audio_only(tmp),
+    "empty": lambda tmp, clip: clips.empty_file(tmp),
+    "not a video": lambda tmp, clip: clips.text_file(tmp),
+    "truncated mp4": clips.truncated_mp4,
+    "no video stream": lambda tmp, clip: clips.audio_only(tmp),
 }
 
 
@@ -384,3 +354,70 @@ def test_console_script(clip, tmp_path):
     assert probe(str(out)).frame_count == 2
     bad = subprocess.run([script, str(tmp_path / "missing.mp4")], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1
+
+
+def _drawn_heats(monkeypatch) -> list[np.ndarray]:
+    """Record the display-scaled map of every frame the pipeline renders."""
+    real, heats = pipeline_module.render_frame, []
+
+    def render(frame, heat, label, options):
+        heats.append(np.array(heat))
+        return real(frame, heat, label, options)
+
+    monkeypatch.setattr(pipeline_module, "render_frame", render)
+    return heats
+
+
+def _expected_heats(maps: np.ndarray, targets: np.ndarray, smooth: float, scale: str) -> list:
+    """The plain reference: moving average restarted on a target change, then the scale."""
+    out, shown, previous, scales = [], None, None, {}
+    for heat, target in zip(maps.astype(np.float64), targets.tolist(), strict=True):
+        shown = heat if previous != target else smooth * shown + (1 - smooth) * heat
+        previous = target
+        if scale == "frame":
+            span = shown.max() - shown.min()
+            out.append((shown - shown.min()) / span if span > 0 else np.zeros_like(shown))
+        else:  # one running scale per target, decay 0.9 per map of that target
+            peak = shown.max()
+            scales[target] = peak if target not in scales else max(peak, 0.9 * scales[target])
+            out.append(np.clip(shown / scales[target], 0, 1) if scales[target] > 0 else shown * 0)
+    return out
+
+
+@pytest.mark.parametrize("scale", ["running", "frame"])
+def test_smooth_and_scale_give_the_drawn_maps(scale, clip, tmp_path, monkeypatch):
+    heats = _drawn_heats(monkeypatch)
+    maps = tmp_path / "m.npz"
+    args = ["--smooth", 0.6, "--scale", scale, "--save-maps", maps, "--target", "top1"]
+    assert run_cli(clip, "-o", tmp_path / "o.mp4", *args, *FAST) == 0
+    saved = np.load(maps)
+    targets = saved["targets"]
+    expected = _expected_heats(saved["maps"], targets, 0.6, scale)
+    assert len(heats) == len(expected) == CLIP_FRAMES
+    for drawn, wanted in zip(heats, expected, strict=True):
+        np.testing.assert_allclose(drawn, wanted, rtol=1e-4, atol=1e-5)
+    # The smoothing really is on: the drawn maps differ from each frame's own scaled map.
+    own = _expected_heats(saved["maps"], targets, 0.0, scale)
+    assert max(float(np.abs(h - o).max()) for h, o in zip(heats, own, strict=True)) > 1e-3
+
+
+def test_target_change_restarts_the_average_and_uses_that_class_scale(tmp_path, monkeypatch):
+    """Frames alternating between two pictures of different top-1 classes (as on a real clip)."""
+    from skimage import data
+
+    heats = _drawn_heats(monkeypatch)
+    clip = tmp_path / "two.mp4"
+    cat = cv2.resize(data.chelsea(), (64, 48), interpolation=cv2.INTER_AREA)
+    cup = cv2.resize(data.coffee(), (64, 48), interpolation=cv2.INTER_AREA)
+    clips.write_frames(clip, [cat, cat, cat, cup, cup, cat])
+    maps = tmp_path / "m.npz"
+    args = ["--smooth", 0.5, "--save-maps", maps]
+    assert run_cli(clip, "-o", tmp_path / "o.mp4", *args, *FAST) == 0
+    saved = np.load(maps)
+    targets = saved["targets"]
+    assert len(set(targets.tolist())) >= 2, targets  # the clip does change class
+    expected = _expected_heats(saved["maps"], targets, 0.5, "running")
+    for drawn, wanted in zip(heats, expected, strict=True):
+        np.testing.assert_allclose(drawn, wanted, rtol=1e-4, atol=1e-5)
+    change = int(np.nonzero(targets[1:] != targets[:-1])[0][0]) + 1
+    assert float(heats[change].max()) == pytest.approx(1.0)  # its own evidence, full range
