@@ -94,10 +94,10 @@ def main() -> None:
         )
 
     variants = {
-        "article (softmax, normalized)": {},
+        "article, contiguous": dict(channels_last=False),
         "article, channels_last": dict(channels_last=True),
-        "grad-cam variant (logit, channel softmax, raw), channels_last": dict(
-            score="logit", channel_softmax=True, combine="raw", channels_last=True
+        "variant pytorch-grad-cam, channels_last": dict(
+            variant="pytorch-grad-cam", channels_last=True
         ),
     }
     ours_per_frame = {}

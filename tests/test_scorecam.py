@@ -231,11 +231,13 @@ def test_matches_pytorch_grad_cam_on_a_real_photo():
 
     from scorecam_stream import load_model
 
-    lite0 = load_model("efficientnet_lite0", layer="blocks.6", input_size=128)
+    lite0 = load_model("efficientnet_lite0", layer="blocks.6", input_size=160)
     frame = cv2.resize(data.chelsea(), (640, 360))  # a 16:9 frame of a real photo
     x = lite0.preprocess(frame)[None]
     ours = ScoreCAM(lite0.model, lite0.layer, variant="pytorch-grad-cam")(x)
     theirs = _grad_cam_maps(lite0.model, lite0.layer, x, ours.targets)
+    assert int(ours.targets[0]) == 285  # Egyptian cat
+    assert 0.05 < float((ours.maps > 0.5).float().mean()) < 0.5  # a real map, not blank
     r = np.corrcoef(ours.maps[0].numpy().ravel(), theirs[0].ravel())[0, 1]
     assert r >= 0.999
     np.testing.assert_allclose(ours.maps[0].numpy(), theirs[0], atol=1e-4)
