@@ -146,7 +146,9 @@ def audio_only(directory: Path) -> Path:
     with av.open(str(path), "w") as output:
         stream = output.add_stream("aac", rate=SAMPLE_RATE)
         stream.layout = "mono"
-        frame = av.AudioFrame.from_ndarray(np.zeros((1, 4096), np.float32), format="fltp")
+        frame = av.AudioFrame.from_ndarray(
+            np.zeros((1, 4096), np.float32), format="fltp", layout="mono"
+        )
         frame.sample_rate, frame.pts = SAMPLE_RATE, 0
         output.mux(stream.encode(frame))
         output.mux(stream.encode(None))
