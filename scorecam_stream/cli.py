@@ -20,7 +20,7 @@ import yaml
 
 from . import __version__
 from .config import FIELDS, Config, build_config
-from .errors import ScoreCamError, Terminated
+from .errors import ScoreCamError, Terminated, first_line
 
 PROG = "scorecam-video"
 log = logging.getLogger(__name__)
@@ -88,9 +88,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--layer", help="target layer, dotted path (default: per model / auto)")
     g.add_argument("--input-size", type=int, help="model input side S (frames resized to SxS)")
     g.add_argument("--device", help="cpu, cuda or cuda:N")
+    g.add_argument("--mean", type=rgb_triple, help="R,G,B input mean (default: the model's own)")
+    g.add_argument("--std", type=rgb_triple, help="R,G,B input std (default: the model's own)")
+    g.add_argument(
+        "--fit", help="non-square frames: squash (default), pad or crop to the square input"
+    )
     g = p.add_argument_group("Score-CAM")
     g.add_argument("--batch-size", type=int, help="masked inputs per forward (default 32)")
     g.add_argument("--dtype", help="fp32 (default), bf16 or fp16 autocast")
+    g.add_argument(
+        "--variant", help="article (default) or pytorch-grad-cam (that library's ScoreCAM)"
+    )
     g.add_argument("--score", help="softmax (default), logit or logit_delta")
     _bool_flag(g, "channel-softmax", "softmax of the scores across channels")
     g.add_argument("--combine", help="normalized (default) or raw")
@@ -148,6 +156,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def rgb_triple(text: str) -> tuple[float, float, float]:
+    """Return the three floats of ``R,G,B`` (argparse turns a ValueError into a usage error)."""
+    parts = [p for p in str(text).replace(" ", ",").split(",") if p]
+    if len(parts) != 3:
+        raise ValueError(f"expected R,G,B, got {text!r}")
+    r, g, b = (float(p) for p in parts)
+    return r, g, b
+
+
 def load_settings(path: str) -> dict[str, Any]:
     """Return the flat settings of a YAML config file (dashes in keys read as underscores)."""
     file = Path(path)
@@ -156,13 +173,23 @@ def load_settings(path: str) -> dict[str, Any]:
     try:
         data = yaml.safe_load(file.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as err:
-        first = str(err).strip().splitlines()[0]
-        raise ScoreCamError(f"config file {path} is not valid YAML: {first}") from None
+        raise ScoreCamError(f"config file {path} is not valid YAML: {first_line(err)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ScoreCamError(f"config file {path} must be a mapping of settings")
     settings = {str(k).replace("-", "_"): v for k, v in data.items()}
+    for key in ("mean", "std"):  # "0.5,0.5,0.5" or [0.5, 0.5, 0.5]
+        value = settings.get(key)
+        if isinstance(value, str | list):
+            try:
+                settings[key] = rgb_triple(
+                    ",".join(map(str, value)) if isinstance(value, list) else value
+                )
+            except ValueError:
+                raise ScoreCamError(
+                    f"config file {path}: {key} must be three numbers R,G,B, got {value!r}"
+                ) from None
     unknown = sorted(set(settings) - set(FIELDS) - {"quiet"})
     if unknown:
         raise ScoreCamError(f"config file {path}: unknown setting(s) {', '.join(unknown)}")

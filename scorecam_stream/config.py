@@ -30,8 +30,28 @@ class ModelConfig:
     weights: str | None = None
     input_size: int | None = None
     device: str = "cpu"
+    mean: tuple[float, float, float] | None = None  # None: the model's own
+    std: tuple[float, float, float] | None = None  # None: the model's own
+    fit: str = "squash"  # how a non-square frame becomes the square model input
 
     def __post_init__(self) -> None:
+        for name, value in (("--mean", self.mean), ("--std", self.std)):
+            _check(
+                value is None
+                or (
+                    isinstance(value, tuple)
+                    and len(value) == 3
+                    and all(isinstance(v, (int, float)) and math.isfinite(v) for v in value)
+                ),
+                f"{name} must be three numbers R,G,B (e.g. 0.5,0.5,0.5), got {value!r}",
+            )
+        _check(
+            self.std is None or min(self.std) > 0, f"--std must be > 0 in every channel: {self.std}"
+        )
+        _check(
+            self.fit in ("squash", "pad", "crop"),
+            f"--fit must be squash, pad or crop, got '{self.fit}'",
+        )
         _check(
             self.input_size is None or self.input_size >= 16,
             f"--input-size must be at least 16, got {self.input_size}",
@@ -47,9 +67,10 @@ class EngineConfig:
     """Score-CAM options, as :class:`scorecam_stream.ScoreCAM` takes them."""
 
     batch_size: int = 32
-    score: str = "softmax"
-    channel_softmax: bool = False
-    combine: str = "normalized"
+    variant: str = "article"
+    score: str | None = None  # None: the variant's (article: softmax)
+    channel_softmax: bool | None = None  # None: the variant's (article: off)
+    combine: str | None = None  # None: the variant's (article: normalized)
     skip_constant: bool = True
     max_channels: int | None = None
     dtype: str = "fp32"
@@ -58,12 +79,26 @@ class EngineConfig:
     def __post_init__(self) -> None:
         _check(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
         _check(
-            self.score in ("softmax", "logit", "logit_delta"),
+            self.score in (None, "softmax", "logit", "logit_delta"),
             f"--score must be softmax, logit or logit_delta, got '{self.score}'",
         )
         _check(
-            self.combine in ("normalized", "raw"),
+            self.combine in (None, "normalized", "raw"),
             f"--combine must be normalized or raw, got '{self.combine}'",
+        )
+        _check(
+            self.variant in ("article", "pytorch-grad-cam"),
+            f"--variant must be article or pytorch-grad-cam, got '{self.variant}'",
+        )
+        _check(
+            self.variant == "article"
+            or (
+                self.score in (None, "logit")
+                and self.channel_softmax in (None, True)
+                and self.combine in (None, "raw")
+            ),
+            "--variant pytorch-grad-cam sets --score logit, --channel-softmax and --combine raw; "
+            "drop the others",
         )
         _check(
             self.max_channels is None or self.max_channels >= 1,
@@ -148,6 +183,22 @@ class OutputConfig:
         )
 
 
+def check_window(start: float | None, end: float | None, max_frames: int | None) -> None:
+    """Raise ScoreCamError unless the window is valid: the one rule (config and video.py)."""
+    for name, value in (("--start", start), ("--end", end)):
+        _check(
+            value is None
+            or (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0),
+            f"{name} must be a time >= 0 in seconds, got {value}",
+        )
+    _check(
+        start is None or end is None or end > start,
+        f"--end ({end}) must be after --start ({start})",
+    )
+    _check(end is None or end > 0, f"--end must be > 0 seconds, got {end}")
+    _check(max_frames is None or max_frames >= 1, f"--max-frames must be >= 1, got {max_frames}")
+
+
 @dataclass(frozen=True)
 class SourceConfig:
     """How the input is opened and read: live (source pace, newest frame) or every frame.
@@ -195,19 +246,7 @@ class WindowConfig:
     duration: float | None = None
 
     def __post_init__(self) -> None:
-        for name, value in (("--start", self.start), ("--end", self.end)):
-            _check(
-                value is None or (math.isfinite(value) and value >= 0),
-                f"{name} must be a time >= 0 in seconds, got {value}",
-            )
-        _check(
-            self.start is None or self.end is None or self.end > self.start,
-            f"--end ({self.end}) must be after --start ({self.start})",
-        )
-        _check(
-            self.max_frames is None or self.max_frames >= 1,
-            f"--max-frames must be >= 1, got {self.max_frames}",
-        )
+        check_window(self.start, self.end, self.max_frames)
         _check(
             self.duration is None or (math.isfinite(self.duration) and self.duration > 0),
             f"--duration must be > 0 seconds, got {self.duration}",

@@ -46,7 +46,7 @@ from ray.exceptions import (
 )
 
 from .config import DistributedConfig, EngineConfig, EvaluationConfig, ModelConfig
-from .errors import ScoreCamError
+from .errors import ScoreCamError, first_line
 from .evaluation import FrameScores
 from .scheduler import (
     InflightTracker,
@@ -349,12 +349,12 @@ class RayExplainer:
                     ray.init(address=address, **kwargs)
             except AuthenticationError as err:
                 raise ScoreCamError(
-                    f"the Ray cluster at {address} refused this process ({_first_line(err)}); "
+                    f"the Ray cluster at {address} refused this process ({first_line(err)}); "
                     f"{_AUTH_HINT}"
                 ) from None
             except (ConnectionError, RuntimeError, ValueError, TimeoutError) as err:
                 raise ScoreCamError(
-                    f"cannot connect to the Ray cluster at {address}: {_first_line(err)}; "
+                    f"cannot connect to the Ray cluster at {address}: {first_line(err)}; "
                     f"{_AUTH_HINT}"
                 ) from None
             log.info("connected to the Ray cluster at %s", address)
@@ -654,7 +654,7 @@ class RayExplainer:
             "worker %d (pid %s) died: %s; its calls go to the other workers",
             slot.index,
             slot.pid,
-            _first_line(err),
+            first_line(err),
         )
         self._probe(slot)
 
@@ -765,18 +765,13 @@ def _needs(options: dict[str, Any]) -> str:
     return " and ".join(f"{options[k]} {name}" for k, name in names.items() if k in options)
 
 
-def _first_line(err: BaseException) -> str:
-    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
-    return lines[0] if lines else type(err).__name__
-
-
 def _cause(err: BaseException) -> str:
     """Return the one-line cause of a Ray error: the worker's own exception where there is one."""
     if isinstance(err, RayTaskError) and err.cause is not None:
         cause = err.cause
         if isinstance(cause, ScoreCamError):
-            return _first_line(cause)
-        return f"{type(cause).__name__}: {_first_line(cause)}"
+            return first_line(cause)
+        return f"{type(cause).__name__}: {first_line(cause)}"
     if isinstance(err, RayActorError) and err.actor_init_failed:
         # The creation task's traceback is in the message; its last line is the exception.
         lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
@@ -785,4 +780,4 @@ def _cause(err: BaseException) -> str:
         if sep and name.rsplit(".", 1)[-1] == ScoreCamError.__name__:
             return message
         return f"{name.rsplit('.', 1)[-1]}: {message}" if sep else last
-    return _first_line(err)
+    return first_line(err)

@@ -1,6 +1,12 @@
 """The project's exceptions: mistakes a user can make, and a termination request."""
 
 
+def first_line(err: BaseException) -> str:
+    """Return the first non-blank line of an exception's message (its type name if none)."""
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
+
+
 class ScoreCamError(Exception):
     """A user-facing error: bad path, bad option, unknown model or layer, unreadable video.
 

@@ -30,6 +30,7 @@ from .config import Config
 from .errors import ScoreCamError
 from .evaluation import format_table, make_evaluator
 from .pipeline import (
+    MapDisplay,
     Outputs,
     Progress,
     RunSummary,
@@ -40,7 +41,6 @@ from .pipeline import (
     make_encoder,
     model_input,
 )
-from .render import MapScaler
 from .stages import DrawItem
 from .workers import Explainer, FrameResult, FrameTask
 
@@ -253,8 +253,7 @@ def run_live(
 
     encoder = make_encoder(config, reader, draw_items(), outputs)
     evaluator = make_evaluator(config)
-    scaler = MapScaler(config.output.scale)
-    smoothed: np.ndarray | None = None
+    display = MapDisplay(config.explain.smooth, config.output.scale)
     latencies: list[float] = []
     previous = -1
     try:
@@ -262,10 +261,7 @@ def run_live(
             for frame, result in explainer.explain(tasks()):
                 assert result is not None
                 latency_ms = (time.monotonic() - frame.arrival) * 1000
-                a = config.explain.smooth
-                first = result.maps[0]
-                smoothed = first if smoothed is None or a == 0 else a * smoothed + (1 - a) * first
-                latest.append(_Map(scaler(smoothed), result, frame))
+                latest.append(_Map(display(result), result, frame))
                 latencies.append(latency_ms)
                 add_maps(config, outputs, result, frame)
                 scores = evaluator.add(result) if evaluator is not None else {}

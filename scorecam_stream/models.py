@@ -12,7 +12,7 @@ Specs understood by :func:`load_model`:
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import ScoreCamError
+from .errors import ScoreCamError, first_line
+from .fit import FITS, fit_frame
 
 log = logging.getLogger(__name__)
 
@@ -47,25 +48,24 @@ _PASS_THROUGH = (nn.Identity, nn.Dropout, nn.Dropout2d, nn.Flatten)
 
 
 @dataclass(frozen=True)
-class LoadedModel:
-    """A classifier ready for Score-CAM.
+class ModelMeta:
+    """What the driver needs of a model (no weights): its preprocessing and class names.
 
-    ``preprocess`` maps an RGB uint8 (H, W, 3) frame to a float tensor (3, S, S): the whole
-    frame resized (no crop) and normalised with ``mean``/``std``.
+    ``preprocess`` maps an RGB uint8 (H, W, 3) frame to a float tensor (3, S, S) normalised
+    with ``mean``/``std``; ``fit`` says how a non-square frame becomes S x S (:mod:`.fit`).
     """
 
     name: str
-    model: nn.Module
-    layer: nn.Module
     layer_name: str
     input_size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     class_names: tuple[str, ...]
+    fit: str = "squash"
 
     def preprocess(self, frame: np.ndarray) -> torch.Tensor:
         """Return the model input (3, S, S) float32 for one RGB uint8 frame."""
-        return preprocess_frame(frame, self.input_size, self.mean, self.std)
+        return preprocess_frame(frame, self.input_size, self.mean, self.std, self.fit)
 
     def preprocess_batch(self, frames: list[np.ndarray]) -> torch.Tensor:
         """Return the model input (N, 3, S, S) float32 for a list of RGB uint8 frames."""
@@ -78,15 +78,56 @@ class LoadedModel:
         return str(index)
 
 
+@dataclass(frozen=True)
+class LoadedModel:
+    """A classifier ready for Score-CAM: the module, its target layer, and its :class:`ModelMeta`.
+
+    The meta's fields (``mean``, ``std``, ``input_size``...) and methods (``preprocess``,
+    ``class_name``) are reachable on the LoadedModel itself, read-only.
+    """
+
+    model: nn.Module
+    layer: nn.Module
+    meta: ModelMeta
+
+    name = property(lambda self: self.meta.name, doc="The model spec.")
+    layer_name = property(lambda self: self.meta.layer_name, doc="The target layer's path.")
+    input_size = property(lambda self: self.meta.input_size, doc="The model input's side S.")
+    mean = property(lambda self: self.meta.mean, doc="The RGB mean used to normalise.")
+    std = property(lambda self: self.meta.std, doc="The RGB std used to normalise.")
+    class_names = property(lambda self: self.meta.class_names, doc="Names by class id.")
+    fit = property(lambda self: self.meta.fit, doc="How frames become square.")
+
+    def preprocess(self, frame: np.ndarray) -> torch.Tensor:
+        """Return the model input (3, S, S) float32 for one RGB uint8 frame."""
+        return self.meta.preprocess(frame)
+
+    def preprocess_batch(self, frames: list[np.ndarray]) -> torch.Tensor:
+        """Return the model input (N, 3, S, S) float32 for a list of RGB uint8 frames."""
+        return self.meta.preprocess_batch(frames)
+
+    def class_name(self, index: int) -> str:
+        """Return the human name of a class id (the id itself if the model has no names)."""
+        return self.meta.class_name(index)
+
+
 def preprocess_frame(
     frame: np.ndarray,
     size: int,
     mean: tuple[float, float, float],
     std: tuple[float, float, float],
+    fit: str = "squash",
 ) -> torch.Tensor:
-    """Return the normalised (3, size, size) float32 tensor of a whole RGB uint8 frame."""
+    """Return the normalised (3, size, size) float32 tensor of an RGB uint8 frame.
+
+    ``fit``: ``squash`` resizes the whole frame to a square (aspect not kept), ``pad`` fits it
+    inside a black square, ``crop`` keeps its centred square (see :mod:`.fit`).
+    """
     if frame.ndim != 3 or frame.shape[2] != 3:
         raise ScoreCamError(f"expected an RGB frame of shape (H, W, 3), got {frame.shape}")
+    if fit not in FITS:
+        raise ScoreCamError(f"fit must be squash, pad or crop, got '{fit}'")
+    frame = fit_frame(frame, fit)
     h, w = frame.shape[:2]
     # INTER_AREA averages when shrinking (no aliasing), bilinear when enlarging.
     interp = cv2.INTER_AREA if (h > size or w > size) else cv2.INTER_LINEAR
@@ -110,14 +151,25 @@ def load_model(
     weights: str | Path | None = None,
     device: str | torch.device = "cpu",
     input_size: int | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    fit: str = "squash",
 ) -> LoadedModel:
     """Return the model named by ``spec`` in eval mode on ``device`` with its target layer.
 
     ``layer=None`` takes the model's default layer, or auto-detects the last module with a 4-D
-    spatial output; ``weights`` loads a local state dict instead of downloading.
+    spatial output; ``weights`` loads a local state dict instead of downloading. ``mean``,
+    ``std`` and ``input_size`` default to the model's own (timm's ``pretrained_cfg``,
+    torchvision's weights' transforms; ImageNet's and 224 when the model has none).
     """
     if input_size is not None and input_size < 16:
         raise ScoreCamError(f"input size must be at least 16 pixels, got {input_size}")
+    if fit not in FITS:
+        raise ScoreCamError(f"fit must be squash, pad or crop, got '{fit}'")
+    mean = _rgb_triple("mean", mean)
+    std = _rgb_triple("std", std)
+    if std is not None and min(std) <= 0:
+        raise ScoreCamError(f"std must be > 0 in every channel, got {std}")
     builder, family = _builder(spec)
     if weights is not None:
         model = builder(False)
@@ -125,25 +177,74 @@ def load_model(
     else:
         model = builder(True)
     model.eval()
-    size = input_size or 224
+    own = _own_preprocessing(model, family)
+    size = input_size or own.get("input_size") or 224
     try:
         model.to(device)
     except (RuntimeError, AssertionError) as err:
-        raise ScoreCamError(f"cannot use device {device!s}: {_first_line(err)}") from None
+        raise ScoreCamError(f"cannot use device {device!s}: {first_line(err)}") from None
     layer_name = layer or DEFAULT_LAYERS.get(family) or detect_layer(model, size, device)
     target = find_layer(model, layer_name)
-    mean, std = IMAGENET_MEAN, IMAGENET_STD
-    log.info("model %s, layer %s, input %d", spec, layer_name, size)
-    return LoadedModel(
+    source = "given" if mean is not None or std is not None else own.get("source", "ImageNet's")
+    mean = mean or own.get("mean") or IMAGENET_MEAN
+    std = std or own.get("std") or IMAGENET_STD
+    log.info(
+        "model %s, layer %s, input %d (%s), mean %s, std %s (%s)",
+        spec, layer_name, size, fit, _rounded(mean), _rounded(std), source,
+    )  # fmt: skip
+    meta = ModelMeta(
         name=spec,
-        model=model,
-        layer=target,
         layer_name=layer_name,
         input_size=size,
         mean=mean,
         std=std,
         class_names=imagenet_class_names() if _num_classes(model) == 1000 else (),
+        fit=fit,
     )
+    return LoadedModel(model=model, layer=target, meta=meta)
+
+
+def _rgb_triple(name: str, value: Sequence[float] | None) -> tuple[float, float, float] | None:
+    """Return ``value`` as a 3-tuple of floats (None stays None); a one-line error otherwise."""
+    if value is None:
+        return None
+    try:
+        triple = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        triple = ()
+    if len(triple) != 3 or not all(np.isfinite(triple)):
+        raise ScoreCamError(f"{name} must be three numbers R,G,B, got {value!r}")
+    return triple  # type: ignore[return-value]
+
+
+def _rounded(values: Sequence[float]) -> str:
+    return ",".join(f"{v:.4g}" for v in values)
+
+
+def _own_preprocessing(model: nn.Module, family: str) -> dict:
+    """Return the model's own mean, std, input_size (those it has) and where they came from."""
+    cfg = getattr(model, "pretrained_cfg", None)  # every timm model has one
+    if isinstance(cfg, dict) and cfg.get("mean") and cfg.get("std"):
+        own = {"mean": tuple(cfg["mean"]), "std": tuple(cfg["std"]), "source": "timm's config"}
+        if cfg.get("input_size"):
+            own["input_size"] = int(cfg["input_size"][-1])
+        return own
+    name = "vgg16" if family == "vgg16" else family.partition(":")[2]
+    if family == "vgg16" or family.startswith("torchvision:"):
+        import torchvision
+
+        try:  # the weights' own transforms: metadata only, nothing downloaded
+            transforms = torchvision.models.get_model_weights(name).DEFAULT.transforms()
+        except (ValueError, AttributeError, TypeError):
+            return {}
+        own = {"source": "torchvision weights' transforms"}
+        if getattr(transforms, "mean", None) and getattr(transforms, "std", None):
+            own["mean"], own["std"] = tuple(transforms.mean), tuple(transforms.std)
+        crop = getattr(transforms, "crop_size", None)
+        if crop:
+            own["input_size"] = int(crop[0])
+        return own
+    return {}
 
 
 def _builder(spec: str) -> tuple[Callable[[bool], nn.Module], str]:
@@ -192,7 +293,7 @@ def _torchvision(name: str, pretrained: bool) -> nn.Module:
         return torchvision.models.get_model(name, weights="DEFAULT")
     except (OSError, RuntimeError) as err:  # URLError is an OSError
         raise ScoreCamError(
-            f"cannot get the ImageNet weights of {name} ({_first_line(err)}): {OFFLINE_HINT}"
+            f"cannot get the ImageNet weights of {name} ({first_line(err)}): {OFFLINE_HINT}"
         ) from None
 
 
@@ -203,7 +304,7 @@ def _timm(name: str, pretrained: bool) -> nn.Module:
         return timm.create_model(name, pretrained=pretrained)
     except (OSError, RuntimeError, ValueError) as err:
         raise ScoreCamError(
-            f"cannot get the weights of timm model {name} ({_first_line(err)}): {OFFLINE_HINT}"
+            f"cannot get the weights of timm model {name} ({first_line(err)}): {OFFLINE_HINT}"
         ) from None
 
 
@@ -271,14 +372,14 @@ def _load_state_dict(model: nn.Module, weights: str | Path) -> None:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several unrelated types for a bad file
-        raise ScoreCamError(f"cannot read weights file {path}: {_first_line(err)}") from None
+        raise ScoreCamError(f"cannot read weights file {path}: {first_line(err)}") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     try:
         model.load_state_dict(state)
     except (RuntimeError, TypeError, AttributeError) as err:
         raise ScoreCamError(
-            f"weights file {path} does not fit the model: {_first_line(err)}"
+            f"weights file {path} does not fit the model: {first_line(err)}"
         ) from None
 
 
@@ -334,8 +435,3 @@ def _num_classes(model: nn.Module) -> int:
         return 0
     m = last[-1]
     return m.out_features if isinstance(m, nn.Linear) else m.out_channels
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__

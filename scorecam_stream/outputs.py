@@ -88,9 +88,11 @@ class PreviewSampler:
     bounded without knowing the number of frames in advance.
     """
 
-    def __init__(self, count: int = 8, tile_width: int = 320) -> None:
+    def __init__(self, count: int = 8, tile_width: int = 320, min_tile_height: int = 180) -> None:
         self.count = count
         self.tile_width = tile_width
+        # Wide frames (side by side) get wider tiles, so that their labels stay readable.
+        self.min_tile_height = min_tile_height
         self._stride = 1
         self._seen = 0
         self._kept: list[np.ndarray] = []
@@ -99,7 +101,8 @@ class PreviewSampler:
         """Show one rendered frame (RGB uint8)."""
         if self._seen % self._stride == 0:
             h, w = image.shape[:2]
-            size = (self.tile_width, max(1, round(h * self.tile_width / w)))
+            width = max(self.tile_width, min(w, round(self.min_tile_height * w / h)))
+            size = (width, max(1, round(h * width / w)))
             self._kept.append(cv2.resize(image, size, interpolation=cv2.INTER_AREA))
             if len(self._kept) >= 2 * self.count:
                 self._kept = self._kept[::2]
@@ -113,5 +116,6 @@ class PreviewSampler:
         """
         step = max(1, len(self._kept) / self.count)
         chosen = [self._kept[int(i * step)] for i in range(min(self.count, len(self._kept)))]
-        sheet = preview_sheet(chosen, columns=4, tile_width=self.tile_width)
+        width = chosen[0].shape[1] if chosen else self.tile_width
+        sheet = preview_sheet(chosen, columns=4, tile_width=width)
         write_image(str(path), sheet, name=name)

@@ -27,7 +27,6 @@ from . import video
 from .config import Config
 from .errors import ScoreCamError
 from .evaluation import Evaluator, format_table, make_evaluator
-from .models import preprocess_frame
 from .outputs import MapsWriter, PreviewSampler, RecordsWriter
 from .render import MapScaler, RenderOptions
 from .stages import Channel, DrawItem, Encoder, produce
@@ -289,7 +288,7 @@ def _classify_all(config: Config, reader: video.VideoReader, explainer: Explaine
 
 def model_input(image: np.ndarray, meta: ModelMeta) -> torch.Tensor:
     """Return the model input (3, S, S) of a decoded frame."""
-    return preprocess_frame(image, meta.input_size, meta.mean, meta.std)
+    return meta.preprocess(image)
 
 
 def class_name(names: tuple[str, ...], index: int) -> str:
@@ -300,7 +299,32 @@ def class_name(names: tuple[str, ...], index: int) -> str:
 def render_options(config: Config) -> RenderOptions:
     """Return how maps are drawn in this run."""
     out = config.output
-    return RenderOptions(layout=out.layout, colormap=out.colormap, alpha=out.alpha)
+    return RenderOptions(
+        layout=out.layout, colormap=out.colormap, alpha=out.alpha, fit=config.model.fit
+    )
+
+
+class MapDisplay:
+    """Turns each explained frame's first map into the heat drawn: smoothed, display-scaled.
+
+    Maps of another class are other evidence: not averaged in (``--smooth``), and shown on that
+    class's own display scale, not the previous class's peak.
+    """
+
+    def __init__(self, smooth: float, scale: str) -> None:
+        self._weight = smooth
+        self._scaler = MapScaler(scale)
+        self._smoothed: np.ndarray | None = None
+        self._target = -1
+
+    def __call__(self, result: FrameResult) -> np.ndarray:
+        """Return the map in [0, 1] to draw for ``result``."""
+        first, target = result.maps[0], int(result.targets[0])
+        a = self._weight
+        fresh = self._smoothed is None or a == 0 or target != self._target
+        self._smoothed = first if fresh else a * self._smoothed + (1 - a) * first
+        self._target = target
+        return self._scaler(self._smoothed, key=target)
 
 
 def open_writer(
@@ -364,7 +388,7 @@ def _process(
     meta = explainer.meta
     every = config.explain.every
     total = _expected_frames(config, reader.info)
-    scaler = MapScaler(config.output.scale)
+    display = MapDisplay(config.explain.smooth, config.output.scale)
     decoded = produce(window_frames(config, reader), name="decode")
 
     def tasks() -> Iterator[tuple[video.Frame, FrameTask | None]]:
@@ -375,7 +399,6 @@ def _process(
 
     drawn: Channel[DrawItem] = Channel()
     encoder = make_encoder(config, reader, drawn, outputs)
-    smoothed: np.ndarray | None = None
     latest: FrameResult | None = None
     heat: np.ndarray | None = None
     scores: dict[str, Any] = {}  # --metrics: the latest explained frame's record fields
@@ -384,8 +407,7 @@ def _process(
         for frame, result in explainer.explain(tasks()):
             if result is not None:
                 latest, explained = result, explained + 1
-                smoothed = _smooth(smoothed, result.maps[0], config.explain.smooth)
-                heat = scaler(smoothed)
+                heat = display(result)
                 add_maps(config, outputs, result, frame)
                 if evaluator is not None:
                     scores = evaluator.add(result)
@@ -416,13 +438,6 @@ def _process(
     finally:
         decoded.close()
     return done, explained
-
-
-def _smooth(previous: np.ndarray | None, current: np.ndarray, weight: float) -> np.ndarray:
-    """Return the exponential moving average of the maps (``weight`` of the past)."""
-    if previous is None or weight == 0:
-        return current
-    return weight * previous + (1 - weight) * current
 
 
 def add_maps(config: Config, outputs: Outputs, result: FrameResult, frame: video.Frame) -> None:

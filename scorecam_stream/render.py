@@ -16,6 +16,7 @@ import cv2
 import numpy as np
 
 from .errors import ScoreCamError
+from .fit import FITS, map_to_frame
 
 log = logging.getLogger(__name__)
 
@@ -28,12 +29,16 @@ LAYOUTS = ("overlay", "side-by-side")
 ScaleMode = Literal["running", "frame"]
 
 _FONT = cv2.FONT_HERSHEY_SIMPLEX
-_FONT_SCALE_PER_ROW = 1 / 720  # 0.5 at 360p, 1.0 at 720p, 1.5 at 1080p
+# Text about 5.5% of the frame's height (0.75 at 360p, 1.5 at 720p, 2.25 at 1080p): readable
+# on a 1080p screen and in a 320 px preview tile.
+_FONT_SCALE_PER_ROW = 1 / 480
 _MIN_FONT_SCALE = 0.3  # below this Hershey text is not readable
 _STRIP_KEEP = 0.4  # the label strip keeps 40% of the picture behind it
 _TEXT_RGB = (255, 255, 255)
 _BAR_BORDER_RGB = (255, 255, 255)
 _SHEET_BACKGROUND = 24
+_UNSEEN_KEEP = 0.5  # with fit=crop, the parts of the frame the model did not see are dimmed
+_SCALE_KEYS = 256  # running scales kept per target (oldest forgotten first)
 
 
 @dataclass(frozen=True)
@@ -42,7 +47,9 @@ class RenderOptions:
 
     ``layout``: ``overlay`` (the blend only) or ``side-by-side`` (original left, blend right).
     ``colormap``: a key of :data:`COLORMAPS`. ``alpha``: the map's weight in the blend, in
-    [0, 1]. ``colorbar`` / ``label``: draw the colour bar / the caller's text line.
+    [0, 1]. ``colorbar`` / ``label``: draw the colour bar / the caller's text line. ``fit``:
+    how the frame was made square for the model (:mod:`.fit`), so the map goes back where the
+    model saw it; with ``crop`` the sides it did not see are dimmed, not coloured.
     """
 
     layout: str = "overlay"
@@ -50,6 +57,7 @@ class RenderOptions:
     alpha: float = 0.5
     colorbar: bool = True
     label: bool = True
+    fit: str = "squash"
 
     def __post_init__(self) -> None:
         if self.layout not in LAYOUTS:
@@ -62,6 +70,8 @@ class RenderOptions:
         alpha = self.alpha
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
             raise ScoreCamError(f"alpha must be a number in [0, 1], got {alpha!r}")
+        if self.fit not in FITS:
+            raise ScoreCamError(f"fit must be squash, pad or crop, got '{self.fit}'")
 
 
 class MapScaler:
@@ -75,6 +85,9 @@ class MapScaler:
       max). A sudden brighter map raises the scale at once; a dimmer one after it stays dim
       instead of being stretched to full range, and the scale relaxes by ``decay`` per map,
       so after a few maps the dimmer level fills the range again. An all-zero map gives zeros.
+      ``key`` (the explained class) keeps one running scale per key: a map of another class
+      is measured against that class's own history, not against the previous class's peak
+      (maps of different classes are not on one scale).
 
     A scaler holds the running state of one video: feed it the maps in frame order, and use a
     new one (or :meth:`reset`) for the next video. Non-finite values count as zero.
@@ -88,6 +101,7 @@ class MapScaler:
         self.mode: ScaleMode = mode
         self.decay = float(decay)
         self._scale: float | None = None
+        self._scales: dict[object, float] = {}  # key -> running scale, oldest first
 
     @property
     def scale(self) -> float | None:
@@ -95,11 +109,15 @@ class MapScaler:
         return self._scale
 
     def reset(self) -> None:
-        """Forget the running scale, as before the first map."""
+        """Forget the running scales, as before the first map."""
         self._scale = None
+        self._scales.clear()
 
-    def __call__(self, heat: np.ndarray) -> np.ndarray:
-        """Return the map scaled for display: (h, w) float32 in [0, 1]."""
+    def __call__(self, heat: np.ndarray, key: object = None) -> np.ndarray:
+        """Return the map scaled for display: (h, w) float32 in [0, 1].
+
+        ``key``: whose running scale to use and update (e.g. the explained class id).
+        """
         heat = np.asarray(heat, dtype=np.float32)
         if heat.ndim != 2:
             raise ValueError(f"expected an (h, w) map, got shape {heat.shape}")
@@ -114,8 +132,11 @@ class MapScaler:
                 return np.zeros_like(heat)
             return (heat - low) / (high - low)
         peak = float(heat.max())
-        scale = peak if self._scale is None else max(peak, self.decay * self._scale)
-        self._scale = scale
+        previous = self._scales.pop(key, None)
+        scale = peak if previous is None else max(peak, self.decay * previous)
+        self._scales[key] = self._scale = scale
+        if len(self._scales) > _SCALE_KEYS:
+            del self._scales[next(iter(self._scales))]
         if scale <= 0:
             return np.zeros_like(heat)
         return np.clip(heat / scale, 0.0, 1.0)
@@ -195,7 +216,8 @@ def render_frame(
     """Return the frame with its map drawn: RGB uint8 (H, W, 3), or (H, 2W, 3) side by side.
 
     ``frame`` is RGB uint8 (H, W, 3); ``heat`` a display-scaled map in [0, 1] covering the
-    whole frame at any resolution (stretched back to (H, W) bilinearly). The blend is
+    square model input at any resolution, put back over the frame as ``options.fit`` says
+    (bilinearly). The blend is
     ``(1 - alpha) * frame + alpha * colour``; the label and colour bar go on the blend (the
     right panel side by side, whose left panel is the untouched frame). ``frame`` is not
     modified.
@@ -206,12 +228,16 @@ def render_frame(
         raise ValueError(f"expected an (h, w) map, got shape {heat.shape}")
     height, width = frame.shape[:2]
     colormap = COLORMAPS[options.colormap]
-    # (H, W) map over the whole frame: the model saw it squashed to a square, not cropped
-    heat = cv2.resize(heat.astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
+    # (H, W) map over the frame, back where the model saw each part of it
+    heat, (top, left, h, w) = map_to_frame(heat, height, width, options.fit)
     colour = _colorize(heat, colormap)
     overlay = cv2.addWeighted(
         np.ascontiguousarray(frame), 1.0 - options.alpha, colour, options.alpha, 0.0
     )
+    if (h, w) != (height, width):  # crop: the sides were not seen, so they carry no colour
+        seen = overlay[top : top + h, left : left + w].copy()
+        overlay = (frame * _UNSEEN_KEEP).astype(np.uint8)
+        overlay[top : top + h, left : left + w] = seen
     if options.label and label:
         _draw_label(overlay, label)
     if options.colorbar:

@@ -24,7 +24,7 @@ import torch
 
 from .config import EngineConfig, EvaluationConfig, ModelConfig
 from .evaluation import FrameScorer, FrameScores
-from .models import load_model
+from .models import ModelMeta, load_model
 from .scorecam import BasePass, ScoreCAM, ShardResult, combine_shards
 
 log = logging.getLogger(__name__)
@@ -74,18 +74,6 @@ class FrameTask:
     targets: tuple[int, ...] | None = None  # None: the frame's top-k classes
 
 
-@dataclass(frozen=True)
-class ModelMeta:
-    """What the driver needs to know of the workers' model: preprocessing and class names."""
-
-    name: str
-    layer_name: str
-    input_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    class_names: tuple[str, ...]
-
-
 @dataclass(frozen=True, eq=False)
 class FrameResult:
     """The Score-CAM maps of one frame."""
@@ -101,9 +89,9 @@ class FrameResult:
 
 def targets_for(logits: torch.Tensor, fixed: Sequence[int] | None, topk: int) -> torch.Tensor:
     """Return the classes (T,) to explain for a frame with ``logits`` (C,)."""
-    if fixed is not None:
-        return torch.as_tensor(fixed, dtype=torch.int64)
-    return logits.topk(topk).indices
+    # One rule for targets: the engine's (fixed classes checked against C, else the top-k).
+    wanted = None if fixed is None else [list(fixed)]
+    return ScoreCAM.resolve_targets(logits[None], wanted, topk)[0][0]
 
 
 def make_result(
@@ -146,7 +134,14 @@ class Worker:
         if not model.device.startswith("cuda"):
             keep_freed_memory()  # CPU tensors live in malloc'ed memory: see keep_freed_memory
         self.loaded = load_model(
-            model.spec, model.layer, model.weights, model.device, model.input_size
+            model.spec,
+            model.layer,
+            model.weights,
+            model.device,
+            model.input_size,
+            mean=model.mean,
+            std=model.std,
+            fit=model.fit,
         )
         self.engine = ScoreCAM(self.loaded.model, self.loaded.layer, **engine.engine_kwargs())
         self.device = torch.device(model.device)
@@ -174,15 +169,7 @@ class Worker:
 
     def meta(self) -> ModelMeta:
         """Return the model's preprocessing and class names."""
-        m = self.loaded
-        return ModelMeta(
-            name=m.name,
-            layer_name=m.layer_name,
-            input_size=m.input_size,
-            mean=m.mean,
-            std=m.std,
-            class_names=m.class_names,
-        )
+        return self.loaded.meta
 
     def base(self, index: int, x: torch.Tensor) -> BasePass:
         """Return the (cached) base pass of frame ``index`` with model input ``x`` (3, S, S)."""

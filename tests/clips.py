@@ -83,6 +83,19 @@ def make_clip(
     return images
 
 
+def write_frames(path: Path, images: list[np.ndarray]) -> None:
+    """Write the given RGB uint8 pictures as an H.264 clip at FPS, with PyAV directly."""
+    height, width = images[0].shape[:2]
+    with av.open(str(path), "w") as output:
+        video = output.add_stream("libx264", rate=FPS, width=width, height=height)
+        video.options = {"crf": "8"}
+        for i, image in enumerate(images):
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+            frame.pts, frame.time_base = i, Fraction(1, FPS)
+            output.mux(video.encode(frame))
+        output.mux(video.encode(None))
+
+
 def read_timing(path: Path) -> tuple[Fraction, list[int]]:
     """Return the video stream's time base and the decoded pts, read with PyAV directly."""
     with av.open(str(path)) as container:
@@ -187,3 +200,42 @@ def jsonl_lines_written(pid: int, directory: Path) -> int:
         if data.startswith(b'{"'):
             return data.count(b"\n")
     return 0
+
+
+# --- inputs a user may give by mistake (the same builders for the reader and the CLI) --------
+
+
+def text_file(directory: Path) -> Path:
+    """Return a text file named like a video."""
+    path = directory / "notes.mp4"
+    path.write_text("this is not a video\n" * 50)
+    return path
+
+
+def empty_file(directory: Path) -> Path:
+    """Return an empty file named like a video."""
+    path = directory / "empty.mp4"
+    path.write_bytes(b"")
+    return path
+
+
+def truncated_mp4(directory: Path, clip: Path) -> Path:
+    """Return the first half of ``clip``: an mp4 whose index (moov, at the end) is lost."""
+    path = directory / "cut.mp4"
+    path.write_bytes(clip.read_bytes()[: clip.stat().st_size // 2])
+    return path
+
+
+def audio_only(directory: Path) -> Path:
+    """Return an AAC file with no video stream."""
+    path = directory / "tone.m4a"
+    with av.open(str(path), "w") as output:
+        stream = output.add_stream("aac", rate=SAMPLE_RATE)
+        stream.layout = "mono"
+        frame = av.AudioFrame.from_ndarray(
+            np.zeros((1, 4096), np.float32), format="fltp", layout="mono"
+        )
+        frame.sample_rate, frame.pts = SAMPLE_RATE, 0
+        output.mux(stream.encode(frame))
+        output.mux(stream.encode(None))
+    return path

@@ -12,6 +12,8 @@ from fractions import Fraction
 from pathlib import Path
 
 import av
+import clips
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -26,6 +28,7 @@ from clips import (
     make_clip,
     read_timing,
 )
+from conftest import CLIP_FRAMES
 
 from scorecam_stream import ScoreCAM, load_model
 from scorecam_stream import stages as stages_module
@@ -35,14 +38,6 @@ from scorecam_stream.video import probe, read_frames
 
 def run_cli(*args: object) -> int:
     return main([str(a) for a in args])
-
-
-@pytest.fixture(scope="module")
-def clip(tmp_path_factory) -> Path:
-    """A 12-frame clip with an AAC tone."""
-    path = tmp_path_factory.mktemp("clip") / "clip.mp4"
-    make_clip(path, count=12, audio="aac")
-    return path
 
 
 def engine_maps(path: Path, **options) -> tuple[np.ndarray, np.ndarray]:
@@ -183,6 +178,36 @@ def test_config_file_and_flag_precedence(tmp_path):
         assert parse_config(["in.mp4", "--config", str(preset)]).input == "in.mp4"
 
 
+def test_model_and_variant_flags_reach_the_config(tmp_path):
+    flags = "--variant pytorch-grad-cam --mean 0.5,0.5,0.5 --std 0.25,0.5,1 --fit pad"
+    parsed = parse_config(["in.mp4", *flags.split()])
+    assert parsed.model.mean == (0.5, 0.5, 0.5) and parsed.model.std == (0.25, 0.5, 1.0)
+    assert parsed.model.fit == "pad" and parsed.engine.variant == "pytorch-grad-cam"
+    assert parsed.engine.engine_kwargs()["variant"] == "pytorch-grad-cam"
+    config = tmp_path / "c.yaml"
+    config.write_text("mean: [0.1, 0.2, 0.3]\nstd: 0.4,0.5,0.6\nfit: crop\n")
+    parsed = parse_config(["in.mp4", "--config", str(config)])
+    assert parsed.model.mean == (0.1, 0.2, 0.3) and parsed.model.std == (0.4, 0.5, 0.6)
+    assert parsed.model.fit == "crop"
+    defaults = parse_config(["in.mp4"])
+    assert defaults.model.mean is None and defaults.engine.variant == "article"
+
+
+def test_version_answers_without_importing_torch():
+    code = (
+        "import sys\n"
+        "from scorecam_stream.cli import main\n"
+        "try:\n    main(['--version'])\nexcept SystemExit as e:\n    assert e.code == 0\n"
+        "assert 'torch' not in sys.modules, 'torch imported'\n"
+        "assert 'av' not in sys.modules, 'av imported'\n"
+        "import scorecam_stream\n"
+        "assert scorecam_stream.ScoreCAM.__name__ == 'ScoreCAM' and 'torch' in sys.modules\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "scorecam-video 0.1.0"
+
+
 def test_distributed_flags_reach_the_config():
     flags = "--gpus 3 --max-inflight-frames 5 --shards-per-frame 6 --startup-timeout 9"
     flags += " --max-shard-retries 0 --threads-per-worker 2 --address ray://head:10001"
@@ -199,37 +224,12 @@ def test_ray_address_comes_from_environment_only_when_distributing(monkeypatch):
     assert parse_config(["in.mp4", "--workers", "2"]).distributed.address == "auto"
 
 
-def _text_file(tmp_path: Path) -> Path:
-    path = tmp_path / "notes.mp4"
-    path.write_text("this is not a video\n" * 50)
-    return path
-
-
-def _truncated_mp4(tmp_path: Path, clip: Path) -> Path:
-    path = tmp_path / "cut.mp4"
-    path.write_bytes(clip.read_bytes()[: clip.stat().st_size // 2])
-    return path
-
-
-def _audio_only(tmp_path: Path) -> Path:
-    path = tmp_path / "tone.m4a"
-    with av.open(str(path), "w") as output:
-        stream = output.add_stream("aac", rate=44100)
-        stream.layout = "mono"
-        samples = np.zeros((1, 1024), np.float32)
-        frame = av.AudioFrame.from_ndarray(samples, format="fltp", layout="mono")
-        frame.sample_rate, frame.pts = 44100, 0
-        output.mux(stream.encode(frame))
-        output.mux(stream.encode(None))
-    return path
-
-
 BAD_INPUTS = {
     "missing": lambda tmp, clip: tmp / "nope.mp4",
-    "empty": lambda tmp, clip: (tmp / "empty.mp4", (tmp / "empty.mp4").write_bytes(b""))[0],
-    "not a video": lambda tmp, clip: _text_file(tmp),
-    "truncated mp4": _truncated_mp4,
-    "no video stream": lambda tmp, clip: _audio_only(tmp),
+    "empty": lambda tmp, clip: clips.empty_file(tmp),
+    "not a video": lambda tmp, clip: clips.text_file(tmp),
+    "truncated mp4": clips.truncated_mp4,
+    "no video stream": lambda tmp, clip: clips.audio_only(tmp),
 }
 
 
@@ -272,6 +272,12 @@ BAD_OPTIONS = [
     (["--workers", "2", "--address", "headnode"], "--address must be auto, HOST:PORT"),
     (["--workers", "2", "--address", "127.0.0.1:1"], "cannot connect to the Ray cluster"),
     (["--config", "/nonexistent.yaml"], "config file"),
+    (["--variant", "torchcam"], "--variant must be article or pytorch-grad-cam"),
+    (["--variant", "pytorch-grad-cam", "--score", "softmax"], "--variant pytorch-grad-cam sets"),
+    (["--variant", "pytorch-grad-cam", "--no-channel-softmax"], "--variant pytorch-grad-cam"),
+    (["--fit", "stretch"], "--fit must be squash, pad or crop"),
+    (["--mean", "0.5,0.5"], "--mean"),
+    (["--std", "0.5,0,0.5"], "--std must be > 0"),
 ]
 
 
@@ -401,3 +407,70 @@ def test_the_input_is_opened_once(clip, tmp_path, monkeypatch, target):
     monkeypatch.undo()
     assert probe(str(out)).has_audio
     assert audio_span(out)[2] == pytest.approx(audio_span(clip)[2], abs=0.05)
+
+
+def _drawn_heats(monkeypatch) -> list[np.ndarray]:
+    """Record the display-scaled map of every frame the pipeline renders."""
+    real, heats = stages_module.render_frame, []
+
+    def render(frame, heat, label, options):
+        heats.append(np.array(heat))
+        return real(frame, heat, label, options)
+
+    monkeypatch.setattr(stages_module, "render_frame", render)
+    return heats
+
+
+def _expected_heats(maps: np.ndarray, targets: np.ndarray, smooth: float, scale: str) -> list:
+    """The plain reference: moving average restarted on a target change, then the scale."""
+    out, shown, previous, scales = [], None, None, {}
+    for heat, target in zip(maps.astype(np.float64), targets.tolist(), strict=True):
+        shown = heat if previous != target else smooth * shown + (1 - smooth) * heat
+        previous = target
+        if scale == "frame":
+            span = shown.max() - shown.min()
+            out.append((shown - shown.min()) / span if span > 0 else np.zeros_like(shown))
+        else:  # one running scale per target, decay 0.9 per map of that target
+            peak = shown.max()
+            scales[target] = peak if target not in scales else max(peak, 0.9 * scales[target])
+            out.append(np.clip(shown / scales[target], 0, 1) if scales[target] > 0 else shown * 0)
+    return out
+
+
+@pytest.mark.parametrize("scale", ["running", "frame"])
+def test_smooth_and_scale_give_the_drawn_maps(scale, clip, tmp_path, monkeypatch):
+    heats = _drawn_heats(monkeypatch)
+    maps = tmp_path / "m.npz"
+    args = ["--smooth", 0.6, "--scale", scale, "--save-maps", maps, "--target", "top1"]
+    assert run_cli(clip, "-o", tmp_path / "o.mp4", *args, *FAST) == 0
+    saved = np.load(maps)
+    targets = saved["targets"]
+    expected = _expected_heats(saved["maps"], targets, 0.6, scale)
+    assert len(heats) == len(expected) == CLIP_FRAMES
+    for drawn, wanted in zip(heats, expected, strict=True):
+        np.testing.assert_allclose(drawn, wanted, rtol=1e-4, atol=1e-5)
+    # The smoothing really is on: the drawn maps differ from each frame's own scaled map.
+    own = _expected_heats(saved["maps"], targets, 0.0, scale)
+    assert max(float(np.abs(h - o).max()) for h, o in zip(heats, own, strict=True)) > 1e-3
+
+
+def test_target_change_restarts_the_average_and_uses_that_class_scale(tmp_path, monkeypatch):
+    """Frames alternating between two pictures of different top-1 classes (as on a real clip)."""
+    from skimage import data
+
+    heats = _drawn_heats(monkeypatch)
+    clip = tmp_path / "two.mp4"
+    cat = cv2.resize(data.chelsea(), (64, 48), interpolation=cv2.INTER_AREA)
+    cup = cv2.resize(data.coffee(), (64, 48), interpolation=cv2.INTER_AREA)
+    clips.write_frames(clip, [cat, cat, cat, cup, cup, cat])
+    maps = tmp_path / "m.npz"
+    args = ["--smooth", 0.5, "--save-maps", maps]
+    assert run_cli(clip, "-o", tmp_path / "o.mp4", *args, *FAST) == 0
+    saved = np.load(maps)
+    targets = saved["targets"]
+    assert len(set(targets.tolist())) >= 2, targets  # the clip does change class
+    expected = _expected_heats(saved["maps"], targets, 0.5, "running")
+    for drawn, wanted in zip(heats, expected, strict=True):
+        np.testing.assert_allclose(drawn, wanted, rtol=1e-4, atol=1e-5)
+    change = int(np.nonzero(targets[1:] != targets[:-1])[0][0]) + 1
+    assert float(heats[change].max()) == pytest.approx(1.0)  # its own evidence, full range

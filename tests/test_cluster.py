@@ -27,20 +27,13 @@ import av
 import numpy as np
 import pytest
 import ray
-from clips import FAST, REPO, jsonl_lines_written, make_clip
+from clips import FAST, REPO, jsonl_lines_written
+from conftest import CLIP_FRAMES, session_pids
 
 from scorecam_stream.cli import main
 from scorecam_stream.video import probe
 
 BIN = Path(sys.executable).parent  # the venv's scripts: ray, scorecam-video
-
-
-@pytest.fixture(scope="module")
-def clip(tmp_path_factory) -> Path:
-    """A 10-frame clip with an AAC tone, alone in its directory (the job's working dir)."""
-    path = tmp_path_factory.mktemp("job") / "clip.mp4"
-    make_clip(path, count=10, audio="aac")
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -69,17 +62,17 @@ def assert_same_run(video: Path, maps: Path, single: tuple[Path, Path]) -> None:
     atol = 1e-5 * float(want["maps"].max())
     np.testing.assert_allclose(got["maps"], want["maps"], rtol=1e-5, atol=atol)
     frames, ref_frames = decoded(video), decoded(ref_video)
-    assert frames.shape == ref_frames.shape and frames.shape[0] == 10
+    assert frames.shape == ref_frames.shape and frames.shape[0] == CLIP_FRAMES
     np.testing.assert_array_equal(frames, ref_frames)
 
 
 @pytest.mark.parametrize(
     ("options", "shape"),
     [
-        ([], (10, 64, 64)),
+        ([], (CLIP_FRAMES, 64, 64)),
         # the batched classification of every frame first, and frames passed through
         (["--target", "dominant", "--every", "3"], (4, 64, 64)),
-        (["--topk", "2"], (10, 2, 64, 64)),
+        (["--topk", "2"], (CLIP_FRAMES, 2, 64, 64)),
     ],
     ids=["top1", "dominant-every-3", "topk-2"],
 )
@@ -102,19 +95,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def session_pids(sid: int) -> list[int]:
-    """Return the live processes of session ``sid`` (the head and everything it started)."""
-    pids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-        if int(fields[3]) == sid and fields[0] != "Z":
-            pids.append(int(stat.parent.name))
-    return pids
 
 
 @pytest.fixture(scope="module")
@@ -207,7 +187,7 @@ def test_ray_job_submit_with_token_auth(head, clip, single, tmp_path):
     done = submit(command, env)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "succeeded" in done.stdout + done.stderr
-    assert probe(str(video)).frame_count == 10
+    assert probe(str(video)).frame_count == CLIP_FRAMES
     assert_same_run(video, maps, single)
 
     # scripts/submit_job.py: the same job through JobSubmissionClient, following its logs.

@@ -19,6 +19,7 @@ import pytest
 import ray
 import torch
 import torchvision
+from conftest import wait_gone
 from ray.exceptions import RayActorError
 
 from scorecam_stream import ScoreCamError
@@ -87,10 +88,29 @@ def reference(model, frames) -> dict[str, FrameResult | None]:
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+def _shut_down_at_the_end() -> Iterator[None]:
     yield
-    ray.shutdown()
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+@pytest.fixture
+def ray_cluster(_shut_down_at_the_end) -> None:
+    """A Ray instance this module started and shares between tests (started if not running)."""
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+
+
+@pytest.fixture
+def no_ray() -> None:
+    """No Ray in this process: for the tests of an explainer that starts and stops its own.
+
+    Shuts down whatever an earlier test started, so these tests run (and can fail) in any order
+    and under any -k selection.
+    """
+    if ray.is_initialized():
+        ray.shutdown()
+    assert not ray.is_initialized()
 
 
 def assert_same(out: list[tuple[str, FrameResult | None]], reference) -> None:
@@ -116,22 +136,6 @@ def assert_same(out: list[tuple[str, FrameResult | None]], reference) -> None:
         )
         assert result.skipped == expected.skipped
         assert result.seconds > 0
-
-
-def process_alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return state != "Z"
-
-
-def wait_gone(pids: list[int], timeout: float = 20.0) -> list[int]:
-    """Return the pids still alive after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and any(process_alive(p) for p in pids):
-        time.sleep(0.1)
-    return [p for p in pids if process_alive(p)]
 
 
 def slow_worker(delay: float) -> type[Worker]:
@@ -169,12 +173,10 @@ def flaky_worker(counter: Path, failures: int) -> type[Worker]:
     return FlakyWorker
 
 
-# ---------------------------------------------------------------------- runs before ray_cluster
+# ---------------------------------------------------------------------- without Ray running
 
 
-def test_starts_and_shuts_down_its_own_local_ray(model, frames, reference):
-    if ray.is_initialized():
-        pytest.skip("Ray was initialised by an earlier test module")
+def test_starts_and_shuts_down_its_own_local_ray(no_ray, model, frames, reference):
     dist = DistributedConfig(workers=1)
     with RayExplainer(model, ENGINE, dist, topk=2) as explainer:
         assert ray.is_initialized() and ray.cluster_resources()["CPU"] >= 1
@@ -191,9 +193,7 @@ def test_starts_and_shuts_down_its_own_local_ray(model, frames, reference):
         ("headnode", r"^--address must be auto, HOST:PORT or ray://HOST:PORT, got 'headnode'$"),
     ],
 )
-def test_unreachable_address_fails_fast(model, address, message):
-    if ray.is_initialized():
-        pytest.skip("Ray was initialised by an earlier test module")
+def test_unreachable_address_fails_fast(no_ray, model, address, message):
     with pytest.raises(ScoreCamError, match=message):
         RayExplainer(model, ENGINE, DistributedConfig(workers=1, address=address))
     assert not ray.is_initialized()

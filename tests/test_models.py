@@ -139,3 +139,74 @@ def test_vgg16_offline_names_weights_and_offline_model(monkeypatch):
         load_model("vgg16")
     text = str(info.value)
     assert "--weights" in text and "efficientnet_lite0" in text and "\n" not in text
+
+
+def _normalise(image: np.ndarray, mean, std) -> torch.Tensor:
+    """The plain reference: [0, 1], minus mean, over std, channels first."""
+    x = (image.astype(np.float64) / 255.0 - np.asarray(mean)) / np.asarray(std)
+    return torch.from_numpy(x.transpose(2, 0, 1).astype(np.float32))
+
+
+def test_each_model_gets_its_own_mean_and_std(tmp_path):
+    import timm
+
+    # timm: the model's pretrained_cfg (Inception-style 0.5/0.5 here, and its own input size).
+    net = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    assert net.pretrained_cfg["mean"] == (0.5, 0.5, 0.5)
+    path = tmp_path / "lite0.pt"
+    torch.save(net.state_dict(), path)
+    loaded = load_model("timm:tf_efficientnet_lite0", weights=path)
+    assert loaded.mean == (0.5, 0.5, 0.5) and loaded.std == (0.5, 0.5, 0.5)
+    assert loaded.input_size == net.pretrained_cfg["input_size"][-1]
+    # The offline model is timm's tf_efficientnet_lite0 with the TF checkpoint: the same.
+    assert load_model("efficientnet_lite0", input_size=64).mean == (0.5, 0.5, 0.5)
+    # torchvision: the weights' own transforms (ImageNet's for resnet18), without a download.
+    r18 = tmp_path / "r18.pt"
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), r18)
+    tv = load_model("torchvision:resnet18", weights=r18, input_size=64)
+    transforms = torchvision.models.ResNet18_Weights.DEFAULT.transforms()
+    assert tv.mean == tuple(transforms.mean) and tv.std == tuple(transforms.std)
+    image = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    torch.testing.assert_close(tv.preprocess(image), _normalise(image, tv.mean, tv.std))
+    torch.testing.assert_close(
+        loaded.preprocess(np.full((224, 224, 3), 255, np.uint8))[:, 0, 0], torch.ones(3)
+    )
+
+
+def test_mean_and_std_can_be_given(tmp_path):
+    lite0 = load_model("efficientnet_lite0", input_size=32, mean=[0.1, 0.2, 0.3], std=(1, 2, 4))
+    assert lite0.mean == (0.1, 0.2, 0.3) and lite0.std == (1.0, 2.0, 4.0)
+    assert lite0.meta.mean == lite0.mean  # one record: the meta the workers hand out
+    image = np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    torch.testing.assert_close(lite0.preprocess(image), _normalise(image, lite0.mean, lite0.std))
+    for kwargs, message in [
+        (dict(mean=(0.5, 0.5)), "mean must be three numbers"),
+        (dict(std=(0.5, 0.0, 0.5)), "std must be > 0"),
+        (dict(mean=("a", 1, 2)), "mean must be three numbers"),
+        (dict(fit="stretch"), "fit must be squash, pad or crop"),
+    ]:
+        with pytest.raises(ScoreCamError, match=message):
+            load_model("efficientnet_lite0", input_size=32, **kwargs)
+
+
+@pytest.mark.parametrize("shape", [(40, 100), (100, 40), (50, 50)])
+def test_fit_pad_and_crop_against_plain_slicing(shape):
+    height, width = shape
+    rng = np.random.default_rng(2)
+    frame = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    zero, one = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+    side = max(height, width)
+    # pad: the frame centred in a black square of side max(H, W); size = side, no resizing
+    padded = preprocess_frame(frame, side, zero, one, fit="pad")
+    square = np.zeros((side, side, 3), np.uint8)
+    top, left = (side - height) // 2, (side - width) // 2
+    square[top : top + height, left : left + width] = frame
+    torch.testing.assert_close(padded, _normalise(square, zero, one))
+    # crop: the centred square of side min(H, W)
+    small = min(height, width)
+    cropped = preprocess_frame(frame, small, zero, one, fit="crop")
+    top, left = (height - small) // 2, (width - small) // 2
+    centre = frame[top : top + small, left : left + small]
+    torch.testing.assert_close(cropped, _normalise(centre, zero, one))
+    # squash keeps every pixel column: the left third white stays the left third
+    assert preprocess_frame(frame, 32, zero, one).shape == (3, 32, 32)

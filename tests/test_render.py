@@ -56,15 +56,27 @@ def test_alpha_zero_gives_the_frame_exactly() -> None:
     np.testing.assert_array_equal(out, frame)
 
 
-@pytest.mark.parametrize("colormap", ["jet", "turbo", "inferno", "viridis"])
+# The published end colours (RGB) of each colormap: low value, high value. Independent of
+# OpenCV, so a BGR/RGB swap or a reversed table fails.
+COLOUR_ENDS = {
+    "jet": ((0, 0, 128), (128, 0, 0)),
+    "viridis": ((68, 1, 84), (253, 231, 37)),
+    "inferno": ((0, 0, 4), (252, 255, 164)),
+    "turbo": ((48, 18, 59), (122, 4, 3)),
+}
+
+
+@pytest.mark.parametrize("colormap", sorted(COLOUR_ENDS))
 def test_alpha_one_gives_the_colormap_in_rgb(colormap: str) -> None:
     # a 16 x 16 map at frame resolution holds each of the 256 levels once
     levels = np.arange(256, dtype=np.uint8).reshape(16, 16)
     options = RenderOptions(colormap=colormap, alpha=1.0, **PLAIN)
-    out = render_frame(noise_frame(16, 16), levels / 255.0, None, options)
-    bgr = cv2.applyColorMap(levels, COLORMAPS[colormap])
-    np.testing.assert_array_equal(out, bgr[..., ::-1])
-    assert not np.array_equal(out, bgr)  # RGB, not OpenCV's BGR
+    out = render_frame(noise_frame(16, 16), levels / 255.0, None, options).astype(int)
+    low, high = COLOUR_ENDS[colormap]
+    assert np.abs(out[0, 0] - low).max() <= 4 and np.abs(out[15, 15] - high).max() <= 4
+    # one colour per level: the same level anywhere gives the same colour, neighbours are close
+    steps = np.abs(np.diff(out.reshape(256, 3), axis=0)).max(axis=1)
+    assert steps.max() <= 12 and len({tuple(c) for c in out.reshape(256, 3)}) > 200
 
 
 def test_render_does_not_modify_the_frame() -> None:
@@ -132,22 +144,33 @@ def test_label_draws_a_dark_strip_with_light_text_top_left() -> None:
     np.testing.assert_array_equal(off, frame)
 
 
-def test_label_scales_with_frame_height() -> None:
-    def label_rows(height: int) -> int:
-        frame = np.full((height, height * 2, 3), 255, dtype=np.uint8)
-        options = RenderOptions(alpha=0.0, colorbar=False)
-        out = render_frame(frame, np.zeros((8, 8)), "cat 0.90", options)
-        return int(np.nonzero((out != frame).any(axis=2))[0].max())
+def _text_rows(out: np.ndarray) -> np.ndarray:
+    """Return the rows holding the label's light text (on a black frame, alpha 0)."""
+    return np.nonzero((out > 200).all(axis=2).any(axis=1))[0]
 
-    assert label_rows(720) > 1.5 * label_rows(360)
+
+@pytest.mark.parametrize("height", [360, 720, 1080])
+def test_label_is_sized_with_the_frame(height: int) -> None:
+    frame = np.zeros((height, height * 16 // 9, 3), dtype=np.uint8)
+    options = RenderOptions(alpha=0.0, colorbar=False)
+    out = render_frame(frame, np.zeros((8, 8)), "Egyptian cat 0.78  00:01.25", options)
+    rows = _text_rows(out)
+    # Cap to baseline about 4% of the height: readable on 1080p and in a 320 px preview tile.
+    assert 0.035 * height <= rows.max() - rows.min() + 1 <= 0.08 * height
 
 
 def test_long_label_stays_inside_a_narrow_frame() -> None:
-    frame = np.full((400, 120, 3), 255, dtype=np.uint8)
+    frame = np.zeros((400, 120, 3), dtype=np.uint8)
     options = RenderOptions(alpha=0.0, colorbar=False)
-    out = render_frame(frame, np.zeros((8, 8)), "a very long class name 0.99  01:02.03", options)
-    assert out.shape == frame.shape
-    assert (out != frame).any()
+    text = "a very long class name 0.99  01:02.03"
+    out = render_frame(frame, np.zeros((8, 8)), text, options)
+    cols = np.nonzero((out > 200).all(axis=2).any(axis=0))[0]
+    assert cols.size > 0 and cols.min() >= 2 and cols.max() <= 120 - 3  # text clear of edges
+    # It was shrunk or cut to fit: at the full size the text alone would be wider than 120 px.
+    full = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, 400 / 480, 1)[0][0]
+    assert full > 120
+    wide = render_frame(np.zeros((400, 2000, 3), np.uint8), np.zeros((8, 8)), text, options)
+    assert _text_rows(out).size < _text_rows(wide).size  # smaller letters in the narrow frame
 
 
 @pytest.mark.parametrize(("height", "width"), [(16, 16), (1, 1), (3, 40)])
@@ -169,6 +192,7 @@ def test_tiny_frames_render_without_label_or_bar(height: int, width: int) -> Non
         ({"alpha": -0.1}, "alpha"),
         ({"alpha": 1.5}, "alpha"),
         ({"alpha": float("nan")}, "alpha"),
+        ({"fit": "stretch"}, "fit"),
     ],
 )
 def test_render_options_validation(kwargs: dict, match: str) -> None:
@@ -196,6 +220,49 @@ def test_running_scaler_rises_at_once_and_recovers_with_decay() -> None:
     # the dim map after the bright one is not stretched; the scale halves until 1 is reached
     np.testing.assert_allclose(peaks, [0.25, 0.5, 1.0, 1.0])
     assert scaler(dim * 0.5).dtype == np.float32
+
+
+def test_running_scaler_keeps_one_scale_per_target() -> None:
+    scaler = MapScaler("running", decay=0.5)
+    llama, gorilla = np.array([[0.0, 10.0]]), np.array([[0.0, 1.0]])
+    np.testing.assert_allclose(scaler(llama, key="llama"), [[0.0, 1.0]])
+    # another class after a strong map: its own evidence fills the range at once
+    np.testing.assert_allclose(scaler(gorilla, key="gorilla"), [[0.0, 1.0]])
+    # back to the first class: measured against its own history (decayed once)
+    np.testing.assert_allclose(scaler(llama * 0.25, key="llama"), [[0.0, 0.5]])
+    # without keys, the dim map after the strong one is nearly blank (the issue's symptom)
+    plain = MapScaler("running", decay=0.5)
+    plain(llama)
+    assert float(plain(gorilla).max()) == pytest.approx(0.2)
+    scaler.reset()
+    np.testing.assert_allclose(scaler(llama * 0.25, key="llama"), [[0.0, 1.0]])
+
+
+@pytest.mark.parametrize("fit", ["squash", "pad", "crop"])
+def test_the_map_goes_back_where_the_model_saw_it(fit: str) -> None:
+    """A hot square in the model input lands on the frame pixels it came from."""
+    from scorecam_stream.models import preprocess_frame
+
+    height, width, size = 90, 160, 64
+    # which frame pixels the model input's hot square came from: mark the frame, preprocess it
+    heat = hot_square_map(size)
+    marks = np.zeros((height, width, 3), np.uint8)
+    rows, cols = np.mgrid[0:height, 0:width]
+    marks[..., 0], marks[..., 1] = rows * 255 // height, cols * 255 // width
+    x = preprocess_frame(marks, size, (0, 0, 0), (1 / 255, 1 / 255, 1 / 255), fit=fit).numpy()
+    hot = heat > 0.5
+    row_range = x[0][hot].min() * height / 255, x[0][hot].max() * height / 255
+    col_range = x[1][hot].min() * width / 255, x[1][hot].max() * width / 255
+    frame = np.full((height, width, 3), 128, np.uint8)
+    out = render_frame(frame, heat, None, RenderOptions(alpha=1.0, fit=fit, **PLAIN))
+    red = (out[..., 0].astype(int) - out[..., 2]) > 100
+    r, c = np.nonzero(red)
+    assert abs(r.min() - row_range[0]) <= 3 and abs(r.max() - row_range[1]) <= 3
+    assert abs(c.min() - col_range[0]) <= 3 and abs(c.max() - col_range[1]) <= 3
+    if fit == "crop":  # the sides the model did not see: dimmed frame, no colour
+        side = (width - height) // 2
+        np.testing.assert_array_equal(out[:, : side - 1], 64)
+        np.testing.assert_array_equal(out[:, width - side + 1 :], 64)
 
 
 def test_running_scaler_clips_and_handles_zero_maps() -> None:

@@ -204,19 +204,113 @@ def test_max_channels_uses_highest_variance_channels(tiny, images):
         assert_maps_close(result.maps[i], ref)
 
 
-def test_matches_pytorch_grad_cam(tiny, images):
+def _grad_cam_maps(model, layer, x, targets):
+    """Return pytorch-grad-cam's ScoreCAM maps (N, S, S) for ``targets`` (N,)."""
     from pytorch_grad_cam import ScoreCAM as GradCamScoreCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
+    cam = GradCamScoreCAM(model=model, target_layers=[layer])
+    return cam(input_tensor=x, targets=[ClassifierOutputTarget(int(t)) for t in targets])
+
+
+def test_matches_pytorch_grad_cam(tiny, images):
     layer = tiny.features[3]
-    ours = ScoreCAM(tiny, layer, score="logit", channel_softmax=True, combine="raw")(images)
-    cam = GradCamScoreCAM(model=tiny, target_layers=[layer])
-    theirs = cam(
-        input_tensor=images, targets=[ClassifierOutputTarget(int(t)) for t in ours.targets]
-    )
+    ours = ScoreCAM(tiny, layer, variant="pytorch-grad-cam", batch_size=5)(images)
+    theirs = _grad_cam_maps(tiny, layer, images, ours.targets)
     for i in range(3):
         r = np.corrcoef(ours.maps[i].numpy().ravel(), theirs[i].ravel())[0, 1]
         assert r >= 0.999
+    # Both are min-max scaled to [0, 1]: the values themselves agree.
+    np.testing.assert_allclose(ours.maps.numpy(), theirs, atol=1e-4)
+
+
+def test_matches_pytorch_grad_cam_on_a_real_photo():
+    """The offline EfficientNet-Lite0 on a real 16:9 frame, at the issue's layer blocks.6."""
+    import cv2
+    from skimage import data
+
+    from scorecam_stream import load_model
+
+    lite0 = load_model("efficientnet_lite0", layer="blocks.6", input_size=160)
+    frame = cv2.resize(data.chelsea(), (640, 360))  # a 16:9 frame of a real photo
+    x = lite0.preprocess(frame)[None]
+    ours = ScoreCAM(lite0.model, lite0.layer, variant="pytorch-grad-cam")(x)
+    theirs = _grad_cam_maps(lite0.model, lite0.layer, x, ours.targets)
+    assert int(ours.targets[0]) == 285  # Egyptian cat
+    assert 0.05 < float((ours.maps > 0.5).float().mean()) < 0.5  # a real map, not blank
+    r = np.corrcoef(ours.maps[0].numpy().ravel(), theirs[0].ravel())[0, 1]
+    assert r >= 0.999
+    np.testing.assert_allclose(ours.maps[0].numpy(), theirs[0], atol=1e-4)
+    # The article's settings with the same three options are a different map here: the variant
+    # is what makes the difference (align_corners, ReLU before resizing).
+    near = ScoreCAM(lite0.model, lite0.layer, score="logit", channel_softmax=True, combine="raw")
+    other = near(x, targets=ours.targets).maps[0].numpy()
+    assert float(np.abs(other / max(other.max(), 1e-12) - theirs[0]).max()) > 0.05
+
+
+@pytest.mark.parametrize("ranges", [[(0, 12)], [(0, 1), (1, 5), (5, 6), (6, 12)]])
+def test_grad_cam_variant_shards_and_skipping(images, ranges):
+    model = _with_constant_channels()
+    layer = model.features[3]
+    engine = ScoreCAM(model, layer, batch_size=3, variant="pytorch-grad-cam")
+    whole = engine(images)
+    # Dead channels 0-1 upsample to exact zeros; the positive constants 2-3 do not stay exactly
+    # constant under align_corners=True (rounding), so their passes run, as in pytorch-grad-cam.
+    assert whole.skipped.tolist() == [2, 2, 2]
+    assert float(whole.maps.min()) >= 0 and float(whole.maps.max()) <= 1
+    base = engine.base(images)
+    shards = [engine.shard(base, whole.targets[:, None], a, b) for a, b in ranges]
+    assert all(s.partial.shape[-2:] == base.activations.shape[-2:] for s in shards)
+    torch.testing.assert_close(combine_shards(shards)[:, 0], whole.maps, rtol=1e-5, atol=1e-6)
+    running = ScoreCAM(model, layer, skip_constant=False, variant="pytorch-grad-cam")(images)
+    torch.testing.assert_close(running.maps, whole.maps, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        whole.maps.numpy(), _grad_cam_maps(model, layer, images, whole.targets), atol=1e-4
+    )
+
+
+def test_variant_fixes_its_options(tiny):
+    layer = tiny.features[3]
+    engine = ScoreCAM(tiny, layer, variant="pytorch-grad-cam", score="logit")
+    assert (engine.score, engine.channel_softmax, engine.combine) == ("logit", True, "raw")
+    article = ScoreCAM(tiny, layer)
+    assert (article.score, article.channel_softmax, article.combine) == (
+        "softmax",
+        False,
+        "normalized",
+    )
+    with pytest.raises(ValueError, match="fixes"):
+        ScoreCAM(tiny, layer, variant="pytorch-grad-cam", score="softmax")
+    with pytest.raises(ValueError, match="fixes"):
+        ScoreCAM(tiny, layer, variant="pytorch-grad-cam", combine="normalized")
+    with pytest.raises(ValueError, match="variant"):
+        ScoreCAM(tiny, layer, variant="torchcam")
+
+
+def _memory_formats(model: torch.nn.Module) -> dict[str, tuple]:
+    return {n: (t.data_ptr(), t.stride()) for n, t in model.state_dict(keep_vars=True).items()}
+
+
+def test_channels_last_leaves_the_callers_model_as_it_was(tiny, images):
+    before = _memory_formats(tiny)
+    plain = ScoreCAM(tiny, tiny.features[3])(images).maps
+    engine = ScoreCAM(tiny, tiny.features[3], channels_last=True)
+    assert _memory_formats(tiny) == before  # construction converts nothing
+    seen = []
+    tiny.features[2].register_forward_pre_hook(
+        lambda m, _i: seen.append(m.weight.is_contiguous(memory_format=torch.channels_last))
+    )
+    torch.testing.assert_close(engine(images).maps, plain, rtol=1e-5, atol=1e-6)
+    assert seen and all(seen)  # the forwards did run channels-last
+    assert _memory_formats(tiny) == before  # the very same tensors, same strides
+
+
+def test_channels_last_restored_after_exception(tiny, images):
+    model = _Exploding(tiny, base_batch=3)
+    before = _memory_formats(model)
+    with pytest.raises(RuntimeError, match="boom"):
+        ScoreCAM(model, tiny.features[3], batch_size=2, channels_last=True)(images)
+    assert _memory_formats(model) == before
 
 
 class _Exploding(torch.nn.Module):
@@ -244,9 +338,16 @@ def test_hooks_and_mode_restored_after_exception(tiny, images):
 
 def test_model_left_in_its_mode_and_no_grad_state(tiny, images):
     tiny.train()
-    ScoreCAM(tiny, tiny.features[3])(images)
+    requires = [p.requires_grad for p in tiny.parameters()]
+    assert torch.is_grad_enabled()
+    result = ScoreCAM(tiny, tiny.features[3])(images)
     assert tiny.training
     assert all(len(m._forward_hooks) == 0 for m in tiny.modules())
+    # No autograd trace: nothing to backpropagate, no gradients written, grad mode as it was.
+    assert not result.maps.requires_grad and result.maps.grad_fn is None
+    assert all(p.grad is None for p in tiny.parameters())
+    assert [p.requires_grad for p in tiny.parameters()] == requires
+    assert torch.is_grad_enabled()
 
 
 def test_bf16_autocast_close_to_fp32(tiny, images):

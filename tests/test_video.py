@@ -11,10 +11,11 @@ from fractions import Fraction
 from pathlib import Path
 
 import av
+import clips
 import cv2
 import numpy as np
 import pytest
-from clips import FPS, REPO, SAMPLE_RATE, H, W, audio_span, make_clip, picture, read_timing
+from clips import FPS, REPO, H, W, audio_span, make_clip, picture, read_timing
 
 from scorecam_stream.errors import ScoreCamError
 from scorecam_stream.video import (
@@ -205,11 +206,13 @@ def test_start_end_and_max_frames(tmp_path: Path) -> None:
     assert len(list(read_frames(str(clip), max_frames=7))) == 7
     assert len(list(read_frames(str(clip), start=2.0, max_frames=100))) == 6
     assert list(read_frames(str(clip), start=10.0)) == []
-    assert list(read_frames(str(clip), max_frames=0)) == []
+    with pytest.raises(ScoreCamError, match="max-frames must be >= 1"):
+        read_frames(str(clip), max_frames=0)  # the configuration's rule: 0 is a mistake
 
 
 @pytest.mark.parametrize(
-    ("start", "end", "max_frames"), [(-1.0, None, None), (2.0, 1.0, None), (None, None, -1)]
+    ("start", "end", "max_frames"),
+    [(-1.0, None, None), (2.0, 1.0, None), (None, None, -1), (None, 0.0, None), (None, None, 0)],
 )
 def test_bad_windows_are_user_errors(
     tmp_path: Path, start: float | None, end: float | None, max_frames: int | None
@@ -263,23 +266,15 @@ READERS = [probe, lambda path: list(read_frames(path))]
 def test_unreadable_inputs_are_one_line_user_errors(
     tmp_path: Path, call: Callable[[str], object]
 ) -> None:
-    missing = tmp_path / "missing.mp4"
-    empty = tmp_path / "empty.mp4"
-    empty.touch()
-    text = tmp_path / "notes.mp4"
-    text.write_text("this is not a video\n" * 20)
-    truncated = tmp_path / "cut.mp4"
     make_clip(tmp_path / "whole.mp4", count=20)
-    data = (tmp_path / "whole.mp4").read_bytes()
-    truncated.write_bytes(data[: len(data) * 6 // 10])  # the moov index sits at the end
-    audio_only = tmp_path / "tone.m4a"
-    with av.open(str(audio_only), "w") as output:
-        stream = output.add_stream("aac", rate=SAMPLE_RATE)
-        frame = av.AudioFrame.from_ndarray(np.zeros((2, 4096), np.float32), format="fltp")
-        frame.sample_rate, frame.pts = SAMPLE_RATE, 0
-        output.mux(stream.encode(frame))
-        output.mux(stream.encode(None))
-    for path in (missing, empty, text, truncated, audio_only, tmp_path):
+    bad = [
+        tmp_path / "missing.mp4",
+        clips.empty_file(tmp_path),
+        clips.text_file(tmp_path),
+        clips.truncated_mp4(tmp_path, tmp_path / "whole.mp4"),
+        clips.audio_only(tmp_path),
+    ]
+    for path in (*bad, tmp_path):
         assert_user_error(str(path), call)
     assert_user_error("http://127.0.0.1:9/clip.mp4", call)  # refused at once: nothing listens
     assert_user_error("nosuchprotocol://clip.mp4", call)

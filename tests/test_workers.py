@@ -1,4 +1,4 @@
-"""The worker process's memory behaviour: freed activation buffers are kept for the next batch."""
+"""The Worker without Ray (cache, classify, shards), its memory behaviour, the preview sampler."""
 
 from __future__ import annotations
 
@@ -6,7 +6,15 @@ import platform
 import subprocess
 import sys
 
+import cv2
+import numpy as np
 import pytest
+import torch
+
+from scorecam_stream.config import EngineConfig, ModelConfig
+from scorecam_stream.outputs import PreviewSampler
+from scorecam_stream.scorecam import combine_shards
+from scorecam_stream.workers import FrameTask, LocalExplainer, Worker
 
 PROBE = """
 import resource, torch
@@ -33,3 +41,100 @@ def test_freed_buffers_are_reused_not_faulted_in_again():
     assert tuned == twice == "True"
     assert int(first) <= 2 * pages  # once, for the first round
     assert int(again) < pages // 10  # then the memory is reused
+
+
+# --- the Worker as a plain class (what every Ray actor holds), without Ray --------------------
+
+ENGINE = EngineConfig(batch_size=8, max_channels=8)
+
+
+@pytest.fixture(scope="module")
+def worker() -> Worker:
+    return Worker(ModelConfig(spec="efficientnet_lite0", input_size=48), ENGINE, cache_frames=3)
+
+
+@pytest.fixture(scope="module")
+def inputs(worker) -> torch.Tensor:
+    rng = np.random.default_rng(0)
+    frames = [rng.integers(0, 256, (40, 60, 3), dtype=np.uint8) for _ in range(5)]
+    return worker.meta().preprocess_batch(frames)
+
+
+def test_worker_cache_keeps_the_most_recent_frames(worker, inputs):
+    worker._cache.clear()
+    first = [worker.base(i, inputs[i]) for i in range(3)]
+    assert all(worker.base(i, inputs[i]) is first[i] for i in range(3))  # cached: same pass
+    worker.base(0, inputs[0])  # frame 0 used again: now the most recent
+    worker.base(3, inputs[3])  # a fourth frame evicts the least recently used: frame 1
+    assert list(worker._cache) == [2, 0, 3]
+    assert worker.base(0, inputs[0]) is first[0]
+    again = worker.base(1, inputs[1])
+    assert again is not first[1]  # recomputed after eviction, to the same values
+    torch.testing.assert_close(again.logits, first[1].logits)
+
+
+def test_worker_classify_gives_logits_and_the_work_of_each_channel(worker, inputs):
+    worker._cache.clear()
+    logits, passes = worker.classify(7, inputs[0])
+    with torch.inference_mode():
+        expected = worker.loaded.model.eval()(inputs[:1])[0]
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+    base = worker._cache[7]  # the base pass is kept for the shards that follow
+    assert passes.dtype == torch.bool and passes.shape == (base.num_channels,)
+    varying = base.highs[0] > base.lows[0]
+    assert torch.equal(passes, varying)  # constant channels cost no pass
+    torch.testing.assert_close(worker.classify_batch(inputs[:2])[0], logits, rtol=1e-4, atol=1e-4)
+
+
+def test_worker_shards_sum_to_the_whole_frame(worker, inputs):
+    worker._cache.clear()
+    targets = torch.tensor([3, 9])
+    task = FrameTask(index=11, x=inputs[2], targets=(3, 9))
+    k = worker.base(11, inputs[2]).num_channels
+    shards = [worker.shard(11, inputs[2], targets, a, b) for a, b in [(0, 3), (3, 5), (5, k)]]
+    assert all(s.partial.device.type == "cpu" for s in shards)
+    whole = worker.explain(task, topk=1)
+    assert 11 not in worker._cache  # a whole frame is not asked for again
+    assert whole.targets.tolist() == [3, 9] and whole.maps.shape == (2, 48, 48)
+    np.testing.assert_allclose(combine_shards(shards)[0].numpy(), whole.maps, rtol=1e-5, atol=1e-6)
+    assert whole.skipped == sum(int(s.skipped[0]) for s in shards)
+    top = worker.explain(FrameTask(index=12, x=inputs[2]), topk=2)
+    logits = worker.classify_batch(inputs[2:3])[0]
+    assert top.targets.tolist() == logits.topk(2).indices.tolist()
+    np.testing.assert_allclose(top.probs, logits.softmax(0)[top.targets].numpy(), rtol=1e-5)
+
+
+def test_local_explainer_keeps_order_and_passes_skipped_frames_through(worker, inputs):
+    explainer = LocalExplainer(worker, topk=1)
+    items = [("a", FrameTask(0, inputs[0])), ("b", None), ("c", FrameTask(1, inputs[1]))]
+    out = list(explainer.explain(items))
+    assert [p for p, _ in out] == ["a", "b", "c"] and out[1][1] is None
+    assert [r.index for _, r in (out[0], out[2])] == [0, 1]
+    assert explainer.meta is worker.meta() and explainer.meta.mean == worker.loaded.mean
+
+
+# --- the preview sampler ----------------------------------------------------------------------
+
+
+def test_preview_sampler_doubles_its_stride_and_keeps_evenly_spaced_frames(tmp_path):
+    sampler = PreviewSampler(count=4, tile_width=8, min_tile_height=1)
+    for i in range(37):
+        sampler.offer(np.full((4, 8, 3), i, np.uint8))  # each frame's value is its index
+    kept = [int(tile[0, 0, 0]) for tile in sampler._kept]
+    # Each time 8 are held they are halved and the stride doubles: at frames 7, 14 and 28.
+    assert sampler._stride == 8
+    assert kept == list(range(0, 37, 8))
+    assert len(kept) < 2 * sampler.count  # bounded whatever the length
+    path = tmp_path / "p.png"
+    sampler.write(path)
+    sheet = cv2.imread(str(path))
+    assert sheet is not None and sheet.shape[1] == 4 * 8 + 5 * 4  # 4 columns of 8 px tiles
+
+
+def test_preview_tiles_of_wide_frames_are_wider():
+    sampler = PreviewSampler(count=2, tile_width=320, min_tile_height=180)
+    sampler.offer(np.zeros((720, 2560, 3), np.uint8))  # side by side 720p
+    assert sampler._kept[0].shape[:2] == (180, 640)
+    narrow = PreviewSampler(count=2, tile_width=320, min_tile_height=180)
+    narrow.offer(np.zeros((480, 640, 3), np.uint8))
+    assert narrow._kept[0].shape[:2] == (240, 320)

@@ -24,6 +24,7 @@ import av
 import av.container
 import numpy as np
 
+from ..config import check_window
 from ..errors import ScoreCamError
 
 log = logging.getLogger("scorecam_stream.video")
@@ -170,18 +171,6 @@ def rotate_upright(image: np.ndarray, rotation: int) -> np.ndarray:
     return np.ascontiguousarray(np.rot90(image, k=quarter_turns))
 
 
-def check_window(start: float | None, end: float | None, max_frames: int | None) -> None:
-    """Raise ScoreCamError unless ``start`` >= 0, ``end`` > ``start`` and ``max_frames`` >= 0."""
-    if start is not None and start < 0:
-        raise ScoreCamError(f"start must be >= 0 seconds, got {start}")
-    if end is not None and start is not None and end <= start:
-        raise ScoreCamError(f"end ({end} s) must be after start ({start} s)")
-    if end is not None and end <= 0:
-        raise ScoreCamError(f"end must be > 0 seconds, got {end}")
-    if max_frames is not None and max_frames < 0:
-        raise ScoreCamError(f"max_frames must be >= 0, got {max_frames}")
-
-
 class VideoReader:
     """One session of an input: :attr:`info`, then :meth:`frames` with their audio.
 
@@ -297,8 +286,6 @@ class VideoReader:
         if self._started or (start is not None and start > 0):
             self._seek(start or 0.0)
         self._started = True
-        if max_frames == 0:
-            return
         yielded = 0
         last: float | None = None
         for av_frame in self._decoded():

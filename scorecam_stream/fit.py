@@ -1,0 +1,66 @@
+"""How a frame of any shape becomes the square model input, and how its map goes back.
+
+numpy and OpenCV only; shared by preprocessing (models.py) and drawing (render.py).
+
+- ``squash``: the whole frame resized to S x S; a 16:9 frame is squeezed horizontally.
+- ``pad``: the frame scaled into a black square of side max(H, W), centred; nothing cut,
+  shapes kept, a smaller picture.
+- ``crop``: the centred square of side min(H, W); shapes kept, the sides not seen.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+FITS = ("squash", "pad", "crop")
+
+
+def fit_box(height: int, width: int, fit: str) -> tuple[int, int, int, int]:
+    """Return (top, left, h, w) of the frame's part in the square image the model sees.
+
+    pad: where the whole frame sits in the square of side max(H, W); crop: the part of the
+    frame that is kept (its centred square); squash: the whole frame.
+    """
+    if fit == "crop":
+        side = min(height, width)
+        return (height - side) // 2, (width - side) // 2, side, side
+    if fit == "pad":
+        side = max(height, width)
+        return (side - height) // 2, (side - width) // 2, height, width
+    return 0, 0, height, width
+
+
+def fit_frame(frame: np.ndarray, fit: str) -> np.ndarray:
+    """Return the frame made square as ``fit`` says (squash: unchanged, resized later)."""
+    height, width = frame.shape[:2]
+    if fit == "squash" or height == width:
+        return frame
+    top, left, h, w = fit_box(height, width, fit)
+    if fit == "crop":
+        return frame[top : top + h, left : left + w]
+    side = max(height, width)
+    # Black in pixel values: what a letterboxed picture shows.
+    square = np.zeros((side, side, *frame.shape[2:]), dtype=frame.dtype)
+    square[top : top + h, left : left + w] = frame
+    return square
+
+
+def map_to_frame(heat: np.ndarray, height: int, width: int, fit: str) -> tuple[np.ndarray, tuple]:
+    """Return (the (H, W) float32 map over the frame, (top, left, h, w) of where it is valid).
+
+    ``heat`` (S, S) covers the square model input. With ``crop`` only the centred square of the
+    frame was seen: outside it the map is zero and not valid.
+    """
+    heat = heat.astype(np.float32, copy=False)
+    if fit == "squash" or height == width:
+        out = cv2.resize(heat, (width, height), interpolation=cv2.INTER_LINEAR)
+        return out, (0, 0, height, width)
+    top, left, h, w = fit_box(height, width, fit)
+    if fit == "pad":
+        side = max(height, width)
+        square = cv2.resize(heat, (side, side), interpolation=cv2.INTER_LINEAR)
+        return np.ascontiguousarray(square[top : top + h, left : left + w]), (0, 0, height, width)
+    out = np.zeros((height, width), np.float32)
+    out[top : top + h, left : left + w] = cv2.resize(heat, (w, h), interpolation=cv2.INTER_LINEAR)
+    return out, (top, left, h, w)
