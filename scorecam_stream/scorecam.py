@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 Score = Literal["softmax", "logit", "logit_delta"]
 Combine = Literal["normalized", "raw"]
 EPS = 1e-5  # the article's term in the normalisation's denominator
+# With fixed-shape chunks, the batch sizes a forward may have: batch_size, /2, /4. A few shapes
+# compile a few times; one shape would pad a shard of 129 passes at batch 256 to 256.
+FIXED_SHAPES = 3
 
 _DTYPES = {
     "fp32": None,
@@ -50,6 +53,63 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     if dtype not in _DTYPES:
         raise ValueError(f"unknown dtype '{dtype}': use fp32, bf16 or fp16")
     return _DTYPES[dtype]
+
+
+def chunk_plan(passes: int, batch_size: int, fixed: bool) -> list[tuple[int, int]]:
+    """Return (rows, padded rows) of each chunk of ``passes`` masked inputs, in order.
+
+    ``fixed=False``: chunks of ``batch_size``, the last one shorter, no padding. ``fixed=True``:
+    every chunk has one of :data:`FIXED_SHAPES` sizes (``batch_size``, its half, its quarter), so
+    a compiled model sees only those shapes (CUDA graphs replay them); the largest shape that
+    fits is taken each time and only the last chunk is padded, by less than the smallest shape.
+    """
+    if passes < 0 or batch_size < 1:
+        raise ValueError(f"need passes >= 0 and batch_size >= 1, got {passes}, {batch_size}")
+    if not fixed:
+        return [(min(batch_size, passes - i),) * 2 for i in range(0, passes, batch_size)]
+    shapes = sorted({max(1, batch_size >> j) for j in range(FIXED_SHAPES)}, reverse=True)
+    plan = []
+    left = passes
+    while left > 0:
+        fit = next((s for s in shapes if s <= left), None)
+        if fit is None:  # fewer rows left than the smallest shape: pad them to it
+            plan.append((left, shapes[-1]))
+            break
+        plan.append((fit, fit))
+        left -= fit
+    return plan
+
+
+def _upsample(t: torch.Tensor, size: torch.Size) -> torch.Tensor:
+    """Return ``t`` (B, C, h, w) upsampled bilinearly to ``size``, as the article does."""
+    return F.interpolate(t, size=size, mode="bilinear", align_corners=False)
+
+
+def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """Return ``t`` on ``device``; host -> CUDA goes through pinned memory without blocking."""
+    device = torch.device(device)
+    if t.device == device:
+        return t
+    if device.type == "cuda" and t.device.type == "cpu":
+        # Pinned pages let the copy run asynchronously, queued behind the GPU's work.
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def to_host(tensors: Sequence[torch.Tensor | None]) -> list[torch.Tensor | None]:
+    """Return ``tensors`` copied to the CPU: CUDA ones into pinned memory, one sync for all."""
+    out: list[torch.Tensor | None] = []
+    streams = set()
+    for t in tensors:
+        if t is None or t.device.type != "cuda":
+            out.append(None if t is None else t.cpu())
+            continue
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        out.append(host.copy_(t, non_blocking=True))
+        streams.add(t.device)
+    for device in streams:  # the copies were queued on the current streams: wait once
+        torch.cuda.current_stream(device).synchronize()
+    return out
 
 
 @dataclass(frozen=True)
@@ -73,8 +133,11 @@ class BasePass:
         return self.activations.shape[1]
 
     def to(self, device: torch.device | str) -> BasePass:
-        """Return this base pass with every tensor on ``device``."""
-        return BasePass(*(getattr(self, f).to(device) for f in self.__dataclass_fields__))
+        """Return this base pass with every tensor on ``device`` (pinned, async copies)."""
+        values = [getattr(self, f) for f in self.__dataclass_fields__]
+        if torch.device(device).type == "cpu":
+            return BasePass(*to_host(values))
+        return BasePass(*(to_device(v, device) for v in values))
 
 
 @dataclass(frozen=True)
@@ -94,11 +157,14 @@ class ShardResult:
     norm: torch.Tensor | None = None  # (N, T) sum of exp(s_k - shift) (channel_softmax only)
 
     def to(self, device: torch.device | str) -> ShardResult:
-        """Return this shard result with every tensor on ``device``."""
+        """Return this shard result with every tensor on ``device`` (pinned, async copies)."""
         move = {f: getattr(self, f) for f in self.__dataclass_fields__}
-        for name, value in move.items():
-            if isinstance(value, torch.Tensor):
-                move[name] = value.to(device)
+        names = [n for n, v in move.items() if isinstance(v, torch.Tensor)]
+        if torch.device(device).type == "cpu":
+            moved = to_host([move[n] for n in names])
+        else:
+            moved = [to_device(move[n], device) for n in names]
+        move.update(zip(names, moved, strict=True))
         return ShardResult(**move)
 
 
@@ -169,6 +235,12 @@ class ScoreCAM:
     - ``channels_last``: run the forwards in channels-last memory format. The model's weights
       are converted once, in place, at construction (results are unchanged). Faster on CUDA
       with tensor cores and on CPU with oneDNN (1.3x for EfficientNet-Lite0 on 2 cores here).
+    - ``compile``: ``torch.compile`` the masked passes (mask building, masking and the model
+      in one graph; on CUDA with CUDA graphs, mode ``reduce-overhead``). The base pass and
+      :meth:`classify` stay eager: they need the layer's hook, or vary in batch size.
+    - ``fixed_chunks``: masked passes go in chunks of at most :data:`FIXED_SHAPES` shapes, the
+      last chunk padded and its padding rows dropped (:func:`chunk_plan`), so a compiled model
+      compiles once per shape. None (default): on when ``compile`` is.
     """
 
     def __init__(
@@ -183,6 +255,8 @@ class ScoreCAM:
         max_channels: int | None = None,
         dtype: str | torch.dtype | None = None,
         channels_last: bool = False,
+        compile: bool = False,  # the flag's name (--compile)
+        fixed_chunks: bool | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -206,6 +280,10 @@ class ScoreCAM:
         self.channels_last = channels_last
         if channels_last:
             model.to(memory_format=torch.channels_last)
+        self.compile = compile
+        self.fixed_chunks = compile if fixed_chunks is None else fixed_chunks
+        self._buffer: torch.Tensor | None = None  # masked inputs of a chunk, reused in a call
+        self._masked_logits = self._compiled_masked_logits() if compile else self._masked_eager
         self._zero_logits: dict[tuple, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ whole maps
@@ -353,7 +431,6 @@ class ScoreCAM:
     ) -> torch.Tensor:
         """Return the target scores (N, T, R) of every channel's masked input."""
         n, r = constant.shape
-        size = base.x.shape[-2:]
         scores = torch.empty(n, targets.shape[1], r, device=base.x.device)
         if bool(constant.any()):  # one host sync per call, not per channel
             zero = self._zero_image_logits(base.x)  # (C,)
@@ -362,27 +439,66 @@ class ScoreCAM:
                     scores
                 )
             )
-        frames, chans = (~constant).nonzero(as_tuple=True)  # masked passes to run
-        if frames.numel() == 0:
+        frames, chans = (~constant).nonzero(as_tuple=True)  # masked passes to run (one sync)
+        plan = chunk_plan(frames.numel(), self.batch_size, self.fixed_chunks)
+        if not plan:
             return scores
-        buffer = None
+        # (P, h, w) normalised masks of every pass at the layer's resolution: upsampling is
+        # linear, so normalising first and upsampling per chunk gives M_k in one step per chunk.
+        scale = 1.0 / (highs - lows + EPS)  # (N, R)
+        low_res = (acts[frames, chans] - lows[frames, chans][:, None, None]) * scale[frames, chans][
+            :, None, None
+        ]
+        padding = sum(padded - rows for rows, padded in plan)
+        if padding:  # the padding rows repeat pass 0; their scores are dropped
+            frames = torch.cat([frames, frames[:1].expand(padding)])
+            chans = torch.cat([chans, chans[:1].expand(padding)])
+            low_res = torch.cat([low_res, low_res[:1].expand(padding, -1, -1)])
+        self._buffer = None
         with self._model_state(), torch.inference_mode():
-            for i in range(0, frames.numel(), self.batch_size):
-                f, c = frames[i : i + self.batch_size], chans[i : i + self.batch_size]
-                b = f.numel()
-                # (B, 1, S, S) normalised masks of this chunk's (frame, channel) pairs
-                up = F.interpolate(
-                    acts[f, c][:, None], size=size, mode="bilinear", align_corners=False
-                )
-                mask = (up - lows[f, c][:, None, None, None]) / (
-                    (highs - lows)[f, c][:, None, None, None] + EPS
-                )
-                if buffer is None or buffer.shape[0] < b:
-                    buffer = torch.empty(b, *base.x.shape[1:], device=base.x.device)
-                masked = torch.mul(base.x[f], mask, out=buffer[:b])  # (B, 3, S, S)
-                logits = self._forward(masked).float()  # (B, C)
-                scores[f, :, c] = self._target_scores(logits, targets[f], base, f)
+            i = 0
+            for rows, padded in plan:
+                f, c = frames[i : i + padded], chans[i : i + padded]
+                logits = self._masked_logits(base.x, low_res[i : i + padded], f)  # (B, C)
+                # Slices with host-known bounds: no device sync inside the loop.
+                f, c = f[:rows], c[:rows]
+                scores[f, :, c] = self._target_scores(logits[:rows], targets[f], base, f)
+                i += padded
+        self._buffer = None
         return scores
+
+    def _masked_eager(
+        self, x: torch.Tensor, low_res: torch.Tensor, frames: torch.Tensor
+    ) -> torch.Tensor:
+        """Return the logits (B, C) float32 of ``x[frames]`` masked by ``low_res`` upsampled."""
+        b = frames.numel()
+        # (B, 1, S, S) normalised masks M_k of this chunk
+        mask = _upsample(low_res[:, None], x.shape[-2:])
+        if self._buffer is None or self._buffer.shape[0] < b:
+            self._buffer = torch.empty(b, *x.shape[1:], device=x.device)
+        masked = torch.mul(x[frames], mask, out=self._buffer[:b])  # (B, 3, S, S)
+        return self._forward(masked).float()
+
+    def _compiled_masked_logits(self):
+        """Return :meth:`_masked_eager` compiled: masks, masking and model in one graph."""
+
+        def masked_logits(x: torch.Tensor, low_res: torch.Tensor, frames: torch.Tensor):
+            mask = _upsample(low_res[:, None], x.shape[-2:])
+            return self._forward(x[frames] * mask).float()
+
+        device = self._device()
+        # CUDA graphs (reduce-overhead) replay each fixed chunk shape without launch overhead.
+        mode = "reduce-overhead" if device.type == "cuda" else None
+        compiled = torch.compile(masked_logits, mode=mode, dynamic=False)
+        if device.type != "cuda":
+            return compiled
+
+        def step(x: torch.Tensor, low_res: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
+            # A new CUDA-graph step: the previous chunk's logits were consumed already.
+            torch.compiler.cudagraph_mark_step_begin()
+            return compiled(x, low_res, frames)
+
+        return step
 
     def _target_scores(
         self,
