@@ -8,6 +8,7 @@ from conftest import make_tiny
 from test_scorecam import VARIANTS, assert_maps_close, reference_map
 
 from scorecam_stream import ScoreCAM, combine_shards
+from scorecam_stream.cli import main, parse_config
 from scorecam_stream.scorecam import FIXED_SHAPES, ShardResult, chunk_plan, to_device, to_host
 
 
@@ -117,3 +118,26 @@ def test_host_copies_change_no_result(tiny, images):
     t = torch.arange(6.0)
     assert to_device(t, "cpu") is t
     assert to_host([t, None])[1] is None and torch.equal(to_host([t])[0], t)
+
+
+def test_gpu_flags_reach_the_config():
+    config = parse_config(["in.mp4", "--gpus", "2", "--workers-per-gpu", "3", "--compile"])
+    assert config.engine.compile and config.engine.engine_kwargs()["compile"]
+    assert config.distributed.workers_per_gpu == 3 and config.distributed.num_workers == 6
+    assert config.model.device == "cuda"
+    assert not parse_config(["in.mp4"]).engine.compile
+    assert parse_config(["in.mp4", "--gpus", "2"]).distributed.num_workers == 2
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--workers-per-gpu", "2"], "--workers-per-gpu needs --gpus N"),
+        (["--workers", "2", "--workers-per-gpu", "2"], "--workers-per-gpu needs --gpus N"),
+        (["--gpus", "1", "--workers-per-gpu", "0"], "--workers-per-gpu must be >= 1"),
+    ],
+)
+def test_bad_workers_per_gpu_is_a_one_line_error(args, message, tmp_path, capsys):
+    assert main([str(tmp_path / "in.mp4"), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"scorecam-video: error: {message}" or (message in err and "\n" not in err)
