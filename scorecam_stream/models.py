@@ -85,16 +85,20 @@ def preprocess_frame(
     std: tuple[float, float, float],
 ) -> torch.Tensor:
     """Return the normalised (3, size, size) float32 tensor of a whole RGB uint8 frame."""
+    x = resize_frame(frame, size).astype(np.float32) * (1.0 / 255.0)
+    x -= np.asarray(mean, dtype=np.float32)
+    x /= np.asarray(std, dtype=np.float32)
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
+
+
+def resize_frame(frame: np.ndarray, size: int) -> np.ndarray:
+    """Return the whole RGB uint8 frame (H, W, 3) resized to (size, size, 3) uint8."""
     if frame.ndim != 3 or frame.shape[2] != 3:
         raise ScoreCamError(f"expected an RGB frame of shape (H, W, 3), got {frame.shape}")
     h, w = frame.shape[:2]
     # INTER_AREA averages when shrinking (no aliasing), bilinear when enlarging.
     interp = cv2.INTER_AREA if (h > size or w > size) else cv2.INTER_LINEAR
-    resized = cv2.resize(frame, (size, size), interpolation=interp)
-    x = resized.astype(np.float32) * (1.0 / 255.0)
-    x -= np.asarray(mean, dtype=np.float32)
-    x /= np.asarray(std, dtype=np.float32)
-    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
+    return cv2.resize(frame, (size, size), interpolation=interp)
 
 
 def imagenet_class_names() -> tuple[str, ...]:

@@ -24,7 +24,7 @@ import torch
 from . import video
 from .config import Config
 from .errors import ScoreCamError
-from .models import preprocess_frame
+from .models import resize_frame
 from .outputs import MapsWriter, PreviewSampler, RecordsWriter
 from .render import MapScaler, RenderOptions, render_frame
 from .workers import Explainer, FrameResult, FrameTask, LocalExplainer, ModelMeta, Worker
@@ -179,7 +179,8 @@ def _window_frames(config: Config) -> Iterator[video.Frame]:
 
 
 def _model_input(image: np.ndarray, meta: ModelMeta) -> torch.Tensor:
-    return preprocess_frame(image, meta.input_size, meta.mean, meta.std)
+    # uint8 (S, S, 3): a quarter of the bytes of the float input; the worker normalises it.
+    return torch.from_numpy(resize_frame(image, meta.input_size))
 
 
 def _name(names: tuple[str, ...], index: int) -> str:

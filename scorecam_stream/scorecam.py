@@ -343,7 +343,7 @@ class ScoreCAM:
     def base(self, x: torch.Tensor) -> BasePass:
         """Return the base pass of ``x``: one forward for logits and activations."""
         device = self._device()
-        x = x.to(device, torch.float32)
+        x = to_device(x.to(torch.float32), device)
         captured: list[torch.Tensor] = []
 
         def keep(_module, _inputs, output):

@@ -23,7 +23,7 @@ import torch
 
 from .config import EngineConfig, ModelConfig
 from .models import load_model
-from .scorecam import BasePass, ScoreCAM, ShardResult, combine_shards
+from .scorecam import BasePass, ScoreCAM, ShardResult, combine_shards, to_device
 
 log = logging.getLogger(__name__)
 
@@ -63,12 +63,38 @@ def keep_freed_memory() -> bool:
     return done
 
 
+def normalize_on_device(
+    frames: torch.Tensor,
+    mean: tuple[float, float, float],
+    std: tuple[float, float, float],
+    device: torch.device | str,
+) -> torch.Tensor:
+    """Return the model input (N, 3, S, S) float32 on ``device`` of resized uint8 frames.
+
+    ``frames`` is (N, S, S, 3) or (S, S, 3) uint8, as ``models.resize_frame`` gives them: a
+    quarter of the bytes of the float input travel (host -> GPU, driver -> worker), and the
+    float maths runs on the device in the same order as ``models.preprocess_frame``'s, so on
+    the CPU the two agree to the bit.
+    """
+    if frames.dtype != torch.uint8 or frames.shape[-1] != 3 or frames.dim() not in (3, 4):
+        raise ValueError(
+            f"expected uint8 frames (N, S, S, 3), got {frames.dtype} {tuple(frames.shape)}"
+        )
+    x = to_device(frames if frames.dim() == 4 else frames[None], device)
+    x = x.to(torch.float32) * (1.0 / 255.0)  # (N, S, S, 3)
+    x -= torch.tensor(mean, dtype=torch.float32, device=x.device)
+    x /= torch.tensor(std, dtype=torch.float32, device=x.device)
+    return x.permute(0, 3, 1, 2).contiguous()  # (N, 3, S, S)
+
+
 @dataclass(frozen=True)
 class FrameTask:
     """One frame to explain: its model input and, if fixed, the classes to explain."""
 
     index: int  # unique in a run; the workers' activation cache is keyed by it
-    x: torch.Tensor  # (3, S, S) float32 model input (never the full-resolution frame)
+    # The frame resized to the model input, (S, S, 3) uint8 (normalised by the worker, on its
+    # device), or the model input (3, S, S) float32; never the full-resolution frame.
+    x: torch.Tensor
     targets: tuple[int, ...] | None = None  # None: the frame's top-k classes
 
 
@@ -176,7 +202,7 @@ class Worker:
         if index in self._cache:
             self._cache.move_to_end(index)
             return self._cache[index]
-        base = self.engine.base(x[None])
+        base = self.engine.base(self.model_input(x[None]))
         self._cache[index] = base
         while len(self._cache) > self.cache_frames:
             self._cache.popitem(last=False)
@@ -212,7 +238,16 @@ class Worker:
 
     def classify_batch(self, xs: torch.Tensor) -> torch.Tensor:
         """Return the logits (N, C) on CPU of a batch of model inputs (no caching)."""
-        return self.engine.classify(xs).cpu()
+        return self.engine.classify(self.model_input(xs)).cpu()
+
+    def model_input(self, xs: torch.Tensor) -> torch.Tensor:
+        """Return the float model input (N, 3, S, S) on this worker's device.
+
+        ``xs``: resized uint8 frames (N, S, S, 3), normalised here, or float model inputs.
+        """
+        if xs.dtype == torch.uint8:
+            return normalize_on_device(xs, self.loaded.mean, self.loaded.std, self.device)
+        return to_device(xs, self.device)
 
 
 class Explainer(Protocol):

@@ -1,15 +1,22 @@
-"""The GPU speed paths, checked on CPU: fixed-shape chunks, torch.compile, host/device copies."""
+"""The GPU speed paths, checked on CPU: fixed-shape chunks, torch.compile, copies, uint8 input."""
 
 from __future__ import annotations
 
+import cv2
+import numpy as np
 import pytest
 import torch
+import torchvision
 from conftest import make_tiny
+from skimage import data
 from test_scorecam import VARIANTS, assert_maps_close, reference_map
 
 from scorecam_stream import ScoreCAM, combine_shards
 from scorecam_stream.cli import main, parse_config
+from scorecam_stream.config import EngineConfig, ModelConfig
+from scorecam_stream.models import preprocess_frame, resize_frame
 from scorecam_stream.scorecam import FIXED_SHAPES, ShardResult, chunk_plan, to_device, to_host
+from scorecam_stream.workers import FrameTask, Worker, normalize_on_device
 
 
 @pytest.mark.parametrize("batch", [1, 3, 4, 8, 64, 256])
@@ -141,3 +148,42 @@ def test_bad_workers_per_gpu_is_a_one_line_error(args, message, tmp_path, capsys
     assert main([str(tmp_path / "in.mp4"), *args]) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"scorecam-video: error: {message}" or (message in err and "\n" not in err)
+
+
+@pytest.fixture(scope="module")
+def squeezenet(tmp_path_factory) -> ModelConfig:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("weights") / "squeezenet.pt"
+    torch.save(torchvision.models.squeezenet1_1(weights=None).state_dict(), path)
+    return ModelConfig(spec="torchvision:squeezenet1_1", weights=str(path), input_size=64)
+
+
+@pytest.mark.parametrize("size", [40, 64, 700])  # enlarge (bilinear) and shrink (area)
+def test_uint8_frames_normalised_on_the_worker_equal_the_host_input(size):
+    frame = cv2.resize(data.chelsea(), (size * 4 // 3, size))  # a real photo, (H, W, 3) uint8
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    host = preprocess_frame(frame, 64, mean, std)  # (3, 64, 64): the host path
+    small = torch.from_numpy(resize_frame(frame, 64))  # (64, 64, 3) uint8: what travels
+    assert small.dtype == torch.uint8 and small.numel() * 4 == host.numel() * host.element_size()
+    on_device = normalize_on_device(small, mean, std, "cpu")
+    assert on_device.shape == (1, 3, 64, 64) and on_device.dtype == torch.float32
+    assert torch.equal(on_device[0], host)  # to the bit, on the CPU
+    batch = normalize_on_device(torch.stack([small, small.flip(0)]), mean, std, "cpu")
+    assert torch.equal(batch[0], host) and torch.equal(batch[1], host.flip(1))
+    with pytest.raises(ValueError, match="uint8"):
+        normalize_on_device(host, mean, std, "cpu")
+
+
+def test_worker_gives_the_same_result_for_uint8_and_float_frames(squeezenet):
+    worker = Worker(squeezenet, EngineConfig(batch_size=16, max_channels=32))
+    meta = worker.meta()
+    frame = data.coffee()
+    small = torch.from_numpy(resize_frame(frame, meta.input_size))
+    host = preprocess_frame(frame, meta.input_size, meta.mean, meta.std)
+    by_bytes = worker.explain(FrameTask(0, small))
+    by_float = worker.explain(FrameTask(1, host))
+    assert np.array_equal(by_bytes.maps, by_float.maps)
+    assert np.array_equal(by_bytes.targets, by_float.targets)
+    torch.testing.assert_close(
+        worker.classify_batch(small[None]), worker.classify_batch(host[None]), rtol=0, atol=0
+    )
