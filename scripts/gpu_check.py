@@ -41,6 +41,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "scripts")]  # not pip-installed on the GPU machine
+# ...and for the processes started from here: the command of c, and Ray's workers in d.
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -442,14 +444,9 @@ def section_end_to_end(plan: Plan, device: torch.device, state: dict) -> list[Ro
     rows: list[Row] = []
     # 1. the command as a user runs it (the wall time includes start-up and model loading)
     out = clip.workdir / "cli.mp4"
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-    }
     began = time.perf_counter()
     done = subprocess.run(
         [sys.executable, "-m", "scorecam_stream.cli", str(clip.path), "-o", str(out), *clip.args],
-        env=env,
         capture_output=True,
         text=True,
         timeout=600,
