@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 
 Score = Literal["softmax", "logit", "logit_delta"]
 Combine = Literal["normalized", "raw"]
+# (x (N, 3, S, S), normalised low-resolution masks (B, h, w), frame of each row (B,)) -> logits
+MaskedLogits = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 EPS = 1e-5  # the article's term in the normalisation's denominator
 # With fixed-shape chunks, the batch sizes a forward may have: batch_size, /2, /4. A few shapes
 # compile a few times; one shape would pad a shard of 129 passes at batch 256 to 256.
@@ -283,7 +285,9 @@ class ScoreCAM:
         self.compile = compile
         self.fixed_chunks = compile if fixed_chunks is None else fixed_chunks
         self._buffer: torch.Tensor | None = None  # masked inputs of a chunk, reused in a call
-        self._masked_logits = self._compiled_masked_logits() if compile else self._masked_eager
+        self._masked_logits: MaskedLogits = (
+            self._compiled_masked_logits() if compile else self._masked_eager
+        )
         self._zero_logits: dict[tuple, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ whole maps
@@ -479,24 +483,25 @@ class ScoreCAM:
         masked = torch.mul(x[frames], mask, out=self._buffer[:b])  # (B, 3, S, S)
         return self._forward(masked).float()
 
-    def _compiled_masked_logits(self):
+    def _compiled_masked_logits(self) -> MaskedLogits:
         """Return :meth:`_masked_eager` compiled: masks, masking and model in one graph."""
 
-        def masked_logits(x: torch.Tensor, low_res: torch.Tensor, frames: torch.Tensor):
-            mask = _upsample(low_res[:, None], x.shape[-2:])
-            return self._forward(x[frames] * mask).float()
+        def masked_logits(inputs: torch.Tensor, low_res: torch.Tensor) -> torch.Tensor:
+            mask = _upsample(low_res[:, None], inputs.shape[-2:])  # (B, 1, S, S)
+            return self._forward(inputs * mask).float()
 
         device = self._device()
         # CUDA graphs (reduce-overhead) replay each fixed chunk shape without launch overhead.
         mode = "reduce-overhead" if device.type == "cuda" else None
         compiled = torch.compile(masked_logits, mode=mode, dynamic=False)
-        if device.type != "cuda":
-            return compiled
 
         def step(x: torch.Tensor, low_res: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
-            # A new CUDA-graph step: the previous chunk's logits were consumed already.
-            torch.compiler.cudagraph_mark_step_begin()
-            return compiled(x, low_res, frames)
+            if device.type == "cuda":
+                # A new CUDA-graph step: the previous chunk's logits were consumed already.
+                torch.compiler.cudagraph_mark_step_begin()
+            # Gathered here, not in the graph: the graph's shapes then do not depend on how many
+            # frames the call has (B x 3 x S x S more bytes, against a whole forward per row).
+            return compiled(x[frames], low_res)  # (B, C)
 
         return step
 
