@@ -8,8 +8,8 @@ a. correctness: VGG16 fp32 maps vs a plain per-channel loop; bf16, fp16 and comp
    input; EfficientNet-Lite0 (real weights) when its weights package is importable.
 b. throughput: the engine's masked img/s vs the raw forward img/s at the same batch
    (efficiency), fp32 / bf16 / fp16, channels-last, compiled, batch 64 to 512; frames/s.
-c. end to end: `python -m scorecam_stream.cli` (scorecam-video) on a generated 1280x720 clip, then
-   the same run in this process with a warmed-up worker: frames/s end to end vs the engine
+c. end to end: `python -m scorecam_stream.cli` (scorecam-video) on a generated 1280x720 clip,
+   then the same run in this process with a warmed-up worker: frames/s end to end vs the engine
    alone on the same frames, and the GPU's busy fraction (nvidia-smi utilization samples).
 d. Ray: `--gpus 1`, `--gpus 1 --workers-per-gpu 2` (VGG16, and EfficientNet-Lite0 when it
    loads): frames/s, and the maps against the single process of c.
@@ -17,22 +17,20 @@ d. Ray: `--gpus 1`, `--gpus 1 --workers-per-gpu 2` (VGG16, and EfficientNet-Lite
 Each section runs even if an earlier one failed (its error is recorded). Prints one table per
 section and writes all rows as JSON (--out), with the summary keys device_name,
 vgg16_bf16_efficiency and vgg16_bf16_frames_per_s. No network: VGG16 has seeded random weights.
-Ray and PyAV are imported only by the sections that use them. The repository need not be
+Ray and PyAV are imported only by the sections that use them (c and d live in
+gpu_check_video.py). The repository need not be
 installed: its root is put on sys.path here, and on PYTHONPATH for the command it runs.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -334,194 +332,6 @@ def step_cuda_graphs(device: torch.device, compiled: bool) -> None:
         torch.compiler.cudagraph_mark_step_begin()
 
 
-# ---------------------------------------------------------------------- c. end to end
-
-
-class BusySampler:
-    """Samples the GPU's utilization (% of time a kernel ran) with nvidia-smi while it is open."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.samples: list[float] = []
-        self._proc: subprocess.Popen | None = None
-        if device.type != "cuda":
-            return
-        command = ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"]
-        uuid = getattr(torch.cuda.get_device_properties(device), "uuid", None)
-        if uuid is not None:
-            command += ["-i", f"GPU-{uuid}"]
-        try:
-            self._proc = subprocess.Popen(
-                [*command, "-lms", "100"],
-                stdout=subprocess.PIPE,
-                stderr=subprocess.DEVNULL,
-                text=True,
-            )
-        except OSError:  # no nvidia-smi: no busy figure
-            return
-        self._thread = threading.Thread(target=self._read, daemon=True)
-        self._thread.start()
-
-    def _read(self) -> None:
-        assert self._proc is not None and self._proc.stdout is not None
-        for line in self._proc.stdout:
-            with contextlib.suppress(ValueError):
-                self.samples.append(float(line.strip()) / 100)
-
-    def close(self) -> float | None:
-        """Stop sampling; return the mean busy fraction (None: not measured)."""
-        if self._proc is not None:
-            self._proc.terminate()
-            self._proc.wait(timeout=10)
-            self._thread.join(timeout=10)
-        return float(np.mean(self.samples)) if self.samples else None
-
-
-@dataclass
-class Clip:
-    """The generated clip and the settings every run of c and d shares."""
-
-    path: Path
-    workdir: Path
-    args: list[str]  # scorecam-video options, without input and output
-
-
-def make_clip(plan: Plan, device: torch.device) -> Clip:
-    from make_sample_video import make_sample_video  # PyAV: imported only from here on
-
-    workdir = Path(tempfile.mkdtemp(prefix="gpu_check-"))
-    weights = workdir / f"{plan.arch}-random.pt"
-    torch.save(seeded_model(plan, torch.device("cpu")).state_dict(), weights)  # no download
-    clip = workdir / "clip.mp4"
-    make_sample_video(clip, seconds=plan.clip_frames / 25, fps=25, size=plan.clip_size)
-    args = [
-        "--model",
-        plan.arch if plan.arch == "vgg16" else f"torchvision:{plan.arch}",
-        "--layer",
-        plan.layer,
-        "--weights",
-        str(weights),
-        "--input-size",
-        str(plan.size),
-        "--device",
-        device.type,
-        "--dtype",
-        "bf16",
-        "--batch-size",
-        str(plan.compile_batch),
-        "--overwrite",
-        "--quiet",
-    ]
-    return Clip(clip, workdir, args)
-
-
-def run_in_process(
-    clip: Clip, name: str, extra: list[str], make_explainer, device
-) -> tuple[Row, Path]:
-    """Return (row, maps file) of a pipeline run with a warmed-up explainer, and GPU busy."""
-    from scorecam_stream import pipeline
-    from scorecam_stream.cli import parse_config
-    from scorecam_stream.workers import FrameTask
-
-    maps = clip.workdir / f"{name}.npz"
-    argv = [str(clip.path), "-o", str(clip.workdir / f"{name}.mp4"), "--save-maps", str(maps)]
-    config = parse_config([*argv, *clip.args, *extra])
-    explainer = make_explainer(config)
-    size = explainer.meta.input_size
-    warm = torch.from_numpy(resize_frame(data.chelsea(), size))
-    list(explainer.explain([(None, FrameTask(-1 - i, warm)) for i in range(4)]))  # warm-up
-    sync(device)
-    busy = BusySampler(device)
-    try:
-        summary = pipeline.run(config, explainer_factory=lambda _config: explainer)
-    finally:
-        fraction = busy.close()
-    return {"frames_per_s": summary.frames / summary.seconds, "gpu_busy": fraction}, maps
-
-
-def section_end_to_end(plan: Plan, device: torch.device, state: dict) -> list[Row]:
-    from scorecam_stream import video
-    from scorecam_stream.workers import FrameTask, LocalExplainer, Worker
-
-    clip = state["clip"] = make_clip(plan, device)
-    rows: list[Row] = []
-    # 1. the command as a user runs it (the wall time includes start-up and model loading)
-    out = clip.workdir / "cli.mp4"
-    began = time.perf_counter()
-    done = subprocess.run(
-        [sys.executable, "-m", "scorecam_stream.cli", str(clip.path), "-o", str(out), *clip.args],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    wall = time.perf_counter() - began
-    if done.returncode != 0:
-        raise RuntimeError(f"scorecam-video exited {done.returncode}: {done.stderr.strip()[-500:]}")
-    rows.append(
-        {"run": "scorecam-video (wall, with start-up)", "frames_per_s": plan.clip_frames / wall}
-    )
-    # 2. the same run in this process, worker warmed up: the steady rate, and how busy the GPU was
-    workers: list[Worker] = []
-
-    def local(config):
-        workers.append(Worker(config.model, config.engine))
-        return LocalExplainer(workers[-1], config.explain.topk)
-
-    row, maps = run_in_process(clip, "single", [], local, device)
-    state["single_maps"] = maps
-    rows.append({"run": "end to end, single process", **row})
-    # 3. the engine alone on the same frames (decoded and resized beforehand)
-    worker = workers[0]
-    tasks = [
-        FrameTask(f.index, torch.from_numpy(resize_frame(f.image, plan.size)))
-        for f in video.read_frames(str(clip.path))
-    ]
-    sync(device)
-    began = time.perf_counter()
-    for task in tasks:
-        worker.explain(task)
-    sync(device)
-    engine_rate = len(tasks) / (time.perf_counter() - began)
-    rows.append({"run": "engine only, same frames", "frames_per_s": engine_rate})
-    rows[1]["vs_engine"] = rows[1]["frames_per_s"] / engine_rate
-    return rows
-
-
-# ---------------------------------------------------------------------- d. Ray
-
-
-def section_ray(plan: Plan, device: torch.device, state: dict) -> list[Row]:
-    import ray  # imported only here
-
-    from scorecam_stream.distributed import RayExplainer
-
-    clip = state.get("clip") or make_clip(plan, device)
-    single = np.load(state["single_maps"])["maps"] if "single_maps" in state else None
-    gpu = device.type == "cuda"
-    runs = [["--gpus", "1"], ["--gpus", "1", "--workers-per-gpu", "2"]]
-    if not gpu:  # the smoke test: CPU workers stand in for the GPU ones
-        runs = [["--workers", "1"], ["--workers", "2"]]
-    ray.init(address="local", include_dashboard=False, log_to_driver=False)
-    rows: list[Row] = []
-    try:
-        for extra in runs:
-
-            def make(config):
-                return RayExplainer(
-                    config.model, config.engine, config.distributed, config.explain.topk
-                )
-
-            name = "ray" + "".join(extra).replace("-", "_")
-            row, maps = run_in_process(clip, name, extra, make, device)
-            if single is not None:
-                row["maps_rel_error_vs_single"] = rel_norm(
-                    torch.from_numpy(np.load(maps)["maps"]), torch.from_numpy(single)
-                )
-            rows.append({"run": " ".join(extra), **row})
-    finally:
-        ray.shutdown()
-    return rows
-
-
 # ---------------------------------------------------------------------- the run
 
 
@@ -556,6 +366,13 @@ def summary(report: dict) -> dict[str, object]:
     }
 
 
+def video_check():
+    """Return the module of sections c and d (it imports PyAV, and Ray in d, when they run)."""
+    import gpu_check_video
+
+    return gpu_check_video
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, help="write the report as JSON to this file")
@@ -583,11 +400,19 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(f"# gpu_check on {name}, torch {torch.__version__}, {report['date_utc']} UTC")
     state: dict = {}
+
+    def weights() -> Path:
+        """Return a state-dict file of the seeded model, for the command line (no download)."""
+        if "weights" not in state:
+            state["weights"] = Path(tempfile.mkdtemp(prefix="gpu_check-")) / f"{plan.arch}.pt"
+            torch.save(seeded_model(plan, torch.device("cpu")).state_dict(), state["weights"])
+        return state["weights"]
+
     sections: dict[str, Callable[[], list[Row]]] = {
         "a_correctness": lambda: section_correctness(plan, device, state),
         "b_throughput": lambda: section_throughput(plan, device, state),
-        "c_end_to_end": lambda: section_end_to_end(plan, device, state),
-        "d_ray": lambda: section_ray(plan, device, state),
+        "c_end_to_end": lambda: video_check().section_end_to_end(plan, device, state, weights()),
+        "d_ray": lambda: video_check().section_ray(plan, device, state, weights()),
     }
     started = time.perf_counter()
     for key, run in sections.items():
