@@ -31,8 +31,8 @@ log = logging.getLogger(__name__)
 
 Score = Literal["softmax", "logit", "logit_delta"]
 Combine = Literal["normalized", "raw"]
-# (x (N, 3, S, S), normalised low-resolution masks (B, h, w), frame of each row (B,)) -> logits
-MaskedLogits = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# (x (N, 3, S, S), each row's frame (B,), channel (B, h, w), min (B,), span (B,)) -> logits (B, C)
+MaskedLogits = Callable[..., torch.Tensor]
 EPS = 1e-5  # the article's term in the normalisation's denominator
 # With fixed-shape chunks, the batch sizes a forward may have: batch_size, /2, /4. A few shapes
 # compile a few times; one shape would pad a shard of 129 passes at batch 256 to 256.
@@ -85,6 +85,14 @@ def chunk_plan(passes: int, batch_size: int, fixed: bool) -> list[tuple[int, int
 def _upsample(t: torch.Tensor, size: torch.Size) -> torch.Tensor:
     """Return ``t`` (B, C, h, w) upsampled bilinearly to ``size``, as the article does."""
     return F.interpolate(t, size=size, mode="bilinear", align_corners=False)
+
+
+def _normalised_masks(
+    channels: torch.Tensor, lows: torch.Tensor, spans: torch.Tensor, size: torch.Size
+) -> torch.Tensor:
+    """Return M_k (B, 1, S, S): each channel (B, h, w) upsampled, minus its min, over its span."""
+    up = _upsample(channels[:, None], size)
+    return (up - lows[:, None, None, None]) / spans[:, None, None, None]
 
 
 def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
@@ -447,37 +455,44 @@ class ScoreCAM:
         plan = chunk_plan(frames.numel(), self.batch_size, self.fixed_chunks)
         if not plan:
             return scores
-        # (P, h, w) normalised masks of every pass at the layer's resolution: upsampling is
-        # linear, so normalising first and upsampling per chunk gives M_k in one step per chunk.
-        scale = 1.0 / (highs - lows + EPS)  # (N, R)
-        low_res = (acts[frames, chans] - lows[frames, chans][:, None, None]) * scale[frames, chans][
-            :, None, None
-        ]
+        # Per pass (P of them): its channel (P, h, w), the min and the span of its upsampled map.
+        pass_acts = acts[frames, chans]
+        pass_lows = lows[frames, chans]
+        pass_spans = (highs - lows)[frames, chans] + EPS
         padding = sum(padded - rows for rows, padded in plan)
         if padding:  # the padding rows repeat pass 0; their scores are dropped
             frames = torch.cat([frames, frames[:1].expand(padding)])
             chans = torch.cat([chans, chans[:1].expand(padding)])
-            low_res = torch.cat([low_res, low_res[:1].expand(padding, -1, -1)])
+            pass_acts = torch.cat([pass_acts, pass_acts[:1].expand(padding, -1, -1)])
+            pass_lows = torch.cat([pass_lows, pass_lows[:1].expand(padding)])
+            pass_spans = torch.cat([pass_spans, pass_spans[:1].expand(padding)])
         self._buffer = None
         with self._model_state(), torch.inference_mode():
             i = 0
             for rows, padded in plan:
-                f, c = frames[i : i + padded], chans[i : i + padded]
-                logits = self._masked_logits(base.x, low_res[i : i + padded], f)  # (B, C)
+                chunk = slice(i, i + padded)
+                f = frames[chunk]
+                logits = self._masked_logits(
+                    base.x, f, pass_acts[chunk], pass_lows[chunk], pass_spans[chunk]
+                )  # (B, C)
                 # Slices with host-known bounds: no device sync inside the loop.
-                f, c = f[:rows], c[:rows]
+                f, c = f[:rows], chans[chunk][:rows]
                 scores[f, :, c] = self._target_scores(logits[:rows], targets[f], base, f)
                 i += padded
         self._buffer = None
         return scores
 
     def _masked_eager(
-        self, x: torch.Tensor, low_res: torch.Tensor, frames: torch.Tensor
+        self,
+        x: torch.Tensor,
+        frames: torch.Tensor,
+        channels: torch.Tensor,
+        lows: torch.Tensor,
+        spans: torch.Tensor,
     ) -> torch.Tensor:
-        """Return the logits (B, C) float32 of ``x[frames]`` masked by ``low_res`` upsampled."""
+        """Return the logits (B, C) float32 of ``x[frames]`` masked by the channels' M_k."""
         b = frames.numel()
-        # (B, 1, S, S) normalised masks M_k of this chunk
-        mask = _upsample(low_res[:, None], x.shape[-2:])
+        mask = _normalised_masks(channels, lows, spans, x.shape[-2:])  # (B, 1, S, S)
         if self._buffer is None or self._buffer.shape[0] < b:
             self._buffer = torch.empty(b, *x.shape[1:], device=x.device)
         masked = torch.mul(x[frames], mask, out=self._buffer[:b])  # (B, 3, S, S)
@@ -486,8 +501,8 @@ class ScoreCAM:
     def _compiled_masked_logits(self) -> MaskedLogits:
         """Return :meth:`_masked_eager` compiled: masks, masking and model in one graph."""
 
-        def masked_logits(inputs: torch.Tensor, low_res: torch.Tensor) -> torch.Tensor:
-            mask = _upsample(low_res[:, None], inputs.shape[-2:])  # (B, 1, S, S)
+        def masked_logits(inputs, channels, lows, spans) -> torch.Tensor:
+            mask = _normalised_masks(channels, lows, spans, inputs.shape[-2:])  # (B, 1, S, S)
             return self._forward(inputs * mask).float()
 
         device = self._device()
@@ -495,13 +510,13 @@ class ScoreCAM:
         mode = "reduce-overhead" if device.type == "cuda" else None
         compiled = torch.compile(masked_logits, mode=mode, dynamic=False)
 
-        def step(x: torch.Tensor, low_res: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
+        def step(x, frames, channels, lows, spans) -> torch.Tensor:
             if device.type == "cuda":
                 # A new CUDA-graph step: the previous chunk's logits were consumed already.
                 torch.compiler.cudagraph_mark_step_begin()
             # Gathered here, not in the graph: the graph's shapes then do not depend on how many
             # frames the call has (B x 3 x S x S more bytes, against a whole forward per row).
-            return compiled(x[frames], low_res)  # (B, C)
+            return compiled(x[frames], channels, lows, spans)  # (B, C)
 
         return step
 
