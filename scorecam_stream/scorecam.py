@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .transfer import to_device, to_host
+
 log = logging.getLogger(__name__)
 
 Score = Literal["softmax", "logit", "logit_delta"]
@@ -93,33 +95,6 @@ def _normalised_masks(
     """Return M_k (B, 1, S, S): each channel (B, h, w) upsampled, minus its min, over its span."""
     up = _upsample(channels[:, None], size)
     return (up - lows[:, None, None, None]) / spans[:, None, None, None]
-
-
-def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
-    """Return ``t`` on ``device``; host -> CUDA goes through pinned memory without blocking."""
-    device = torch.device(device)
-    if t.device == device:
-        return t
-    if device.type == "cuda" and t.device.type == "cpu":
-        # Pinned pages let the copy run asynchronously, queued behind the GPU's work.
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
-
-
-def to_host(tensors: Sequence[torch.Tensor | None]) -> list[torch.Tensor | None]:
-    """Return ``tensors`` copied to the CPU: CUDA ones into pinned memory, one sync for all."""
-    out: list[torch.Tensor | None] = []
-    streams = set()
-    for t in tensors:
-        if t is None or t.device.type != "cuda":
-            out.append(None if t is None else t.cpu())
-            continue
-        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-        out.append(host.copy_(t, non_blocking=True))
-        streams.add(t.device)
-    for device in streams:  # the copies were queued on the current streams: wait once
-        torch.cuda.current_stream(device).synchronize()
-    return out
 
 
 @dataclass(frozen=True)

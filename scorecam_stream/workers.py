@@ -23,7 +23,8 @@ import torch
 
 from .config import EngineConfig, ModelConfig
 from .models import load_model
-from .scorecam import BasePass, ScoreCAM, ShardResult, combine_shards, to_device
+from .scorecam import BasePass, ScoreCAM, ShardResult, combine_shards
+from .transfer import normalize_on_device, to_device
 
 log = logging.getLogger(__name__)
 
@@ -61,30 +62,6 @@ def keep_freed_memory() -> bool:
     _malloc_tuned = done
     log.debug("glibc malloc keeps freed blocks: %s", done)
     return done
-
-
-def normalize_on_device(
-    frames: torch.Tensor,
-    mean: tuple[float, float, float],
-    std: tuple[float, float, float],
-    device: torch.device | str,
-) -> torch.Tensor:
-    """Return the model input (N, 3, S, S) float32 on ``device`` of resized uint8 frames.
-
-    ``frames`` is (N, S, S, 3) or (S, S, 3) uint8, as ``models.resize_frame`` gives them: a
-    quarter of the bytes of the float input travel (host -> GPU, driver -> worker), and the
-    float maths runs on the device in the same order as ``models.preprocess_frame``'s, so on
-    the CPU the two agree to the bit.
-    """
-    if frames.dtype != torch.uint8 or frames.shape[-1] != 3 or frames.dim() not in (3, 4):
-        raise ValueError(
-            f"expected uint8 frames (N, S, S, 3), got {frames.dtype} {tuple(frames.shape)}"
-        )
-    x = to_device(frames if frames.dim() == 4 else frames[None], device)
-    x = x.to(torch.float32) * (1.0 / 255.0)  # (N, S, S, 3)
-    x -= torch.tensor(mean, dtype=torch.float32, device=x.device)
-    x /= torch.tensor(std, dtype=torch.float32, device=x.device)
-    return x.permute(0, 3, 1, 2).contiguous()  # (N, 3, S, S)
 
 
 @dataclass(frozen=True)

@@ -55,7 +55,7 @@ from scorecam_stream.models import (  # noqa: E402
     preprocess_frame,
     resize_frame,
 )
-from scorecam_stream.workers import normalize_on_device  # noqa: E402
+from scorecam_stream.transfer import normalize_on_device  # noqa: E402
 
 Row = dict[str, object]
 # Relative map errors a check may show (cuDNN convolutions run in TF32 by default on CUDA).
