@@ -105,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     _bool_flag(g, "skip-constant", "skip constant channels' passes (exact; default on)")
     g.add_argument("--max-channels", type=int, help="Faster Score-CAM: top-N variance channels")
     _bool_flag(g, "channels-last", "channels-last memory format (default on)")
+    _bool_flag(g, "compile", "torch.compile the masked passes (fixed-shape chunks; CUDA graphs)")
     g = p.add_argument_group("targets and time")
     g.add_argument("--target", help="top1 (default), dominant, a class id or a class name")
     g.add_argument("--topk", type=int, help="K maps per frame (top-K classes; first rendered)")
@@ -138,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--metric-steps", type=int, help="insertion/deletion steps (default 28)")
     g = p.add_argument_group("distributed (Ray)")
     g.add_argument("--gpus", type=int, help="N Ray workers, one GPU each")
+    g.add_argument(
+        "--workers-per-gpu", type=int, help="K workers share each GPU (1/K each; default 1)"
+    )
     g.add_argument("--workers", type=int, help="N Ray workers on CPU")
     g.add_argument(
         "--address",

@@ -75,6 +75,7 @@ class EngineConfig:
     max_channels: int | None = None
     dtype: str = "fp32"
     channels_last: bool = True
+    compile: bool = False  # torch.compile the masked passes, in fixed-shape chunks
 
     def __post_init__(self) -> None:
         _check(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
@@ -265,6 +266,7 @@ class DistributedConfig:
     startup_timeout: float = 120.0
     max_shard_retries: int = 2
     threads_per_worker: int | None = None  # CPU workers; default: the cluster's CPUs / workers
+    workers_per_gpu: int = 1  # Ray actors sharing each GPU (1/K of a GPU each)
 
     def __post_init__(self) -> None:
         _check(self.workers >= 0, f"--workers must be >= 0, got {self.workers}")
@@ -287,6 +289,13 @@ class DistributedConfig:
             self.threads_per_worker is None or self.threads_per_worker >= 1,
             f"--threads-per-worker must be >= 1, got {self.threads_per_worker}",
         )
+        _check(
+            self.workers_per_gpu >= 1, f"--workers-per-gpu must be >= 1, got {self.workers_per_gpu}"
+        )
+        _check(
+            self.workers_per_gpu == 1 or self.gpus >= 1,
+            "--workers-per-gpu needs --gpus N (it sets how many workers share each GPU)",
+        )
 
     @property
     def distributed(self) -> bool:
@@ -296,7 +305,7 @@ class DistributedConfig:
     @property
     def num_workers(self) -> int:
         """Return the number of Ray workers (1 when only --address is given)."""
-        return self.gpus or self.workers or 1
+        return self.gpus * self.workers_per_gpu or self.workers or 1
 
 
 @dataclass(frozen=True)

@@ -55,6 +55,7 @@ from .scheduler import (
     default_max_inflight,
     default_shards_per_frame,
     max_held_items,
+    plan_actor_resources,
 )
 from .scorecam import ShardResult, combine_shards
 from .workers import FrameResult, FrameTask, ModelMeta, P, Worker, make_result, targets_for
@@ -401,18 +402,26 @@ class RayExplainer:
         resources = ray.cluster_resources()
         cpus, gpus = int(resources.get("CPU", 0)), int(resources.get("GPU", 0))
         model = self.model
-        if model.device.startswith("cuda"):
+        on_gpu = model.device.startswith("cuda")
+        plan = plan_actor_resources(
+            on_gpu=on_gpu,
+            gpus=self.dist.gpus,
+            workers_per_gpu=self.dist.workers_per_gpu,
+            workers=self.dist.workers,
+            cluster_cpus=cpus,
+            threads_per_worker=self.dist.threads_per_worker,
+        )
+        if on_gpu:
             asked = f"--gpus {n}" if self.dist.gpus else f"{n} worker(s) on --device cuda"
-            if gpus < n:
+            if self.dist.workers_per_gpu > 1:
+                asked = f"--gpus {self.dist.gpus} --workers-per-gpu {self.dist.workers_per_gpu}"
+            if gpus < plan.gpus_needed:
                 instead = f"--gpus {gpus}" if gpus else f"--workers {n} --device cpu"
                 raise ScoreCamError(f"{asked}: the Ray cluster has {gpus} GPU(s); use {instead}")
-            # Ray gives each actor one GPU, visible to it as cuda:0.
+            # Ray makes each actor's GPU visible to it as cuda:0 (shared with K-1 others).
             model = dataclasses.replace(model, device="cuda")
-            options: dict[str, Any] = {"num_gpus": 1, "num_cpus": 1}
-            threads = None
-        else:
-            options = {"num_cpus": 1}
-            threads = self.dist.threads_per_worker or max(1, cpus // n)
+        options: dict[str, Any] = plan.options()
+        threads = plan.threads
         options["max_restarts"] = WORKER_MAX_RESTARTS
         remote_cls = ray.remote(**options)(worker_cls)
         # Enough cached base passes that frames still in flight are never evicted.

@@ -118,7 +118,15 @@ def preprocess_frame(
     std: tuple[float, float, float],
     fit: str = "squash",
 ) -> torch.Tensor:
-    """Return the normalised (3, size, size) float32 tensor of an RGB uint8 frame.
+    """Return the normalised (3, size, size) float32 tensor of an RGB uint8 frame (see fit)."""
+    x = resize_frame(frame, size, fit).astype(np.float32) * (1.0 / 255.0)
+    x -= np.asarray(mean, dtype=np.float32)
+    x /= np.asarray(std, dtype=np.float32)
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
+
+
+def resize_frame(frame: np.ndarray, size: int, fit: str = "squash") -> np.ndarray:
+    """Return the RGB uint8 frame (H, W, 3) made square and resized to (size, size, 3) uint8.
 
     ``fit``: ``squash`` resizes the whole frame to a square (aspect not kept), ``pad`` fits it
     inside a black square, ``crop`` keeps its centred square (see :mod:`.fit`).
@@ -131,11 +139,7 @@ def preprocess_frame(
     h, w = frame.shape[:2]
     # INTER_AREA averages when shrinking (no aliasing), bilinear when enlarging.
     interp = cv2.INTER_AREA if (h > size or w > size) else cv2.INTER_LINEAR
-    resized = cv2.resize(frame, (size, size), interpolation=interp)
-    x = resized.astype(np.float32) * (1.0 / 255.0)
-    x -= np.asarray(mean, dtype=np.float32)
-    x /= np.asarray(std, dtype=np.float32)
-    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
+    return cv2.resize(frame, (size, size), interpolation=interp)
 
 
 def imagenet_class_names() -> tuple[str, ...]:

@@ -27,6 +27,7 @@ from . import video
 from .config import Config
 from .errors import ScoreCamError
 from .evaluation import Evaluator, format_table, make_evaluator
+from .models import resize_frame
 from .outputs import MapsWriter, PreviewSampler, RecordsWriter
 from .render import MapScaler, RenderOptions
 from .stages import Channel, DrawItem, Encoder, produce
@@ -287,8 +288,11 @@ def _classify_all(config: Config, reader: video.VideoReader, explainer: Explaine
 
 
 def model_input(image: np.ndarray, meta: ModelMeta) -> torch.Tensor:
-    """Return the model input (3, S, S) of a decoded frame."""
-    return meta.preprocess(image)
+    """Return what travels to the worker for a decoded frame: (S, S, 3) uint8, resized.
+
+    A quarter of the bytes of the float input; the worker normalises it on its device.
+    """
+    return torch.from_numpy(resize_frame(image, meta.input_size, meta.fit))
 
 
 def class_name(names: tuple[str, ...], index: int) -> str:

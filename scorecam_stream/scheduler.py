@@ -9,6 +9,7 @@ from __future__ import annotations
 import bisect
 import itertools
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Generic, TypeVar, cast
 
 T = TypeVar("T")
@@ -240,3 +241,64 @@ class InflightTracker(Generic[T]):
 
     def __len__(self) -> int:
         return len(self._frames)
+
+
+# Ray keeps fractional resources to 4 decimal places: a share is rounded down to them, so K
+# shares of one GPU never add up to more than the whole GPU.
+_RAY_RESOURCE_UNIT = 10_000
+
+
+@dataclass(frozen=True)
+class ActorResources:
+    """What the Ray actors of a run reserve: how many, and each one's share of the machine."""
+
+    workers: int  # actors to start
+    num_gpus: float  # each actor's GPU share: 1 / workers-per-GPU (0: a CPU worker)
+    num_cpus: int  # CPUs each actor reserves
+    threads: int | None  # torch threads of each actor (None: torch's default, GPU workers)
+    gpus_needed: int  # whole GPUs the cluster must have
+
+    def options(self) -> dict[str, float]:
+        """Return the resource options of ``ray.remote`` for one actor."""
+        if self.num_gpus:
+            return {"num_gpus": self.num_gpus, "num_cpus": self.num_cpus}
+        return {"num_cpus": self.num_cpus}
+
+
+def plan_actor_resources(
+    *,
+    on_gpu: bool,
+    gpus: int,
+    workers_per_gpu: int,
+    workers: int,
+    cluster_cpus: int,
+    threads_per_worker: int | None = None,
+) -> ActorResources:
+    """Return the actors to start and what each reserves.
+
+    On GPUs: ``workers_per_gpu`` (K) actors share each of the ``gpus`` (N) GPUs, 1/K of a GPU
+    each, so N x K actors on N GPUs; with ``gpus=0``, ``workers`` actors (at least one) with a
+    whole GPU each, as ``--workers N --device cuda`` or ``--address`` alone ask. Several
+    replicas per GPU help models too small to keep a large GPU busy alone. On CPUs:
+    ``workers`` actors (at least one), each with ``threads_per_worker`` torch threads or an
+    equal part of the cluster's CPUs.
+    """
+    if workers_per_gpu < 1:
+        raise ValueError(f"workers_per_gpu must be >= 1, got {workers_per_gpu}")
+    if gpus < 0 or workers < 0:
+        raise ValueError(f"gpus and workers must be >= 0, got {gpus}, {workers}")
+    if workers_per_gpu > 1 and not gpus:
+        raise ValueError("workers_per_gpu > 1 needs gpus >= 1")
+    if on_gpu:
+        whole = gpus or max(workers, 1)
+        share = (_RAY_RESOURCE_UNIT // workers_per_gpu) / _RAY_RESOURCE_UNIT
+        return ActorResources(
+            workers=whole * workers_per_gpu,
+            num_gpus=1.0 if workers_per_gpu == 1 else share,
+            num_cpus=1,
+            threads=None,
+            gpus_needed=whole,
+        )
+    count = max(workers, 1)
+    threads = threads_per_worker or max(1, cluster_cpus // count)
+    return ActorResources(workers=count, num_gpus=0.0, num_cpus=1, threads=threads, gpus_needed=0)

@@ -26,6 +26,7 @@ from .config import EngineConfig, EvaluationConfig, ModelConfig
 from .evaluation import FrameScorer, FrameScores
 from .models import ModelMeta, load_model
 from .scorecam import BasePass, ScoreCAM, ShardResult, combine_shards
+from .transfer import normalize_on_device, to_device
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,9 @@ class FrameTask:
     """One frame to explain: its model input and, if fixed, the classes to explain."""
 
     index: int  # unique in a run; the workers' activation cache is keyed by it
-    x: torch.Tensor  # (3, S, S) float32 model input (never the full-resolution frame)
+    # The frame resized to the model input, (S, S, 3) uint8 (normalised by the worker, on its
+    # device), or the model input (3, S, S) float32; never the full-resolution frame.
+    x: torch.Tensor
     targets: tuple[int, ...] | None = None  # None: the frame's top-k classes
 
 
@@ -176,7 +179,7 @@ class Worker:
         if index in self._cache:
             self._cache.move_to_end(index)
             return self._cache[index]
-        base = self.engine.base(x[None])
+        base = self.engine.base(self.model_input(x[None]))
         self._cache[index] = base
         while len(self._cache) > self.cache_frames:
             self._cache.popitem(last=False)
@@ -217,11 +220,20 @@ class Worker:
         """Return the faithfulness scores of one frame's map (S, S) for ``target``."""
         if self.scorer is None:
             raise RuntimeError("this worker was started without metrics")
-        return self.scorer(x, map_, int(target))
+        return self.scorer(self.model_input(x[None])[0], map_, int(target))
 
     def classify_batch(self, xs: torch.Tensor) -> torch.Tensor:
         """Return the logits (N, C) on CPU of a batch of model inputs (no caching)."""
-        return self.engine.classify(xs).cpu()
+        return self.engine.classify(self.model_input(xs)).cpu()
+
+    def model_input(self, xs: torch.Tensor) -> torch.Tensor:
+        """Return the float model input (N, 3, S, S) on this worker's device.
+
+        ``xs``: resized uint8 frames (N, S, S, 3), normalised here, or float model inputs.
+        """
+        if xs.dtype == torch.uint8:
+            return normalize_on_device(xs, self.loaded.mean, self.loaded.std, self.device)
+        return to_device(xs, self.device)
 
 
 class Explainer(Protocol):

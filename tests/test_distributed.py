@@ -337,6 +337,12 @@ def test_more_gpus_than_the_cluster_has(ray_cluster, model):
         r"--workers 4 --device cpu$",
     ):
         RayExplainer(gpu_model, ENGINE, DistributedConfig(gpus=4))
+    with pytest.raises(
+        ScoreCamError,
+        match=r"^--gpus 1 --workers-per-gpu 2: the Ray cluster has 0 GPU\(s\); use "
+        r"--workers 2 --device cpu$",
+    ):
+        RayExplainer(gpu_model, ENGINE, DistributedConfig(gpus=1, workers_per_gpu=2))
 
 
 def test_model_error_in_a_worker_surfaces_as_one_line(ray_cluster, model):

@@ -15,6 +15,7 @@ from scorecam_stream.scheduler import (
     default_max_inflight,
     default_shards_per_frame,
     max_held_items,
+    plan_actor_resources,
     shard_ranges,
 )
 
@@ -210,3 +211,43 @@ def test_balanced_ranges_examples_and_errors():
         balanced_ranges([1, -1], 2)
     with pytest.raises(ValueError, match="num_channels"):
         balanced_ranges([], 2)
+
+
+@pytest.mark.parametrize("gpus", [1, 2, 4, 8])
+@pytest.mark.parametrize("per_gpu", [1, 2, 3, 4, 7])
+def test_workers_per_gpu_plans_fractional_gpus(gpus, per_gpu):
+    plan = plan_actor_resources(
+        on_gpu=True, gpus=gpus, workers_per_gpu=per_gpu, workers=0, cluster_cpus=16
+    )
+    assert plan.workers == gpus * per_gpu and plan.gpus_needed == gpus
+    assert 0 < plan.num_gpus <= 1 and plan.num_gpus * per_gpu <= 1  # K of them fit on one GPU
+    assert plan.num_gpus * per_gpu > 1 - 1e-3  # and together they take (almost) all of it
+    assert plan.num_gpus == round(plan.num_gpus, 4)  # Ray's resource precision
+    assert (plan.num_gpus == 1) == (per_gpu == 1)
+    assert plan.threads is None
+    assert plan.options() == {"num_gpus": plan.num_gpus, "num_cpus": 1}
+    # packing the actors GPU by GPU by their share puts exactly per_gpu on each
+    free = [1.0] * gpus
+    for _ in range(plan.workers):
+        slot = next(i for i, f in enumerate(free) if f >= plan.num_gpus - 1e-12)
+        free[slot] -= plan.num_gpus
+    assert all(f < plan.num_gpus for f in free)
+
+
+def test_cpu_and_single_gpu_plans():
+    cpu = plan_actor_resources(on_gpu=False, gpus=0, workers_per_gpu=1, workers=3, cluster_cpus=8)
+    assert (cpu.workers, cpu.num_gpus, cpu.threads, cpu.gpus_needed) == (3, 0.0, 2, 0)
+    assert cpu.options() == {"num_cpus": 1}
+    pinned = plan_actor_resources(
+        on_gpu=False, gpus=0, workers_per_gpu=1, workers=3, cluster_cpus=8, threads_per_worker=5
+    )
+    assert pinned.threads == 5
+    one = plan_actor_resources(on_gpu=False, gpus=0, workers_per_gpu=1, workers=0, cluster_cpus=1)
+    assert (one.workers, one.threads) == (1, 1)
+    # --workers N --device cuda (or --address alone): one whole GPU per worker
+    cuda = plan_actor_resources(on_gpu=True, gpus=0, workers_per_gpu=1, workers=2, cluster_cpus=4)
+    assert (cuda.workers, cuda.num_gpus, cuda.gpus_needed) == (2, 1.0, 2)
+    with pytest.raises(ValueError):
+        plan_actor_resources(on_gpu=True, gpus=0, workers_per_gpu=2, workers=1, cluster_cpus=4)
+    with pytest.raises(ValueError):
+        plan_actor_resources(on_gpu=True, gpus=1, workers_per_gpu=0, workers=0, cluster_cpus=4)
