@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .scorecam import forward_hook
+
 
 @dataclass(frozen=True)
 class GradCAMResult:
@@ -76,7 +78,7 @@ class GradCAM:
         # The input asks for gradients so that the layer's output has a graph even when the
         # model's parameters are frozen.
         x = x.clone().requires_grad_(True)
-        with self._model_state(), torch.enable_grad(), self._hooked(keep):
+        with self._model_state(), torch.enable_grad(), forward_hook(self.layer, keep):
             logits = self.model(x).float()  # (B, C)
             if len(captured) != 1 or captured[0].dim() != 4:
                 raise ValueError("target layer must run once with a 4-D output")
@@ -102,12 +104,3 @@ class GradCAM:
             yield
         finally:
             self.model.train(was_training)
-
-    @contextlib.contextmanager
-    def _hooked(self, hook) -> Iterator[None]:
-        """Hold a forward hook on the target layer; removed even if the forward raises."""
-        handle = self.layer.register_forward_hook(hook)
-        try:
-            yield
-        finally:
-            handle.remove()

@@ -106,6 +106,16 @@ def _normalised_masks(
     return (up - lows[:, None, None, None]) / spans[:, None, None, None]
 
 
+@contextlib.contextmanager
+def forward_hook(layer: nn.Module, hook) -> Iterator[None]:
+    """Hold a forward hook on ``layer``; removed even if the forward raises."""
+    handle = layer.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 @dataclass(frozen=True)
 class BasePass:
     """One forward of a batch of frames: what every shard of those frames needs.
@@ -387,7 +397,7 @@ class ScoreCAM:
             # A clone: a later in-place op (ReLU(inplace), +=) must not change what we keep.
             captured.append(output.detach().float().clone())
 
-        with self._model_state(), torch.inference_mode(), self._hooked(keep):
+        with self._model_state(), torch.inference_mode(), forward_hook(self.layer, keep):
             logits = self._forward(x).float()
         if len(captured) != 1 or captured[0].dim() != 4:
             shape = tuple(captured[-1].shape) if captured else None
@@ -650,12 +660,3 @@ class ScoreCAM:
             self.model.train(was_training)
             for t, data in originals.items():
                 t.data = data
-
-    @contextlib.contextmanager
-    def _hooked(self, hook) -> Iterator[None]:
-        """Hold a forward hook on the target layer; removed even if the forward raises."""
-        handle = self.layer.register_forward_hook(hook)
-        try:
-            yield
-        finally:
-            handle.remove()
