@@ -26,21 +26,11 @@ import numpy as np
 import torch
 
 from . import video
+from .annotate import MapDisplay, fixed_target, frame_label, frame_record
 from .config import Config
 from .errors import ScoreCamError
 from .evaluation import format_table, make_evaluator
-from .pipeline import (
-    MapDisplay,
-    Outputs,
-    Progress,
-    RunSummary,
-    add_maps,
-    fixed_target,
-    frame_label,
-    frame_record,
-    make_encoder,
-    model_input,
-)
+from .pipeline import Outputs, Progress, RunSummary, add_maps, make_encoder, model_input
 from .stages import DrawItem
 from .workers import Explainer, FrameResult, FrameTask
 

@@ -24,12 +24,13 @@ import numpy as np
 import torch
 
 from . import video
+from .annotate import MapDisplay, class_name, fixed_target, frame_label, frame_record
 from .config import Config
 from .errors import ScoreCamError
 from .evaluation import Evaluator, format_table, make_evaluator
 from .models import resize_frame
 from .outputs import MapsWriter, PreviewSampler, RecordsWriter
-from .render import MapScaler, RenderOptions
+from .render import RenderOptions
 from .stages import Channel, DrawItem, Encoder, produce
 from .workers import Explainer, FrameResult, FrameTask, LocalExplainer, ModelMeta, Worker
 
@@ -239,29 +240,6 @@ def _resolve_target(
     return fixed_target(wanted, names)
 
 
-def fixed_target(wanted: str, names: tuple[str, ...]) -> tuple[str, tuple[int, ...] | None]:
-    """Return (description, (class,)) for a class id or name; (wanted, None) for top1/dominant."""
-    if wanted in ("top1", "dominant"):
-        return wanted, None
-    if wanted.lstrip("-").isdigit():
-        index = int(wanted)
-        classes = len(names) if names else None
-        if index < 0 or (classes is not None and index >= classes):
-            raise ScoreCamError(
-                f"--target {index} is not a class id of the model (0..{(classes or 1) - 1})"
-            )
-        return class_name(names, index), (index,)
-    lowered = [n.lower() for n in names]
-    if wanted.lower() in lowered:
-        index = lowered.index(wanted.lower())
-        return names[index], (index,)
-    close = [n for n in names if wanted.lower() in n.lower()][:4]
-    hint = f" (did you mean {', '.join(close)}?)" if close else ""
-    raise ScoreCamError(
-        f"--target '{wanted}' is not top1, dominant, a class id or a class name{hint}"
-    )
-
-
 def _classify_all(config: Config, reader: video.VideoReader, explainer: Explainer) -> np.ndarray:
     """Return how often each class is top-1 over the frames in the window (one forward each)."""
     meta = explainer.meta
@@ -295,40 +273,12 @@ def model_input(image: np.ndarray, meta: ModelMeta) -> torch.Tensor:
     return torch.from_numpy(resize_frame(image, meta.input_size, meta.fit))
 
 
-def class_name(names: tuple[str, ...], index: int) -> str:
-    """Return the name of class ``index`` (the id itself when the model has no names)."""
-    return names[index] if 0 <= index < len(names) else str(index)
-
-
 def render_options(config: Config) -> RenderOptions:
     """Return how maps are drawn in this run."""
     out = config.output
     return RenderOptions(
         layout=out.layout, colormap=out.colormap, alpha=out.alpha, fit=config.model.fit
     )
-
-
-class MapDisplay:
-    """Turns each explained frame's first map into the heat drawn: smoothed, display-scaled.
-
-    Maps of another class are other evidence: not averaged in (``--smooth``), and shown on that
-    class's own display scale, not the previous class's peak.
-    """
-
-    def __init__(self, smooth: float, scale: str) -> None:
-        self._weight = smooth
-        self._scaler = MapScaler(scale)
-        self._smoothed: np.ndarray | None = None
-        self._target = -1
-
-    def __call__(self, result: FrameResult) -> np.ndarray:
-        """Return the map in [0, 1] to draw for ``result``."""
-        first, target = result.maps[0], int(result.targets[0])
-        a = self._weight
-        fresh = self._smoothed is None or a == 0 or target != self._target
-        self._smoothed = first if fresh else a * self._smoothed + (1 - a) * first
-        self._target = target
-        return self._scaler(self._smoothed, key=target)
 
 
 def open_writer(
@@ -468,29 +418,3 @@ def _expected_frames(config: Config, info: video.VideoInfo) -> int | None:
     if w.max_frames is not None:
         count = min(count, w.max_frames) if count is not None else w.max_frames
     return count
-
-
-def frame_label(meta: ModelMeta, result: FrameResult, frame: video.Frame, reused: bool) -> str:
-    """Return the label drawn on ``frame``: class, probability, time, and the map's origin."""
-    name = class_name(meta.class_names, int(result.targets[0]))
-    minutes, seconds = divmod(max(frame.seconds, 0.0), 60)
-    text = f"{name} {result.probs[0]:.2f}  {int(minutes):02d}:{seconds:05.2f}"
-    return f"{text}  (map of frame {result.index})" if reused else text
-
-
-def frame_record(
-    meta: ModelMeta, result: FrameResult, frame: video.Frame, reused: bool
-) -> dict[str, Any]:
-    """Return the jsonl record of ``frame`` drawn with ``result``'s map."""
-    return {
-        "index": frame.index,
-        "pts_seconds": round(frame.seconds, 6),
-        "target": int(result.targets[0]),
-        "name": class_name(meta.class_names, int(result.targets[0])),
-        "probability": round(float(result.probs[0]), 6),
-        "targets": [int(t) for t in result.targets],
-        "probabilities": [round(float(p), 6) for p in result.probs],
-        "skipped": result.skipped,
-        "milliseconds": 0.0 if reused else round(result.seconds * 1000, 3),
-        "map_of_frame": result.index,
-    }

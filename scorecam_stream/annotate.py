@@ -1,0 +1,92 @@
+"""What each frame's output says: the class explained, its label and record, the map drawn.
+
+Shared by the file pipeline and the live loop.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .errors import ScoreCamError
+from .render import MapScaler
+from .video import Frame
+from .workers import FrameResult, ModelMeta
+
+
+def fixed_target(wanted: str, names: tuple[str, ...]) -> tuple[str, tuple[int, ...] | None]:
+    """Return (description, (class,)) for a class id or name; (wanted, None) for top1/dominant."""
+    if wanted in ("top1", "dominant"):
+        return wanted, None
+    if wanted.lstrip("-").isdigit():
+        index = int(wanted)
+        classes = len(names) if names else None
+        if index < 0 or (classes is not None and index >= classes):
+            raise ScoreCamError(
+                f"--target {index} is not a class id of the model (0..{(classes or 1) - 1})"
+            )
+        return class_name(names, index), (index,)
+    lowered = [n.lower() for n in names]
+    if wanted.lower() in lowered:
+        index = lowered.index(wanted.lower())
+        return names[index], (index,)
+    close = [n for n in names if wanted.lower() in n.lower()][:4]
+    hint = f" (did you mean {', '.join(close)}?)" if close else ""
+    raise ScoreCamError(
+        f"--target '{wanted}' is not top1, dominant, a class id or a class name{hint}"
+    )
+
+
+def class_name(names: tuple[str, ...], index: int) -> str:
+    """Return the name of class ``index`` (the id itself when the model has no names)."""
+    return names[index] if 0 <= index < len(names) else str(index)
+
+
+class MapDisplay:
+    """Turns each explained frame's first map into the heat drawn: smoothed, display-scaled.
+
+    Maps of another class are other evidence: not averaged in (``--smooth``), and shown on that
+    class's own display scale, not the previous class's peak.
+    """
+
+    def __init__(self, smooth: float, scale: str) -> None:
+        self._weight = smooth
+        self._scaler = MapScaler(scale)
+        self._smoothed: np.ndarray | None = None
+        self._target = -1
+
+    def __call__(self, result: FrameResult) -> np.ndarray:
+        """Return the map in [0, 1] to draw for ``result``."""
+        first, target = result.maps[0], int(result.targets[0])
+        a = self._weight
+        fresh = self._smoothed is None or a == 0 or target != self._target
+        self._smoothed = first if fresh else a * self._smoothed + (1 - a) * first
+        self._target = target
+        return self._scaler(self._smoothed, key=target)
+
+
+def frame_label(meta: ModelMeta, result: FrameResult, frame: Frame, reused: bool) -> str:
+    """Return the label drawn on ``frame``: class, probability, time, and the map's origin."""
+    name = class_name(meta.class_names, int(result.targets[0]))
+    minutes, seconds = divmod(max(frame.seconds, 0.0), 60)
+    text = f"{name} {result.probs[0]:.2f}  {int(minutes):02d}:{seconds:05.2f}"
+    return f"{text}  (map of frame {result.index})" if reused else text
+
+
+def frame_record(
+    meta: ModelMeta, result: FrameResult, frame: Frame, reused: bool
+) -> dict[str, Any]:
+    """Return the jsonl record of ``frame`` drawn with ``result``'s map."""
+    return {
+        "index": frame.index,
+        "pts_seconds": round(frame.seconds, 6),
+        "target": int(result.targets[0]),
+        "name": class_name(meta.class_names, int(result.targets[0])),
+        "probability": round(float(result.probs[0]), 6),
+        "targets": [int(t) for t in result.targets],
+        "probabilities": [round(float(p), 6) for p in result.probs],
+        "skipped": result.skipped,
+        "milliseconds": 0.0 if reused else round(result.seconds * 1000, 3),
+        "map_of_frame": result.index,
+    }
