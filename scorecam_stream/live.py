@@ -299,8 +299,6 @@ def run_live(
     )
     if outputs.records is not None:
         outputs.records.add({"summary": {**_summary_record(summary, source), **(metrics or {})}})
-    if reason == "read timeout":
-        log.warning("%s sent nothing for a while: the output is finished", config.input)
     return summary
 
 
