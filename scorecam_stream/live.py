@@ -21,6 +21,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from importlib import import_module
 
 import numpy as np
 import torch
@@ -207,6 +208,10 @@ def run_live(
 ) -> RunSummary:
     """Explain a live source until it ends or is stopped; return the summary (output unset)."""
     w = config.window
+    if config.distributed.distributed:
+        # Importing Ray holds the interpreter for seconds: do it before the reader thread runs,
+        # or its reads would look stalled past a short --read-timeout.
+        import_module("scorecam_stream.distributed")
     frames = reader.frames(start=w.start, end=w.end, max_frames=w.max_frames)
     # Reading starts before the model loads: the source does not wait, and neither do we.
     source = LiveSource(

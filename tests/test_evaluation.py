@@ -34,7 +34,9 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def run_and_check(clip: Path, tmp_path: Path, frames: int, *extra: str) -> dict:
+def run_and_check(
+    clip: Path, tmp_path: Path, frames: int, *extra: str, worker_threads: int | None = None
+) -> dict:
     """Run --metrics --baseline gradcam; check every record against a direct computation.
 
     Return the summary line's dict.
@@ -54,9 +56,17 @@ def run_and_check(clip: Path, tmp_path: Path, frames: int, *extra: str) -> dict:
     x = torch.stack([loaded.preprocess(f.image) for f in read_frames(str(clip))])[:frames]
     saved = np.load(maps)
     score_maps, targets = torch.from_numpy(saved["maps"]), torch.from_numpy(saved["targets"])
-    # One frame at a time, as the workers compute them: another batch size takes other kernels.
+    # One frame at a time and with the workers' threads, as they compute them: another batch
+    # size or thread count takes other kernels.
     gradcam = GradCAM(loaded.model, loaded.layer)
-    grad_maps = torch.cat([gradcam(x[i : i + 1], targets[i : i + 1]).maps for i in range(frames)])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(worker_threads or threads)
+    try:
+        grad_maps = torch.cat(
+            [gradcam(x[i : i + 1], targets[i : i + 1]).maps for i in range(frames)]
+        )
+    finally:
+        torch.set_num_threads(threads)
     for name, m in (("scorecam", score_maps), ("gradcam", grad_maps)):
         drop, inc = average_drop_increase(loaded.model, x, m, targets)
         ins, dele = insertion_deletion(loaded.model, x, m, targets, steps=STEPS)
@@ -99,7 +109,9 @@ def test_ray_workers_run_the_metric_passes(clip, tmp_path, monkeypatch):
         raise AssertionError("a metric pass ran in the driver")
 
     monkeypatch.setattr(FrameScorer, "__call__", not_here)  # the Ray workers are other processes
-    run_and_check(clip, tmp_path, 3, "--workers", "1", "--threads-per-worker", "1")
+    run_and_check(
+        clip, tmp_path, 3, "--workers", "1", "--threads-per-worker", "1", worker_threads=1
+    )
 
 
 def test_reused_frames_carry_their_maps_metrics(clip, tmp_path):

@@ -237,7 +237,7 @@ def test_live_with_ray_workers_splits_each_frame(tmp_path):
     out, jsonl = tmp_path / "ray.mp4", tmp_path / "ray.jsonl"
     with udp_source(6.0) as (url, _, sent):
         code = main(
-            [url, "-o", str(out), "--jsonl", str(jsonl), "--read-timeout", "1", "--workers", "2",
+            [url, "-o", str(out), "--jsonl", str(jsonl), "--read-timeout", "3", "--workers", "2",
              *SLOW]
         )  # fmt: skip
     assert code == 0
