@@ -155,7 +155,7 @@ class ShardResult:
     start: int
     stop: int
     partial: torch.Tensor  # (N, T, S, S) float32
-    scores: torch.Tensor  # (N, T, stop - start) float32, per-channel scores
+    scores: torch.Tensor | None  # (N, T, stop - start) float32, per-channel scores, if kept
     skipped: torch.Tensor  # (N,) int64, constant channels whose masked pass was skipped
     shift: torch.Tensor | None = None  # (N, T) max score of the shard (channel_softmax only)
     norm: torch.Tensor | None = None  # (N, T) sum of exp(s_k - shift) (channel_softmax only)
@@ -416,10 +416,19 @@ class ScoreCAM:
             x=x, logits=logits, activations=acts, channels=channels, lows=lows, highs=highs
         )
 
-    def shard(self, base: BasePass, targets: torch.Tensor, start: int, stop: int) -> ShardResult:
+    def shard(
+        self,
+        base: BasePass,
+        targets: torch.Tensor,
+        start: int,
+        stop: int,
+        *,
+        keep_scores: bool = True,
+    ) -> ShardResult:
         """Return the contribution of channels [start, stop) of ``base`` for ``targets`` (N, T).
 
         Partials of shards that cover [0, Kc) combine (:func:`combine_shards`) to the maps.
+        ``keep_scores=False`` leaves out the per-channel scores (nothing to copy or send).
         """
         kc = base.num_channels
         if not 0 <= start < stop <= kc:
@@ -442,7 +451,7 @@ class ScoreCAM:
             start=start,
             stop=stop,
             partial=partial,
-            scores=scores,
+            scores=scores if keep_scores else None,
             skipped=constant.sum(dim=1),
             shift=shift,
             norm=norm,

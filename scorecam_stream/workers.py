@@ -1,6 +1,6 @@
 """The worker (a plain class: one model replica on one device) and the in-process explainer.
 
-:class:`Worker` is what a Ray actor holds (``distributed.py`` wraps it with ``ray.remote``);
+:class:`Worker` is what a Ray actor holds (``distributed/pool.py`` wraps it with ``ray.remote``);
 :class:`LocalExplainer` drives one worker in this process. Both explainers give the pipeline
 the same thing: per-frame results, in frame order.
 """
@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from .config import EngineConfig, EvaluationConfig, ModelConfig
+from .errors import ScoreCamError
 from .evaluation import FrameScorer, FrameScores
 from .models import ModelMeta, load_model
 from .scorecam import BasePass, ScoreCAM, ShardResult, combine_shards
@@ -91,22 +92,35 @@ class FrameResult:
 
 
 def targets_for(logits: torch.Tensor, fixed: Sequence[int] | None, topk: int) -> torch.Tensor:
-    """Return the classes (T,) to explain for a frame with ``logits`` (C,)."""
-    # One rule for targets: the engine's (fixed classes checked against C, else the top-k).
+    """Return the classes (T,) to explain for a frame with ``logits`` (C,).
+
+    Raises ScoreCamError when a fixed class or ``topk`` does not fit the model's classes.
+    """
+    classes = logits.shape[0]
+    if fixed is None and not 1 <= topk <= classes:
+        raise ScoreCamError(f"--topk {topk} is more than the model's {classes} classes")
+    bad = [t for t in fixed or () if not 0 <= t < classes]
+    if bad:
+        raise ScoreCamError(f"target class {bad[0]} is not in [0, {classes})")
+    # One rule for targets: the engine's (fixed classes as given, else the top-k).
     wanted = None if fixed is None else [list(fixed)]
     return ScoreCAM.resolve_targets(logits[None], wanted, topk)[0][0]
+
+
+def target_probs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Return the softmax probability (T,) of each target class, from logits (C,)."""
+    return logits.float().softmax(0)[targets.to(logits.device)]
 
 
 def make_result(
     index: int,
     maps: torch.Tensor,
     targets: torch.Tensor,
-    logits: torch.Tensor,
+    probs: torch.Tensor,
     skipped: int,
     seconds: float,
 ) -> FrameResult:
-    """Return a FrameResult from one frame's maps (T, S, S), targets (T,) and logits (C,)."""
-    probs = logits.float().softmax(0)[targets.to(logits.device)]
+    """Return a FrameResult from one frame's maps (T, S, S), targets (T,) and their probs (T,)."""
     return FrameResult(
         index=index,
         maps=maps.detach().cpu().numpy().astype(np.float32, copy=False),
@@ -185,20 +199,30 @@ class Worker:
             self._cache.popitem(last=False)
         return base
 
-    def classify(self, index: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return (logits (C,), passes (Kc,) bool) of a frame, on CPU; its base pass is kept.
+    def classify(
+        self, index: int, x: torch.Tensor, fixed: Sequence[int] | None, topk: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Return (targets (T,), their probabilities (T,), passes (Kc,) bool) of a frame, on CPU.
 
-        ``passes`` says which channels' masked passes will run: the work of each channel.
+        The targets are ``fixed`` or the frame's top-``topk`` classes; ``passes`` says which
+        channels' masked passes will run: the work of each channel. The base pass is kept.
         """
         base = self.base(index, x)
-        return base.logits[0].cpu(), self.engine.passes(base)[0].cpu()
+        logits = base.logits[0]
+        targets = targets_for(logits, fixed, topk)
+        probs = target_probs(logits, targets)
+        return targets.cpu(), probs.cpu(), self.engine.passes(base)[0].cpu()
 
     def shard(
         self, index: int, x: torch.Tensor, targets: torch.Tensor, start: int, stop: int
     ) -> ShardResult:
-        """Return channels [start, stop) of frame ``index`` for ``targets`` (T,), on CPU."""
+        """Return channels [start, stop) of frame ``index`` for ``targets`` (T,), on CPU.
+
+        Without the per-channel scores: the driver only sums the partial maps.
+        """
         base = self.base(index, x)
-        return self.engine.shard(base, targets.to(self.device)[None], start, stop).to("cpu")
+        targets = targets.to(self.device)[None]
+        return self.engine.shard(base, targets, start, stop, keep_scores=False).to("cpu")
 
     def explain(self, task: FrameTask, topk: int = 1) -> FrameResult:
         """Return the whole result of one frame (every channel in one shard)."""
@@ -206,11 +230,14 @@ class Worker:
         base = self.base(task.index, task.x)
         logits = base.logits[0]
         targets = targets_for(logits, task.targets, topk)
-        shard = self.engine.shard(base, targets.to(self.device)[None], 0, base.num_channels)
+        shard = self.engine.shard(
+            base, targets.to(self.device)[None], 0, base.num_channels, keep_scores=False
+        )
         maps = combine_shards([shard])[0]
         self._cache.pop(task.index, None)  # a whole frame is never asked for again
+        probs = target_probs(logits, targets)
         result = make_result(
-            task.index, maps, targets, logits, int(shard.skipped[0]), time.perf_counter() - began
+            task.index, maps, targets, probs, int(shard.skipped[0]), time.perf_counter() - began
         )
         if self.scorer is None:
             return result

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from scorecam_stream import ScoreCamError
 from scorecam_stream.config import EngineConfig, ModelConfig
 from scorecam_stream.outputs import PreviewSampler
 from scorecam_stream.scorecam import combine_shards
@@ -73,17 +74,41 @@ def test_worker_cache_keeps_the_most_recent_frames(worker, inputs):
     torch.testing.assert_close(again.logits, first[1].logits)
 
 
-def test_worker_classify_gives_logits_and_the_work_of_each_channel(worker, inputs):
+def test_worker_classify_gives_targets_probs_and_the_work_of_each_channel(worker, inputs):
     worker._cache.clear()
-    logits, passes = worker.classify(7, inputs[0])
+    targets, probs, passes = worker.classify(7, inputs[0], None, 3)
     with torch.inference_mode():
-        expected = worker.loaded.model.eval()(inputs[:1])[0]
-    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+        logits = worker.loaded.model.eval()(inputs[:1])[0]
+    assert targets.tolist() == logits.topk(3).indices.tolist()  # resolved once, on the worker
+    torch.testing.assert_close(probs, logits.softmax(0)[targets], rtol=1e-4, atol=1e-6)
     base = worker._cache[7]  # the base pass is kept for the shards that follow
     assert passes.dtype == torch.bool and passes.shape == (base.num_channels,)
     varying = base.highs[0] > base.lows[0]
     assert torch.equal(passes, varying)  # constant channels cost no pass
+    fixed, fixed_probs, _ = worker.classify(7, inputs[0], (4, 1), 3)
+    assert fixed.tolist() == [4, 1]  # fixed classes as given, whatever topk says
+    torch.testing.assert_close(fixed_probs, logits.softmax(0)[[4, 1]], rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(worker.classify_batch(inputs[:2])[0], logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("fixed", "topk", "message"),
+    [
+        ((1000,), 1, r"^target class 1000 is not in \[0, 1000\)$"),
+        (None, 1001, r"^--topk 1001 is more than the model's 1000 classes$"),
+    ],
+)
+def test_worker_classify_rejects_classes_the_model_lacks(worker, inputs, fixed, topk, message):
+    with pytest.raises(ScoreCamError, match=message):
+        worker.classify(8, inputs[0], fixed, topk)
+
+
+def test_shards_leave_out_the_per_channel_scores(worker, inputs):
+    shard = worker.shard(9, inputs[1], torch.tensor([2]), 0, 4)
+    assert shard.scores is None  # not sent back: the driver only sums partials
+    kept = worker.engine.shard(worker.base(9, inputs[1]), torch.tensor([[2]]), 0, 4)
+    assert kept.scores is not None and kept.scores.shape == (1, 1, 4)
+    torch.testing.assert_close(kept.partial, shard.partial)
 
 
 def test_worker_shards_sum_to_the_whole_frame(worker, inputs):

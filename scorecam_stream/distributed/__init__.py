@@ -1,0 +1,10 @@
+"""Ray workers for the masked passes; the only package that imports Ray.
+
+- :mod:`.session`: connect to a cluster or start a local instance; shut it down.
+- :mod:`.pool`: an actor pool that knows nothing of frames (start-up, calls, deaths, restarts).
+- :mod:`.explainer`: the frame protocol (classify -> shards -> combine), retries, several runs.
+"""
+
+from .explainer import DispatchStats, RayExplainer, ShardedExplainer
+
+__all__ = ["DispatchStats", "RayExplainer", "ShardedExplainer"]
