@@ -50,11 +50,11 @@ def decoded(path: Path) -> np.ndarray:
         return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
 
 
-def assert_same_run(video: Path, maps: Path, single: tuple[Path, Path]) -> None:
+def assert_same_run(video: Path, maps: Path, single: tuple[Path, Path], size: int = 64) -> None:
     """The maps agree with the single-process ones, the targets and the frames are the same."""
     ref_video, ref_maps = single
     got, want = np.load(maps), np.load(ref_maps)
-    assert got["maps"].shape == want["maps"].shape and want["maps"].shape[-2:] == (64, 64)
+    assert got["maps"].shape == want["maps"].shape and want["maps"].shape[-2:] == (size, size)
     assert want["maps"].max() > 0
     np.testing.assert_array_equal(got["targets"], want["targets"])
     np.testing.assert_array_equal(got["pts_seconds"], want["pts_seconds"])

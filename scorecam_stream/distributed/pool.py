@@ -30,7 +30,7 @@ from ray.exceptions import (
 
 from ..errors import ScoreCamError, first_line
 from ..scheduler import Failure, Slot, none_left, pick_slot, probes_due
-from .session import dead_nodes
+from .session import node_table
 
 log = logging.getLogger(__name__)
 
@@ -224,10 +224,10 @@ class ActorPool:
         )
 
     def _lost_node(self, slot: Slot) -> str | None:
-        """Return the address of ``slot``'s node if Ray has marked it dead."""
+        """Return ``slot``'s node as "ADDRESS (ID)" if Ray has marked it dead, else None."""
         node = self.nodes[slot.index]
-        dead = dead_nodes() if node else {}
-        return f"{dead[node]} ({node[:8]})" if node in dead else None
+        address, alive = node_table().get(node, ("", True)) if node else ("", True)
+        return None if alive else f"{address} ({node[:8]})"
 
     def _send_due_probes(self) -> float | None:
         """Send the probes that are due; return seconds until the next one (None: none)."""
@@ -258,9 +258,14 @@ class ActorPool:
         slot.where = f"pid {info['pid']} on {info['host']}"
 
     def no_worker_message(self) -> str:
-        """Return the one line of a pool that has no worker left, naming lost nodes."""
-        lost = sorted({n for s in self.slots if (n := self._lost_node(s))})
-        nodes = f"; lost node(s): {', '.join(lost)}" if lost else ""
+        """Return the one line of a pool that has no worker left, naming the nodes it lost."""
+        table = node_table()
+        known = {node: table[node] for node in self.nodes if node in table}
+        lost = sorted(f"{addr} ({node[:8]})" for node, (addr, alive) in known.items() if not alive)
+        ran = sorted(f"{addr} ({node[:8]})" for node, (addr, _) in known.items())
+        nodes = f"; they ran on node(s) {', '.join(ran)}" if ran else ""
+        if lost:
+            nodes = f"; lost node(s): {', '.join(lost)}"
         return (
             f"no Ray worker is left: all {len(self.slots)} died and none came back within "
             f"{self.timeout:g} s{nodes}"

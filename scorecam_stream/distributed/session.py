@@ -124,14 +124,14 @@ class RaySession:
             ray.shutdown()
 
 
-def dead_nodes() -> dict[str, str]:
-    """Return {node id: address} of the cluster's nodes that Ray has marked dead."""
+def node_table() -> dict[str, tuple[str, bool]]:
+    """Return {node id: (address, alive)} of every node the cluster has known."""
     try:
         nodes = ray.nodes()
     except Exception as err:  # the cluster itself went away: nothing more to say
         log.debug("cannot list the Ray nodes: %s", err)
         return {}
-    return {n["NodeID"]: n.get("NodeManagerAddress", "?") for n in nodes if not n.get("Alive")}
+    return {n["NodeID"]: (n.get("NodeManagerAddress", "?"), bool(n.get("Alive"))) for n in nodes}
 
 
 @contextlib.contextmanager
