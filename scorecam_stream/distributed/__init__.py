@@ -3,8 +3,10 @@
 - :mod:`.session`: connect to a cluster or start a local instance; shut it down.
 - :mod:`.pool`: an actor pool that knows nothing of frames (start-up, calls, deaths, restarts).
 - :mod:`.explainer`: the frame protocol (classify -> shards -> combine), retries, several runs.
+- :mod:`.cluster`: the explainer over a pool of Ray actors.
 """
 
-from .explainer import DispatchStats, RayExplainer, ShardedExplainer
+from .cluster import RayExplainer
+from .explainer import DispatchStats, ShardedExplainer
 
 __all__ = ["DispatchStats", "RayExplainer", "ShardedExplainer"]

@@ -4,8 +4,7 @@
 :class:`~scorecam_stream.workers.LocalExplainer` gives it (per-frame results in input order) with
 the masked passes of every frame split into channel shards over a pool of workers; it knows the
 frame protocol, not Ray, so its faults are tested with a fake pool (``tests/test_explainer.py``).
-:class:`RayExplainer` is the same over a :class:`~scorecam_stream.distributed.pool.ActorPool` of
-Ray actors in a :class:`~scorecam_stream.distributed.session.RaySession`.
+:class:`~scorecam_stream.distributed.cluster.RayExplainer` is the same over Ray actors.
 
 Per frame: one worker classifies it (its base pass is cached there) and resolves its targets
 once; the channel range is split by :func:`~scorecam_stream.scheduler.balanced_ranges` into
@@ -39,7 +38,6 @@ from typing import Any, Protocol
 
 import torch
 
-from ..config import DistributedConfig, EngineConfig, EvaluationConfig, ModelConfig
 from ..errors import ScoreCamError
 from ..evaluation import FrameScores
 from ..scheduler import (
@@ -49,15 +47,10 @@ from ..scheduler import (
     RetryPolicy,
     Slot,
     balanced_ranges,
-    default_max_inflight,
-    default_shards_per_frame,
     max_held_items,
-    plan_actor_resources,
 )
 from ..scorecam import ShardResult, combine_shards
-from ..workers import FrameResult, FrameTask, ModelMeta, P, Worker, make_result
-from .pool import ActorPool
-from .session import RaySession, describe_options
+from ..workers import FrameResult, FrameTask, ModelMeta, P, make_result
 
 log = logging.getLogger(__name__)
 
@@ -445,110 +438,3 @@ class ShardedExplainer:
     def _out(self, run: _Run, frame: FrameState[ShardResult], result: FrameResult) -> None:
         run.buffer.push(frame.seq, (frame.payload, result))
         frame.ref = frame.payload = None  # the model input may leave the object store now
-
-
-class RayExplainer(ShardedExplainer):
-    """:class:`ShardedExplainer` over Ray actors, each a :class:`Worker` (one model replica).
-
-    ``RayExplainer(model, engine, dist, topk)`` connects to the cluster at ``dist.address`` (or
-    starts a local Ray instance, or reuses the one this process already initialised), starts
-    ``dist.gpus`` GPU workers or ``dist.workers`` CPU workers and waits for them. Use it as a
-    context manager or call :meth:`close`. ``worker_cls``: :class:`Worker` or a subclass.
-    """
-
-    def __init__(
-        self,
-        model: ModelConfig,
-        engine: EngineConfig,
-        dist: DistributedConfig,
-        topk: int = 1,
-        *,
-        worker_cls: type[Worker] = Worker,
-        evaluation: EvaluationConfig | None = None,
-    ) -> None:
-        if topk < 1:
-            raise ScoreCamError(f"--topk must be >= 1, got {topk}")
-        # --metrics: each frame's metric passes run on a worker too, after its shards.
-        evaluation = evaluation if evaluation is not None and evaluation.enabled else None
-        workers = dist.num_workers
-        max_inflight = dist.max_inflight_frames or default_max_inflight(workers)
-        self.session = RaySession(dist)
-        self._pool: ActorPool | None = None
-        try:
-            cpus, gpus = self.session.resources()
-            on_gpu = model.device.startswith("cuda")
-            plan = plan_actor_resources(
-                on_gpu=on_gpu,
-                gpus=dist.gpus,
-                workers_per_gpu=dist.workers_per_gpu,
-                workers=dist.workers,
-                cluster_cpus=cpus,
-                threads_per_worker=dist.threads_per_worker,
-            )
-            if on_gpu:
-                _check_gpus(dist, workers, gpus, plan.gpus_needed)
-                # Ray makes each actor's GPU visible to it as cuda:0 (shared with K-1 others).
-                model = dataclasses.replace(model, device="cuda")
-            options = plan.options()
-            # Enough cached base passes that frames still in flight are never evicted.
-            cache_frames = max(16, max_inflight + 4)
-            args = (model, engine, plan.threads, cache_frames, evaluation)
-            log.info(
-                "starting %d Ray workers (%s, %s threads each)",
-                workers,
-                options,
-                plan.threads or "default",
-            )
-            self._pool = pool = ActorPool(worker_cls, args, workers, options, dist.startup_timeout)
-            self._infos = pool.wait_started(
-                f"(the cluster has {cpus} CPUs and {gpus} GPUs, each worker needs "
-                f"{describe_options(options)}): ask for fewer workers or raise --startup-timeout"
-            )
-            meta = pool.call("meta")
-        except BaseException:
-            self.close()
-            raise
-        super().__init__(
-            pool,
-            meta,
-            topk=topk,
-            shards_per_frame=dist.shards_per_frame or default_shards_per_frame(workers),
-            max_inflight=max_inflight,
-            policy=RetryPolicy(max_failures=dist.max_shard_retries),
-            scoring=evaluation is not None,
-        )
-
-    @property
-    def actors(self) -> list[Any]:
-        """Return the workers' actor handles."""
-        return self._pool.actors if self._pool is not None else []
-
-    @property
-    def restarts(self) -> int:
-        """Return how many times a dead worker came back."""
-        return self._pool.restarts if self._pool is not None else 0
-
-    def worker_info(self) -> list[dict[str, Any]]:
-        """Return each worker's host, pid, node, device and threads (waits for restarting ones)."""
-        if self._closed or self._pool is None:
-            raise RuntimeError("the explainer is closed")
-        return [self._pool.where(slot) for slot in self._pool.slots]
-
-    def close(self) -> None:
-        """Kill the workers; shut down the Ray instance if this object started it. Idempotent."""
-        super().close()
-        if self._pool is not None:
-            self._pool.kill()
-            log.info("closed %d Ray workers", len(self._pool.slots))
-        self.session.close()
-
-
-def _check_gpus(dist: DistributedConfig, workers: int, gpus: int, needed: int) -> None:
-    """Raise ScoreCamError when the cluster has fewer GPUs than the workers need."""
-    if gpus >= needed:
-        return
-    asked = f"--gpus {workers}" if dist.gpus else f"{workers} worker(s) on --device cuda"
-    if dist.workers_per_gpu > 1:
-        asked = f"--gpus {dist.gpus} --workers-per-gpu {dist.workers_per_gpu}"
-    instead = f"--gpus {gpus}" if gpus else f"--workers {workers} --device cpu"
-    raise ScoreCamError(f"{asked}: the Ray cluster has {gpus} GPU(s); use {instead}")
