@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -243,6 +244,30 @@ def test_matches_local_in_order_with_bounded_inflight_then_closes(
     for actor in actors:
         with pytest.raises(RayActorError):
             ray.get(actor.info.remote(), timeout=20)
+
+
+def test_two_runs_at_once_share_the_workers(ray_cluster, model, frames, reference):
+    """Two explain runs from two threads (two videos of one batch): each complete and in order."""
+    dist = DistributedConfig(workers=2, shards_per_frame=2)
+    outs: dict[int, list] = {}
+    errors: list[BaseException] = []
+    with RayExplainer(model, ENGINE, dist, topk=2) as explainer:
+
+        def run(n: int) -> None:
+            try:
+                outs[n] = list(explainer.explain(make_items(frames)))
+            except BaseException as err:  # reported below
+                errors.append(err)
+
+        threads = [threading.Thread(target=run, args=(n,)) for n in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=300)
+        assert not errors and not any(t.is_alive() for t in threads)
+        assert explainer.stats.calls == 2 * 8 * 3  # per frame: classification + 2 shards
+    for n in range(2):
+        assert_same(outs[n], reference)
 
 
 @pytest.mark.parametrize("kill", ["sigkill", "ray.kill", "ray.kill for good"])
