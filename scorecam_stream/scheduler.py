@@ -157,7 +157,7 @@ class FrameState(Generic[T]):
     """
 
     seq: int  # position in its run's input: the order of output
-    key: int = 0  # the workers' cache key, unique for the life of an explainer
+    key: Any = None  # the workers' cache key: unique among every frame its workers see
     payload: Any = None  # what the caller gets back with the result
     task: Any = None  # the frame's FrameTask
     ref: Any = None  # where its model input is (an object-store reference)

@@ -15,7 +15,7 @@ import socket
 import sys
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
@@ -163,7 +163,7 @@ class Worker:
         self.engine = ScoreCAM(self.loaded.model, self.loaded.layer, **engine.engine_kwargs())
         self.device = torch.device(model.device)
         self.cache_frames = cache_frames
-        self._cache: OrderedDict[int, BasePass] = OrderedDict()
+        self._cache: OrderedDict[Hashable, BasePass] = OrderedDict()
         self.scorer: FrameScorer | None = None  # --metrics: scores each map here, by the model
         if evaluation is not None and evaluation.enabled:
             self.scorer = FrameScorer(
@@ -188,8 +188,11 @@ class Worker:
         """Return the model's preprocessing and class names."""
         return self.loaded.meta
 
-    def base(self, index: int, x: torch.Tensor) -> BasePass:
-        """Return the (cached) base pass of frame ``index`` with model input ``x`` (3, S, S)."""
+    def base(self, index: Hashable, x: torch.Tensor) -> BasePass:
+        """Return the (cached) base pass of frame ``index`` with model input ``x`` (3, S, S).
+
+        ``index`` is the cache key: unique among all the frames this worker is sent.
+        """
         if index in self._cache:
             self._cache.move_to_end(index)
             return self._cache[index]
@@ -200,7 +203,7 @@ class Worker:
         return base
 
     def classify(
-        self, index: int, x: torch.Tensor, fixed: Sequence[int] | None, topk: int
+        self, index: Hashable, x: torch.Tensor, fixed: Sequence[int] | None, topk: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Return (targets (T,), their probabilities (T,), passes (Kc,) bool) of a frame, on CPU.
 
@@ -214,7 +217,7 @@ class Worker:
         return targets.cpu(), probs.cpu(), self.engine.passes(base)[0].cpu()
 
     def shard(
-        self, index: int, x: torch.Tensor, targets: torch.Tensor, start: int, stop: int
+        self, index: Hashable, x: torch.Tensor, targets: torch.Tensor, start: int, stop: int
     ) -> ShardResult:
         """Return channels [start, stop) of frame ``index`` for ``targets`` (T,), on CPU.
 

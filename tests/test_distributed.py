@@ -26,6 +26,7 @@ from ray.exceptions import RayActorError
 from scorecam_stream import ScoreCamError
 from scorecam_stream.config import DistributedConfig, EngineConfig, ModelConfig
 from scorecam_stream.distributed import RayExplainer
+from scorecam_stream.distributed.tasks import run_tasks
 from scorecam_stream.workers import FrameResult, FrameTask, LocalExplainer, Worker
 
 ENGINE = EngineConfig(batch_size=8, max_channels=16)
@@ -268,6 +269,32 @@ def test_two_runs_at_once_share_the_workers(ray_cluster, model, frames, referenc
         assert explainer.stats.calls == 2 * 8 * 3  # per frame: classification + 2 shards
     for n in range(2):
         assert_same(outs[n], reference)
+
+
+def test_ray_tasks_explain_on_the_driver_s_workers(ray_cluster, model, frames, reference):
+    """Two Ray tasks at once (two videos' loops on any node) use the driver's workers through
+    a portable explainer; a task that fails is one outcome, not the end of the others."""
+    dist = DistributedConfig(workers=2, shards_per_frame=2)
+    with RayExplainer(model, ENGINE, dist, topk=2) as explainer:
+        portable = explainer.portable()
+        items = make_items(frames)
+
+        def explain_there(name: str) -> list:  # runs in a Ray task: its own process
+            if name == "bad":
+                raise ScoreCamError("not a video")
+            # "b" sends the frames in reverse order: the same cache keys, other frames
+            return list(portable.open().explain(items if name == "a" else items[::-1]))
+
+        outcomes = {i: (v, e) for i, v, e in run_tasks(explain_there, ["a", "bad", "b"], 2)}
+        assert set(outcomes) == {0, 1, 2}
+        value, error = outcomes[1]
+        assert value is None and isinstance(error, ScoreCamError)
+        assert str(error) == "not a video"
+        assert outcomes[0][1] is None and outcomes[2][1] is None
+        # The workers' caches keep every process's frames apart.
+        assert_same(outcomes[0][0], reference)
+        assert_same(outcomes[2][0][::-1], reference)
+        assert_same(list(explainer.explain(items)), reference)
 
 
 @pytest.mark.parametrize("kill", ["sigkill", "ray.kill", "ray.kill for good"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 from ..config import DistributedConfig, EngineConfig, EvaluationConfig, ModelConfig
@@ -20,9 +21,9 @@ from ..scheduler import (
     default_shards_per_frame,
     plan_actor_resources,
 )
-from ..workers import Worker
+from ..workers import ModelMeta, Worker
 from .explainer import ShardedExplainer
-from .pool import ActorPool
+from .pool import ActorPool, start_actors
 from .session import RaySession, describe_options
 
 log = logging.getLogger(__name__)
@@ -80,7 +81,8 @@ class RayExplainer(ShardedExplainer):
                 options,
                 plan.threads or "default",
             )
-            self._pool = pool = ActorPool(worker_cls, args, workers, options, dist.startup_timeout)
+            actors = start_actors(worker_cls, args, workers, options)
+            self._pool = pool = ActorPool(actors, dist.startup_timeout)
             self._infos = pool.wait_started(
                 f"(the cluster has {cpus} CPUs and {gpus} GPUs, each worker needs "
                 f"{describe_options(options)}): ask for fewer workers or raise --startup-timeout"
@@ -115,6 +117,21 @@ class RayExplainer(ShardedExplainer):
             raise RuntimeError("the explainer is closed")
         return [self._pool.where(slot) for slot in self._pool.slots]
 
+    def portable(self) -> PortableExplainer:
+        """Return what another Ray process needs to explain frames on these same workers."""
+        if self._closed or self._pool is None:
+            raise RuntimeError("the explainer is closed")
+        return PortableExplainer(
+            actors=tuple(self._pool.actors),
+            meta=self.meta,
+            topk=self.topk,
+            shards_per_frame=self.shards_per_frame,
+            max_inflight=self.max_inflight,
+            policy=self.policy,
+            scoring=self.scoring,
+            timeout=self._pool.timeout,
+        )
+
     def close(self) -> None:
         """Kill the workers; shut down the Ray instance if this object started it. Idempotent."""
         super().close()
@@ -122,6 +139,38 @@ class RayExplainer(ShardedExplainer):
             self._pool.kill()
             log.info("closed %d Ray workers", len(self._pool.slots))
         self.session.close()
+
+
+@dataclass(frozen=True)
+class PortableExplainer:
+    """A :class:`RayExplainer`'s workers and settings, sent to a Ray task (picklable).
+
+    :meth:`open` there gives an explainer over the same actors: the task's frames are
+    explained by the driver's workers, beside the driver's own runs (each actor takes calls
+    from both). The driver keeps owning the actors; closing the task's explainer frees nothing.
+    """
+
+    actors: tuple[Any, ...]
+    meta: ModelMeta
+    topk: int
+    shards_per_frame: int
+    max_inflight: int
+    policy: RetryPolicy
+    scoring: bool
+    timeout: float
+
+    def open(self) -> ShardedExplainer:
+        """Return an explainer over the workers, for this process."""
+        pool = ActorPool(list(self.actors), self.timeout, owner=False)
+        return ShardedExplainer(
+            pool,
+            self.meta,
+            topk=self.topk,
+            shards_per_frame=self.shards_per_frame,
+            max_inflight=self.max_inflight,
+            policy=self.policy,
+            scoring=self.scoring,
+        )
 
 
 def _check_gpus(dist: DistributedConfig, workers: int, gpus: int, needed: int) -> None:

@@ -32,6 +32,7 @@ import itertools
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -169,7 +170,9 @@ class ShardedExplainer:
         self._pending: list[tuple[int, int, int, int, _Call]] = []  # heap, oldest run first
         self._preferred: list[_Call] = []
         self._polling = False  # a thread is waiting on the pool for everyone
-        self._keys = itertools.count()  # the workers' cache keys
+        # The workers' cache keys: unique across explainers, since explainers in other
+        # processes (Ray tasks, see cluster.PortableExplainer) may share these workers.
+        self._keys = zip(itertools.repeat(uuid.uuid4().hex), itertools.count())
         self._order = itertools.count()  # runs, and the tie-breaker of the heap
 
     # ------------------------------------------------------------------ public API

@@ -59,26 +59,29 @@ def _located(worker_cls: type) -> type:
     return Located
 
 
+def start_actors(
+    worker_cls: type, args: tuple[Any, ...], size: int, options: dict[str, Any]
+) -> list[Any]:
+    """Return ``size`` new actors of ``worker_cls(*args)`` with Ray ``options`` (not waited for)."""
+    remote = ray.remote(max_restarts=WORKER_MAX_RESTARTS, **options)(_located(worker_cls))
+    return [remote.remote(*args) for _ in range(size)]
+
+
 class ActorPool:
-    """``size`` actors of ``worker_cls(*args)`` with Ray ``options``; see the module docstring.
+    """A pool over ``actors`` (see :func:`start_actors`); see the module docstring.
 
     ``startup_timeout`` bounds the start-up and the time with no worker up during a run.
+    ``owner``: :meth:`kill` kills the actors (False: a pool over actors that another process
+    started and will kill, e.g. in a Ray task that shares the driver's workers).
     Thread-safe: one thread may wait in :meth:`poll` while others submit.
     """
 
-    def __init__(
-        self,
-        worker_cls: type,
-        args: tuple[Any, ...],
-        size: int,
-        options: dict[str, Any],
-        startup_timeout: float,
-    ) -> None:
-        remote = ray.remote(max_restarts=WORKER_MAX_RESTARTS, **options)(_located(worker_cls))
+    def __init__(self, actors: list[Any], startup_timeout: float, owner: bool = True) -> None:
         self.timeout = startup_timeout
-        self.slots = [Slot(i) for i in range(size)]
-        self.actors = [remote.remote(*args) for _ in range(size)]
-        self.nodes: list[str | None] = [None] * size  # Ray node id of each worker
+        self.owner = owner
+        self.actors = list(actors)
+        self.slots = [Slot(i) for i in range(len(self.actors))]
+        self.nodes: list[str | None] = [None] * len(self.actors)  # Ray node id of each worker
         self._calls: dict[Any, tuple[Any, Slot]] = {}  # ObjectRef -> (tag, slot)
         self._probes: dict[Any, Slot] = {}  # ObjectRef of where() -> worker coming back
         self._lock = threading.Lock()
@@ -272,13 +275,13 @@ class ActorPool:
         )
 
     def kill(self) -> None:
-        """Kill every worker (Ray does not restart them). Idempotent."""
+        """Kill every worker (Ray does not restart them) if this pool owns them. Idempotent."""
         if self.closed:
             return
         self.closed = True
         self._calls.clear()
         self._probes.clear()
-        if not ray.is_initialized():
+        if not self.owner or not ray.is_initialized():
             return
         for i, actor in enumerate(self.actors):
             try:
