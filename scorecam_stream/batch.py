@@ -397,45 +397,34 @@ def run_batch(
     inputs = expand_inputs(batch.inputs)
     check_not_live(inputs, base)
     jobs = plan_jobs(inputs, batch)
-    for directory in (batch.output_dir, batch.maps_dir, batch.jsonl_dir, batch.preview_dir):
-        if directory:
-            Path(directory).mkdir(parents=True, exist_ok=True)
-    summary = SummaryWriter(batch.summary, inputs)
+    overwrite = base.output.overwrite
+    todo = [job for job in jobs if overwrite or not job.output.exists()]
+    # Start the workers before writing anything: a fault there stops the batch with no trace.
+    explainer = explainer_factory(base) if todo else None
     try:
-        todo = []
-        for job in jobs:
-            if job.output.exists() and not base.output.overwrite:
-                summary.add(VideoRecord(job.input, str(job.output), "skipped"))
-            else:
-                todo.append(job)
-        if todo:
-            _run_jobs(base, batch, todo, summary, on_progress, on_record, explainer_factory)
+        if explainer is not None:
+            fixed_target(base.explain.target, explainer.meta.class_names)  # a bad name stops all
+        for directory in (batch.output_dir, batch.maps_dir, batch.jsonl_dir, batch.preview_dir):
+            if directory:
+                Path(directory).mkdir(parents=True, exist_ok=True)
+        summary = SummaryWriter(batch.summary, inputs)
+        try:
+            for job in jobs:
+                if job not in todo:
+                    summary.add(VideoRecord(job.input, str(job.output), "skipped"))
+            if explainer is not None:
+                shared = SharedExplainer(explainer, serialize=isinstance(explainer, LocalExplainer))
+                threads = min(len(todo), batch.inflight_videos(base.distributed.distributed))
+                log.info("%d videos to do, %d at a time", len(todo), threads)
+                _Pool(base, todo, shared, threads, summary, on_progress, on_record).run()
+        finally:
+            summary.close()
     finally:
-        summary.close()
+        if explainer is not None:
+            explainer.close()
     order = {job.input: i for i, job in enumerate(jobs)}
     records = sorted(summary.records, key=lambda r: order[r.input])
     return BatchResult(tuple(records), time.perf_counter() - began)
-
-
-def _run_jobs(
-    base: Config,
-    batch: BatchConfig,
-    jobs: list[Job],
-    summary: SummaryWriter,
-    on_progress: Callable[[BatchProgress], None] | None,
-    on_record: Callable[[VideoRecord, BatchProgress], None] | None,
-    explainer_factory: Callable[[Config], Explainer],
-) -> None:
-    """Run ``jobs`` in up to ``max_inflight_videos`` threads with one shared explainer."""
-    explainer = explainer_factory(base)
-    try:
-        fixed_target(base.explain.target, explainer.meta.class_names)  # a bad name stops all
-        shared = SharedExplainer(explainer, serialize=isinstance(explainer, LocalExplainer))
-        threads = min(len(jobs), batch.inflight_videos(base.distributed.distributed))
-        log.info("%d videos to do, %d at a time", len(jobs), threads)
-        _Pool(base, jobs, shared, threads, summary, on_progress, on_record).run()
-    finally:
-        explainer.close()
 
 
 class _Pool:
