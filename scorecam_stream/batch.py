@@ -409,8 +409,9 @@ def run_batch(
                 Path(directory).mkdir(parents=True, exist_ok=True)
         summary = SummaryWriter(batch.summary, inputs)
         try:
+            running = set(todo)
             for job in jobs:
-                if job not in todo:
+                if job not in running:
                     summary.add(VideoRecord(job.input, str(job.output), "skipped"))
             if explainer is not None:
                 shared = SharedExplainer(explainer, serialize=isinstance(explainer, LocalExplainer))

@@ -216,13 +216,14 @@ def load_settings(path: str) -> dict[str, Any]:
                 raise ScoreCamError(
                     f"config file {path}: {key} must be three numbers R,G,B, got {value!r}"
                 ) from None
-    unknown = sorted(set(settings) - set(FIELDS) - {"quiet"} - set(_BATCH_SETTINGS))
+    unknown = sorted(set(settings) - set(FIELDS) - {"quiet"} - set(_BATCH_FILE_SETTINGS))
     if unknown:
         raise ScoreCamError(f"config file {path}: unknown setting(s) {', '.join(unknown)}")
     return settings
 
 
-_BATCH_SETTINGS = ("summary", "max_inflight_videos")  # batch settings a config file may hold
+_BATCH_SETTINGS = ("summary", "max_inflight_videos")
+_BATCH_FILE_SETTINGS = ("max_inflight_videos",)  # what a config file may hold of them
 _SIDE_OUTPUTS = {"save_maps": "--save-maps", "jsonl": "--jsonl", "preview": "--preview"}
 
 
@@ -277,7 +278,7 @@ def parse_command(argv: list[str] | None) -> tuple[Config, BatchConfig | None]:
         )
     batch_settings = {key: settings.pop(key) for key in _BATCH_SETTINGS if key in settings}
     if not _is_batch(items, settings | batch_settings, listed):
-        if "max_inflight_videos" in batch_settings:
+        if "max_inflight_videos" in args:  # a config file's value serves its batch runs only
             raise ScoreCamError("--max-inflight-videos is for several inputs")
         return _config(items[0], settings), None
     output = settings.pop("output", None)

@@ -119,6 +119,12 @@ def test_which_command_lines_are_batches(tmp_path, monkeypatch):
         assert parse_command(argv)[1] is not None, argv
     _, batch = parse_command(["a.mp4", "b.mp4", "--workers", "2"])
     assert batch.inflight_videos(distributed=True) == 2
+    preset = tmp_path / "preset.yaml"
+    preset.write_text("max_inflight_videos: 3\nbatch_size: 4\n")
+    config, batch = parse_command(["a.mp4", "--config", str(preset)])  # single: not its concern
+    assert batch is None and config.engine.batch_size == 4
+    _, batch = parse_command(["a.mp4", "b.mp4", "--config", str(preset)])
+    assert batch.max_inflight_videos == 3
 
 
 BAD_BATCHES = [
