@@ -80,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--max-inflight-videos",
         type=int,
+        metavar="N",
         help="videos in progress at once (default 2 with --gpus/--workers, else 1)",
     )
     g = p.add_argument_group("input and live mode")

@@ -140,19 +140,16 @@ BAD_BATCHES = [
 
 
 @pytest.mark.parametrize(("args", "message"), BAD_BATCHES, ids=[m for _, m in BAD_BATCHES])
-def test_mistakes_that_stop_a_batch_are_one_line_exit_2(args, message, tmp_path, capsys):
+def test_mistakes_that_stop_a_batch_are_one_line_exit_2(
+    args, message, tmp_path, capsys, monkeypatch
+):
     a, b = make_clips(tmp_path, {"a.mp4": 2, "b.mp4": 2})
     a2 = tmp_path / "a.mkv"
     a2.write_bytes(a.read_bytes())
     before = sorted(tmp_path.iterdir())
     paths = {"{a}": a, "{b}": b, "{a2}": a2}
-    argv = [str(paths.get(arg, arg)) for arg in args]
-    old = os.getcwd()
-    os.chdir(tmp_path)
-    try:
-        assert run_cli(*argv, *FAST) == 2
-    finally:
-        os.chdir(old)
+    monkeypatch.chdir(tmp_path)
+    assert run_cli(*[paths.get(arg, arg) for arg in args], *FAST) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("scorecam-video: error:") and message in err and "\n" not in err
     assert sorted(tmp_path.iterdir()) == before  # nothing written, no directory made
