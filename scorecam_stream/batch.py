@@ -191,6 +191,20 @@ def check_not_live(inputs: Sequence[str], config: Config) -> None:
             )
 
 
+def with_batch_defaults(base: Config, videos: int) -> Config:
+    """Return ``base`` with whole frames per Ray worker (``--shards-per-frame 1``) when the
+    videos to do are at least as many as the workers and no shard count was given.
+
+    Splitting a frame over the workers lowers one frame's latency, which a batch does not
+    need; whole frames save every worker's base forward of every frame and all but one call
+    per frame, while enough frames (and videos) are in flight to keep every worker busy.
+    """
+    dist = base.distributed
+    if not dist.distributed or dist.shards_per_frame is not None or videos < dist.num_workers:
+        return base
+    return dataclasses.replace(base, distributed=dataclasses.replace(dist, shards_per_frame=1))
+
+
 def config_for(base: Config, job: Job) -> Config:
     """Return the Config of one video of the batch: the shared settings, its input, its paths."""
 
@@ -399,6 +413,7 @@ def run_batch(
     jobs = plan_jobs(inputs, batch)
     overwrite = base.output.overwrite
     todo = [job for job in jobs if overwrite or not job.output.exists()]
+    base = with_batch_defaults(base, len(todo))
     # Start the workers before writing anything: a fault there stops the batch with no trace.
     explainer = explainer_factory(base) if todo else None
     try:

@@ -7,8 +7,10 @@
 Rows, each a real ``scorecam-video`` process (so Ray start-up, model loads, decoding and
 encoding are all in the wall time, as a user sees them):
 a. one single-input run per clip, one after the other, each with ``--workers N``;
-b. one batch run of every clip with ``--workers N`` (the workers start once);
-c. the same batch with ``--shards-per-frame 1`` (whole frames per worker, no channel split).
+b. one batch run of every clip with ``--workers N --shards-per-frame 1`` (the workers start
+   once; whole frames per worker, the batch's default when videos >= workers);
+c. the same batch with ``--shards-per-frame N`` (each frame's channels split over the N
+   workers, the single run's default).
 The clips are synthetic (a gradient with a moving block and a still photo patch, 320 x 240,
 12 fps, no audio), each a little different. ``--max-inflight-videos`` is passed to the batch
 rows when given (default: the command's own).
@@ -98,9 +100,12 @@ def main() -> None:
     rows["a. single runs, one after the other"] = sum(
         timed([*command, clip, "-o", str(out / Path(clip).name)]) for clip in clips
     )
-    rows["b. one batch run"] = timed([*command, *clips, "-o", f"{fresh('batch')}/", *batch])
-    rows["c. one batch run, --shards-per-frame 1"] = timed(
+    n = str(args.gpus or args.workers)
+    rows["b. one batch run, --shards-per-frame 1"] = timed(
         [*command, *clips, "-o", f"{fresh('whole')}/", "--shards-per-frame", "1", *batch]
+    )
+    rows[f"c. one batch run, --shards-per-frame {n}"] = timed(
+        [*command, *clips, "-o", f"{fresh('split')}/", "--shards-per-frame", n, *batch]
     )
     load_after = os.getloadavg()
 

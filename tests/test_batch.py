@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from clips import FAST, REPO, picture, text_file, write_frames
 
-from scorecam_stream.batch import expand_inputs, plan_jobs
+from scorecam_stream.batch import expand_inputs, plan_jobs, with_batch_defaults
 from scorecam_stream.cli import main, parse_command
 from scorecam_stream.config import BatchConfig
 from scorecam_stream.errors import ScoreCamError
@@ -117,8 +117,14 @@ def test_which_command_lines_are_batches(tmp_path, monkeypatch):
     assert batch.max_inflight_videos == 3 and batch.output_dir is None
     for argv in (["dir"], ["*.mp4"], ["a.mp4", "-o", "dir"], ["a.mp4", "--summary", "s.jsonl"]):
         assert parse_command(argv)[1] is not None, argv
-    _, batch = parse_command(["a.mp4", "b.mp4", "--workers", "2"])
+    config, batch = parse_command(["a.mp4", "b.mp4", "--workers", "2"])
     assert batch.inflight_videos(distributed=True) == 2
+    assert with_batch_defaults(config, 2).distributed.shards_per_frame == 1
+    assert with_batch_defaults(config, 1).distributed.shards_per_frame is None  # 1 video < 2
+    given, _ = parse_command(["a.mp4", "b.mp4", "--workers", "2", "--shards-per-frame", "2"])
+    assert with_batch_defaults(given, 5).distributed.shards_per_frame == 2
+    alone, _ = parse_command(["a.mp4", "b.mp4"])
+    assert with_batch_defaults(alone, 5) == alone  # in-process: no shards
     preset = tmp_path / "preset.yaml"
     preset.write_text("max_inflight_videos: 3\nbatch_size: 4\n")
     config, batch = parse_command(["a.mp4", "--config", str(preset)])  # single: not its concern
@@ -275,7 +281,7 @@ def three_clips_and_single_runs(tmp_path_factory):
     single = {}
     for clip in clips:
         single[clip.stem] = (root / f"{clip.stem}.mp4", root / f"{clip.stem}.npz")
-        single_run(clip, *single[clip.stem], "--workers", 2)
+        single_run(clip, *single[clip.stem], "--workers", 2, "--shards-per-frame", 1)
     return clips, single
 
 
@@ -301,6 +307,9 @@ def test_three_clips_on_two_workers_match_three_single_runs(
     inflight, three_clips_and_single_runs, tmp_path
 ):
     """One batch, the workers started once: each output equals that clip's single run.
+
+    Whole frames per worker is the batch's default (3 videos, 2 workers): the single runs ask
+    for it.
 
     The default (two videos at once) calls the Ray explainer from two threads: it needs the
     explainer that serves concurrent runs (the distributed/ refactor).
