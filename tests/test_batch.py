@@ -15,7 +15,13 @@ import numpy as np
 import pytest
 from clips import FAST, REPO, picture, text_file, write_frames
 
-from scorecam_stream.batch import expand_inputs, plan_jobs, with_batch_defaults
+from scorecam_stream.batch import (
+    SummaryWriter,
+    VideoRecord,
+    expand_inputs,
+    plan_jobs,
+    with_batch_defaults,
+)
 from scorecam_stream.cli import main, parse_command
 from scorecam_stream.config import BatchConfig
 from scorecam_stream.errors import ScoreCamError
@@ -131,6 +137,22 @@ def test_which_command_lines_are_batches(tmp_path, monkeypatch):
     assert batch is None and config.engine.batch_size == 4
     _, batch = parse_command(["a.mp4", "b.mp4", "--config", str(preset)])
     assert batch.max_inflight_videos == 3
+
+
+def test_summary_keeps_finished_records_in_a_part_file_then_writes_them_in_input_order(tmp_path):
+    path = tmp_path / "runs" / "s.jsonl"
+    writer = SummaryWriter(str(path), ["a.mp4", "b.mp4", "c.mp4"])
+    writer.add(VideoRecord("c.mp4", "out/c.scorecam.mp4", "done", 3, 3, 1.5))
+    writer.add(VideoRecord("a.mp4", "out/a.scorecam.mp4", "failed", error="cannot read a.mp4"))
+    part = tmp_path / "runs" / "s.jsonl.part"
+    assert [json.loads(line)["input"] for line in part.read_text().splitlines()] == [
+        "c.mp4",
+        "a.mp4",
+    ]  # as they finish, flushed: what a killed run leaves
+    assert not path.exists()
+    writer.close()
+    assert not part.exists()
+    assert list(summary_of(path)) == ["a.mp4", "c.mp4"]
 
 
 BAD_BATCHES = [
