@@ -1,8 +1,12 @@
 """The ``scorecam-video`` command: argv and config files -> Config -> pipeline; exit codes.
 
-Exit codes: 0 success, 2 a user mistake or a fault that stopped the run (one line on stderr),
-130 interrupted (Ctrl-C), 143 terminated (SIGTERM). Only this module reads argv, the
-environment and config files.
+One input runs :func:`~scorecam_stream.pipeline.run`; several inputs (or a directory, a glob,
+``--inputs LIST``, ``-o DIR/``, ``--summary``) run :func:`~scorecam_stream.batch.run_batch`.
+
+Exit codes: 0 success (every input done or skipped), 2 a user mistake or a fault that stopped
+the run (one line on stderr), 3 some inputs of several failed (the others were done; a table
+of the failed ones on stderr), 130 interrupted (Ctrl-C), 143 terminated (SIGTERM). Only this
+module reads argv, the environment and config files.
 """
 
 from __future__ import annotations
@@ -14,13 +18,16 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import yaml
 
 from . import __version__
-from .config import FIELDS, Config, build_config
+from .config import FIELDS, BatchConfig, Config, build_config
 from .errors import ScoreCamError, Terminated, first_line
+
+if TYPE_CHECKING:
+    from .batch import BatchProgress, VideoRecord
 
 PROG = "scorecam-video"
 log = logging.getLogger(__name__)
@@ -50,16 +57,32 @@ def build_parser() -> argparse.ArgumentParser:
         description="Score-CAM heatmaps over every frame of a video (or an image).",
     )
     p.add_argument(
-        "input", help="video file, stream URL (udp/srt/rtsp/rtmp/http...), - for stdin, or image"
+        "input",
+        nargs="*",
+        help="video file, stream URL (udp/srt/rtsp/rtmp/http...), - for stdin, or image; "
+        "several files, directories (their videos) or glob patterns for a batch",
     )
     p.add_argument(
         "-o",
         "--output",
         help="output file, DIR/name.m3u8 (HLS), udp://, srt://, tcp://, rtmp:// or - "
-        "(default: <input>.scorecam.mp4 beside it)",
+        "(default: <input>.scorecam.mp4 beside it); with several inputs a directory (DIR/)",
     )
     p.add_argument("--config", help="YAML file of settings (keys are the flags, e.g. batch_size)")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    g = p.add_argument_group("many inputs (a batch)")
+    g.add_argument(
+        "--inputs", metavar="LIST", help="a file of inputs, one a line (# comments, blank lines)"
+    )
+    g.add_argument(
+        "--summary", metavar="FILE.jsonl", help="one JSON record per video (status, frames...)"
+    )
+    g.add_argument(
+        "--max-inflight-videos",
+        type=int,
+        metavar="N",
+        help="videos in progress at once (default 2 with --gpus/--workers, else 1)",
+    )
     g = p.add_argument_group("input and live mode")
     _bool_flag(
         g,
@@ -194,18 +217,106 @@ def load_settings(path: str) -> dict[str, Any]:
                 raise ScoreCamError(
                     f"config file {path}: {key} must be three numbers R,G,B, got {value!r}"
                 ) from None
-    unknown = sorted(set(settings) - set(FIELDS) - {"quiet"})
+    unknown = sorted(set(settings) - set(FIELDS) - {"quiet"} - set(_BATCH_FILE_SETTINGS))
     if unknown:
         raise ScoreCamError(f"config file {path}: unknown setting(s) {', '.join(unknown)}")
     return settings
 
 
-def parse_config(argv: list[str] | None) -> Config:
-    """Return the Config of a command line: defaults < --config file < flags."""
-    args = vars(build_parser().parse_args(argv))
+_BATCH_SETTINGS = ("summary", "max_inflight_videos")
+_BATCH_FILE_SETTINGS = ("max_inflight_videos",)  # what a config file may hold of them
+_SIDE_OUTPUTS = {"save_maps": "--save-maps", "jsonl": "--jsonl", "preview": "--preview"}
+
+
+def read_input_list(path: str) -> list[str]:
+    """Return the inputs of a ``--inputs`` file: one a line, blank lines and ``#`` lines skipped.
+
+    Relative paths are taken from the current directory, as on the command line.
+    """
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ScoreCamError(f"cannot read --inputs {path}: {first_line(err)}") from None
+    lines = [line.strip() for line in text.splitlines()]
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+def _is_directory(path: str) -> bool:
+    """Return whether ``path`` names a directory: ending with a slash, or an existing one."""
+    return path.endswith(("/", os.sep)) or Path(path).is_dir()
+
+
+def _is_batch(items: list[str], settings: dict[str, Any], listed: bool) -> bool:
+    """Return whether a command line is a batch: several inputs, a directory, a glob, a list,
+    ``-o DIR/`` or ``--summary``. One file (or one stream) otherwise, exactly as before."""
+    from .batch import is_glob
+
+    if listed or len(items) != 1 or "summary" in settings:
+        return True
+    item = items[0]
+    if item == "-" or "://" in item:
+        return False
+    path = Path(item)
+    if path.is_dir() or (is_glob(item) and not path.exists()):
+        return True
+    output = settings.get("output")
+    return output is not None and _is_directory(str(output))
+
+
+def parse_command(argv: list[str] | None) -> tuple[Config, BatchConfig | None]:
+    """Return the Config of a command line (defaults < --config file < flags) and, for a
+    batch, its BatchConfig (the Config then holds the settings shared by every video)."""
+    args = vars(build_parser().parse_intermixed_args(argv))
     settings = load_settings(args.pop("config")) if "config" in args else {}
     settings.update(args)
-    input_path = settings.pop("input")
+    items = list(settings.pop("input", None) or [])
+    listed = "inputs" in settings
+    if listed:
+        items += read_input_list(settings.pop("inputs"))
+    if not items:
+        raise ScoreCamError(
+            "no input given" + (f" (the list {args['inputs']} is empty)" if listed else "")
+        )
+    batch_settings = {key: settings.pop(key) for key in _BATCH_SETTINGS if key in settings}
+    if not _is_batch(items, settings | batch_settings, listed):
+        if "max_inflight_videos" in args:  # a config file's value serves its batch runs only
+            raise ScoreCamError("--max-inflight-videos is for several inputs")
+        return _config(items[0], settings), None
+    output = settings.pop("output", None)
+    if output is not None and not _is_directory(str(output)):
+        raise ScoreCamError(
+            f"-o {output}: with several inputs, -o names a directory (end it with /)"
+        )
+    side = {}
+    for key, flag in _SIDE_OUTPUTS.items():
+        value = settings.pop(key, None)
+        if value is not None and not _is_directory(str(value)):
+            raise ScoreCamError(
+                f"{flag} {value}: with several inputs, {flag} names a directory (end it with /)"
+            )
+        side[key] = value
+    batch = BatchConfig(
+        inputs=tuple(items),
+        output_dir=output,
+        maps_dir=side["save_maps"],
+        jsonl_dir=side["jsonl"],
+        preview_dir=side["preview"],
+        summary=batch_settings.get("summary"),
+        max_inflight_videos=batch_settings.get("max_inflight_videos"),
+    )
+    return _config(items[0], settings), batch
+
+
+def parse_config(argv: list[str] | None) -> Config:
+    """Return the Config of a one-input command line: defaults < --config file < flags."""
+    config, batch = parse_command(argv)
+    if batch is not None:
+        raise ScoreCamError("several inputs: use parse_command")
+    return config
+
+
+def _config(input_path: str, settings: dict[str, Any]) -> Config:
+    """Return the validated Config of flat settings (``settings`` is consumed)."""
     if "input_option" in settings:
         settings["input_option"] = tuple(settings["input_option"] or ())
     quiet = bool(settings.pop("quiet", False))
@@ -258,17 +369,112 @@ class _OnSigterm:
         raise Terminated
 
 
+def _clock(seconds: float | None) -> str:
+    """Return ``H:MM:SS`` (``?`` when unknown)."""
+    if seconds is None:
+        return "?"
+    whole = round(seconds)
+    return f"{whole // 3600}:{whole % 3600 // 60:02d}:{whole % 60:02d}"
+
+
+class _BatchDisplay:
+    """A batch's progress on stderr: a tqdm bar of videos on a terminal, else a line a video."""
+
+    def __init__(self, quiet: bool, tty: bool) -> None:
+        self.quiet = quiet
+        self._bar = None
+        if not quiet and tty:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=None, unit="video", file=sys.stderr, dynamic_ncols=True)
+
+    def _status(self, progress: BatchProgress) -> str:
+        return f"{progress.frames_per_s:.2f} frames/s, ETA {_clock(progress.eta_s)}"
+
+    def progress(self, progress: BatchProgress) -> None:
+        """Called as frames are written (from the videos' threads, one call at a time)."""
+        if self._bar is not None:
+            self._bar.total = progress.videos_total
+            self._bar.set_postfix_str(self._status(progress))
+
+    def record(self, record: VideoRecord, progress: BatchProgress) -> None:
+        """Called as each video finishes."""
+        if self._bar is not None:
+            self._bar.total = progress.videos_total
+            self._bar.update(progress.videos_done - self._bar.n)
+            self._bar.set_postfix_str(self._status(progress))
+            if record.status == "failed":
+                self._bar.write(f"{PROG}: failed: {record.input}: {record.error}", file=sys.stderr)
+            return
+        if self.quiet:
+            return
+        what = (
+            f"{record.output} ({record.frames} frames, {record.seconds:.1f} s)"
+            if record.status == "done"
+            else record.error
+        )
+        print(
+            f"{PROG}: [{progress.videos_done}/{progress.videos_total}] {record.status} "
+            f"{record.input}: {what}; {self._status(progress)}",
+            file=sys.stderr,
+        )
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+def _failure_table(failed: list[VideoRecord]) -> str:
+    """Return the table of failed inputs and why, one row each."""
+    width = max(len("input"), *(len(r.input) for r in failed))
+    rows = [f"  {'input':<{width}}  reason"] + [f"  {r.input:<{width}}  {r.error}" for r in failed]
+    return f"{PROG}: {len(failed)} input(s) failed:\n" + "\n".join(rows)
+
+
+def run_many(config: Config, batch: BatchConfig) -> int:
+    """Run a batch with its progress on stderr; return 0, or 3 if some inputs failed."""
+    from .batch import run_batch  # torch, av and friends load only for a real run
+
+    display = _BatchDisplay(config.quiet, sys.stderr.isatty())
+    try:
+        result = run_batch(config, batch, on_progress=display.progress, on_record=display.record)
+    finally:
+        display.close()
+    done, failed = result.with_status("done"), result.with_status("failed")
+    skipped = result.with_status("skipped")
+    if not config.quiet:
+        rate = result.frames / result.seconds if result.seconds else 0.0
+        line = f"{PROG}: {len(done)} done"
+        if skipped:
+            line += f", {len(skipped)} skipped (output exists; --overwrite redoes them)"
+        line += (
+            f", {len(failed)} failed of {len(result.records)} inputs; {result.frames} frames "
+            f"in {result.seconds:.1f} s, {rate:.2f} frames/s"
+        )
+        if batch.summary:
+            line += f"; summary in {batch.summary}"
+        print(line, file=sys.stderr)
+    if failed:
+        print(_failure_table(failed), file=sys.stderr)
+        return 3
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command; return its exit code."""
     bar: _ProgressBar | None = None
     handler: logging.Handler | None = None
+    batch: BatchConfig | None = None
     on_main_thread = threading.current_thread() is threading.main_thread()
     # SIGTERM (kill, `ray job stop`) unwinds like Ctrl-C: workers stopped, nothing half-written.
     sigterm = _OnSigterm()
     previous = signal.signal(signal.SIGTERM, sigterm) if on_main_thread else None
     try:
-        config = parse_config(argv)
+        config, batch = parse_command(argv)
         handler = _log_to_stderr(config.quiet)
+        if batch is not None:
+            return run_many(config, batch)
         from .pipeline import run  # torch, av and friends load only for a real run
 
         if not config.quiet and sys.stderr.isatty():
@@ -300,10 +506,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        # A batch keeps its finished videos; the ones in progress are not written.
+        what = "the videos in progress not written" if batch is not None else "no output written"
         if sigterm.received:
-            print(f"{PROG}: terminated; no output written", file=sys.stderr)
+            print(f"{PROG}: terminated; {what}", file=sys.stderr)
             return 128 + signal.SIGTERM
-        print(f"{PROG}: interrupted; no output written", file=sys.stderr)
+        print(f"{PROG}: interrupted; {what}", file=sys.stderr)
         return 130
     finally:
         if previous is not None:

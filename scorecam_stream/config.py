@@ -348,6 +348,48 @@ class Config:
         _check(bool(self.input), "no input given")
 
 
+@dataclass(frozen=True)
+class BatchConfig:
+    """Many inputs in one run (:mod:`scorecam_stream.batch`): where their outputs go.
+
+    ``inputs``: as given (files, directories, glob patterns, URLs), expanded by the batch.
+    ``output_dir``: each video's ``<stem>.scorecam.mp4`` goes there; None: beside its input.
+    ``maps_dir`` / ``jsonl_dir`` / ``preview_dir``: ``--save-maps`` / ``--jsonl`` /
+    ``--preview`` with a directory: ``<stem>.maps.npz`` / ``<stem>.jsonl`` /
+    ``<stem>.preview.png`` there. ``summary``: one JSON record per video, written at the end.
+    ``max_inflight_videos``: videos in progress at once; None: 2 with Ray workers, 1 in-process.
+    """
+
+    inputs: tuple[str, ...]
+    output_dir: str | None = None
+    maps_dir: str | None = None
+    jsonl_dir: str | None = None
+    preview_dir: str | None = None
+    summary: str | None = None
+    max_inflight_videos: int | None = None
+
+    def __post_init__(self) -> None:
+        _check(
+            isinstance(self.inputs, tuple) and len(self.inputs) > 0 and all(self.inputs),
+            "no input given",
+        )
+        _check(
+            self.max_inflight_videos is None
+            or (isinstance(self.max_inflight_videos, int) and self.max_inflight_videos >= 1),
+            f"--max-inflight-videos must be >= 1, got {self.max_inflight_videos}",
+        )
+
+    def inflight_videos(self, distributed: bool) -> int:
+        """Return how many videos run at once: as given, else 2 with Ray workers, else 1.
+
+        Two with workers so that none idles while one video's decoder starts or its encoder
+        finishes; one in-process, where the single model replica is the bottleneck anyway.
+        """
+        if self.max_inflight_videos is not None:
+            return self.max_inflight_videos
+        return 2 if distributed else 1
+
+
 # Flat setting name -> (section, field). Names are the flags with underscores.
 _SECTIONS = {
     "source": SourceConfig,
