@@ -83,6 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="videos in progress at once (default 2 with --gpus/--workers, else 1)",
     )
+    _bool_flag(
+        g,
+        "video-tasks",
+        "run each video's decode/encode as a Ray task on any node (with --gpus/--workers/"
+        "--address; its input and outputs must be reachable from every node)",
+    )
     g = p.add_argument_group("input and live mode")
     _bool_flag(
         g,
@@ -223,8 +229,8 @@ def load_settings(path: str) -> dict[str, Any]:
     return settings
 
 
-_BATCH_SETTINGS = ("summary", "max_inflight_videos")
-_BATCH_FILE_SETTINGS = ("max_inflight_videos",)  # what a config file may hold of them
+_BATCH_SETTINGS = ("summary", "max_inflight_videos", "video_tasks")
+_BATCH_FILE_SETTINGS = ("max_inflight_videos", "video_tasks")  # what a config file may hold
 _SIDE_OUTPUTS = {"save_maps": "--save-maps", "jsonl": "--jsonl", "preview": "--preview"}
 
 
@@ -279,8 +285,9 @@ def parse_command(argv: list[str] | None) -> tuple[Config, BatchConfig | None]:
         )
     batch_settings = {key: settings.pop(key) for key in _BATCH_SETTINGS if key in settings}
     if not _is_batch(items, settings | batch_settings, listed):
-        if "max_inflight_videos" in args:  # a config file's value serves its batch runs only
-            raise ScoreCamError("--max-inflight-videos is for several inputs")
+        for key in ("max_inflight_videos", "video_tasks"):
+            if key in args:  # a config file's value serves its batch runs only
+                raise ScoreCamError(f"--{key.replace('_', '-')} is for several inputs")
         return _config(items[0], settings), None
     output = settings.pop("output", None)
     if output is not None and not _is_directory(str(output)):
@@ -303,8 +310,14 @@ def parse_command(argv: list[str] | None) -> tuple[Config, BatchConfig | None]:
         preview_dir=side["preview"],
         summary=batch_settings.get("summary"),
         max_inflight_videos=batch_settings.get("max_inflight_videos"),
+        video_tasks=bool(batch_settings.get("video_tasks", False)),
     )
-    return _config(items[0], settings), batch
+    config = _config(items[0], settings)
+    if batch.video_tasks and not config.distributed.distributed:
+        raise ScoreCamError(
+            "--video-tasks runs videos as Ray tasks: add --workers, --gpus or --address"
+        )
+    return config, batch
 
 
 def parse_config(argv: list[str] | None) -> Config:

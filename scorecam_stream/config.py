@@ -358,6 +358,8 @@ class BatchConfig:
     ``--preview`` with a directory: ``<stem>.maps.npz`` / ``<stem>.jsonl`` /
     ``<stem>.preview.png`` there. ``summary``: one JSON record per video, written at the end.
     ``max_inflight_videos``: videos in progress at once; None: 2 with Ray workers, 1 in-process.
+    ``video_tasks``: each video's decode -> encode loop runs as a Ray task on any node of the
+    cluster (its paths must be reachable there), its frames explained by the shared workers.
     """
 
     inputs: tuple[str, ...]
@@ -367,6 +369,7 @@ class BatchConfig:
     preview_dir: str | None = None
     summary: str | None = None
     max_inflight_videos: int | None = None
+    video_tasks: bool = False
 
     def __post_init__(self) -> None:
         _check(

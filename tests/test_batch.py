@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import signal
@@ -307,22 +306,11 @@ def three_clips_and_single_runs(tmp_path_factory):
     return clips, single
 
 
-# Two runs at once on one RayExplainer need the explainer of the distributed/ package (the Ray
-# layer's refactor), which serves concurrent explain() calls; distributed.py refuses them.
-_CONCURRENT_RAY = hasattr(importlib.import_module("scorecam_stream.distributed"), "__path__")
-_NEEDS_CONCURRENT_RAY = pytest.mark.xfail(
-    not _CONCURRENT_RAY,
-    raises=RuntimeError,
-    strict=True,
-    reason="distributed.py's RayExplainer runs one explain() at a time",
-)
-
-
 @pytest.mark.parametrize(
     "inflight",
     [
         pytest.param(["--max-inflight-videos", "1"], id="one"),
-        pytest.param([], id="default", marks=_NEEDS_CONCURRENT_RAY),
+        pytest.param([], id="default"),
     ],
 )
 def test_three_clips_on_two_workers_match_three_single_runs(
@@ -331,13 +319,44 @@ def test_three_clips_on_two_workers_match_three_single_runs(
     """One batch, the workers started once: each output equals that clip's single run.
 
     Whole frames per worker is the batch's default (3 videos, 2 workers): the single runs ask
-    for it.
-
-    The default (two videos at once) calls the Ray explainer from two threads: it needs the
-    explainer that serves concurrent runs (the distributed/ refactor).
+    for it. The default (two videos at once) calls the Ray explainer from two threads.
     """
     clips, single = three_clips_and_single_runs
     out, maps = tmp_path / "out", tmp_path / "maps"
     args = ["-o", f"{out}/", "--save-maps", f"{maps}/", "--workers", "2", *inflight]
     assert run_cli(*clips, *args, *FAST) == 0
     assert_same_outputs(out, maps, single)
+
+
+def test_video_tasks_run_each_video_in_a_ray_task(
+    three_clips_and_single_runs, tmp_path, monkeypatch
+):
+    """--video-tasks: each video's loop is a Ray task (not this process), its frames explained by
+    the shared workers; outputs equal the single runs; a bad input is that task's failure."""
+    clips, single = three_clips_and_single_runs
+
+    def not_here(*_args, **_kwargs):
+        raise AssertionError("a video ran in the driver")
+
+    monkeypatch.setattr("scorecam_stream.batch.runner.run", not_here)  # the tasks import their own
+    bad = text_file(tmp_path)
+    out, maps, summary = tmp_path / "out", tmp_path / "maps", tmp_path / "s.jsonl"
+    args = [*clips, bad, "-o", f"{out}/", "--save-maps", f"{maps}/", "--summary", summary]
+    code = run_cli(*args, "--workers", "2", "--video-tasks", *FAST)
+    assert code == 3
+    assert_same_outputs(out, maps, single)
+    records = summary_of(summary)
+    assert [records[c.name]["status"] for c in clips] == ["done"] * 3
+    assert [records[c.name]["frames"] for c in clips] == [3, 4, 2]
+    assert records[bad.name]["status"] == "failed" and records[bad.name]["error"]
+
+
+def test_video_tasks_need_ray_workers(tmp_path, capsys):
+    clips = make_clips(tmp_path, {"a.mp4": 2, "b.mp4": 2})
+    assert run_cli(*clips, "-o", f"{tmp_path}/out/", "--video-tasks", *FAST) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "scorecam-video: error: --video-tasks runs videos as Ray tasks: add --workers, --gpus or "
+        "--address"
+    )
+    assert not (tmp_path / "out").exists()

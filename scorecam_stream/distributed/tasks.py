@@ -23,9 +23,10 @@ log = logging.getLogger(__name__)
 
 
 def run_tasks(
-    fn: Callable[[Any], Any], items: Sequence[Any], max_inflight: int
+    fn: Callable[..., Any], items: Sequence[Any], max_inflight: int, shared: tuple[Any, ...] = ()
 ) -> Iterator[tuple[int, Any, BaseException | None]]:
-    """Yield ``(index, value, None)`` or ``(index, None, error)`` for each item as it finishes.
+    """Yield ``(index, value, None)`` or ``(index, None, error)`` of ``fn(*shared, item)`` for
+    each item, as each finishes (``shared`` is stored once, not sent with every task).
 
     At most ``max_inflight`` tasks run at once. A task asks for no CPU of its own (the
     workers' actors hold the cluster's CPUs and GPUs; a video's loop mostly waits for them)
@@ -37,6 +38,7 @@ def run_tasks(
     if max_inflight < 1:
         raise ValueError(f"max_inflight must be >= 1, got {max_inflight}")
     remote = ray.remote(num_cpus=0, max_retries=0, scheduling_strategy="SPREAD")(fn)
+    common = [ray.put(value) for value in shared]
     running: dict[Any, int] = {}
     pending = iter(enumerate(items))
     try:
@@ -45,7 +47,7 @@ def run_tasks(
                 nxt = next(pending, None)
                 if nxt is None:
                     break
-                running[remote.remote(nxt[1])] = nxt[0]
+                running[remote.remote(*common, nxt[1])] = nxt[0]
             if not running:
                 return
             ready, _ = ray.wait(list(running), num_returns=1)
