@@ -339,16 +339,18 @@ def test_video_tasks_run_each_video_in_a_ray_task(
         raise AssertionError("a video ran in the driver")
 
     monkeypatch.setattr("scorecam_stream.batch.runner.run", not_here)  # the tasks import their own
-    bad = text_file(tmp_path)
-    out, maps, summary = tmp_path / "out", tmp_path / "maps", tmp_path / "s.jsonl"
-    args = [*clips, bad, "-o", f"{out}/", "--save-maps", f"{maps}/", "--summary", summary]
+    monkeypatch.chdir(tmp_path)  # relative paths: the tasks' working directory is not this one
+    bad = text_file(tmp_path).name
+    inputs = [os.path.relpath(clip) for clip in clips]
+    args = [*inputs, bad, "-o", "out/", "--save-maps", "maps/", "--summary", "s.jsonl"]
     code = run_cli(*args, "--workers", "2", "--video-tasks", *FAST)
     assert code == 3
-    assert_same_outputs(out, maps, single)
-    records = summary_of(summary)
+    assert_same_outputs(tmp_path / "out", tmp_path / "maps", single)
+    records = summary_of(tmp_path / "s.jsonl")
+    assert records[clips[0].name]["output"] == "out/a.scorecam.mp4"  # as the user named it
     assert [records[c.name]["status"] for c in clips] == ["done"] * 3
     assert [records[c.name]["frames"] for c in clips] == [3, 4, 2]
-    assert records[bad.name]["status"] == "failed" and records[bad.name]["error"]
+    assert records[bad]["status"] == "failed" and records[bad]["error"]
 
 
 def test_video_tasks_need_ray_workers(tmp_path, capsys):

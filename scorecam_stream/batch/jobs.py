@@ -187,3 +187,19 @@ def config_for(base: Config, job: Job) -> Config:
         preview=name(job.preview),
     )
     return dataclasses.replace(base, input=job.input, output=output)
+
+
+def absolute_job(job: Job) -> Job:
+    """Return ``job`` with absolute paths (a URL or ``-`` input stays as it is)."""
+
+    def absolute(path: Path | None) -> Path | None:
+        return None if path is None else Path(os.path.abspath(path))
+
+    keep = job.input == video.STDIN or video.is_url(job.input)
+    return Job(
+        input=job.input if keep else os.path.abspath(job.input),
+        output=Path(os.path.abspath(job.output)),
+        save_maps=absolute(job.save_maps),
+        jsonl=absolute(job.jsonl),
+        preview=absolute(job.preview),
+    )

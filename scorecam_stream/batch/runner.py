@@ -18,7 +18,15 @@ from ..config import BatchConfig, Config
 from ..errors import ScoreCamError, first_line
 from ..pipeline import make_explainer, run
 from ..workers import Explainer, FrameResult, FrameTask, LocalExplainer
-from .jobs import Job, check_not_live, config_for, expand_inputs, plan_jobs, with_batch_defaults
+from .jobs import (
+    Job,
+    absolute_job,
+    check_not_live,
+    config_for,
+    expand_inputs,
+    plan_jobs,
+    with_batch_defaults,
+)
 from .records import BatchProgress, BatchResult, SummaryWriter, Tally, VideoRecord
 
 log = logging.getLogger(__name__)
@@ -294,11 +302,14 @@ def _run_as_tasks(
     if portable is None:
         raise ScoreCamError("--video-tasks needs Ray workers (--workers, --gpus or --address)")
     tally = Tally(len(jobs), time.perf_counter())
-    outcomes = run_tasks(run_video_task, jobs, inflight, shared=(base, portable()))
+    # A task's working directory is not the driver's: it gets absolute paths.
+    absolute = [absolute_job(job) for job in jobs]
+    outcomes = run_tasks(run_video_task, absolute, inflight, shared=(base, portable()))
     for done, (index, record, error) in enumerate(outcomes, 1):
+        job = jobs[index]
         if error is not None:
-            job = jobs[index]
             record = VideoRecord(job.input, str(job.output), "failed", error=first_line(error))
+        record = dataclasses.replace(record, input=job.input, output=str(job.output))
         tally.finished(record)
         summary.add(record)
         if on_record is not None:
