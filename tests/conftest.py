@@ -44,6 +44,18 @@ def tiny() -> TinyCNN:
     return make_tiny()
 
 
+def seeded_frames(count: int, size: int, seed: int) -> torch.Tensor:
+    """Return ``count`` seeded model inputs (count, 3, size, size), each with a bright square
+    (a quarter of the side) somewhere else."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(count, 3, size, size, generator=g) * 0.3
+    span, side = size - 24, size // 4
+    for i in range(count):
+        r, c = (7 * i) % span, (11 * i + 5) % span
+        x[i, :, r : r + side, c : c + side] += 1.5
+    return x
+
+
 @pytest.fixture
 def images() -> torch.Tensor:
     """Three seeded 32 x 32 inputs with spatial structure (a bright square each)."""

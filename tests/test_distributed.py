@@ -20,7 +20,7 @@ import pytest
 import ray
 import torch
 import torchvision
-from conftest import wait_gone
+from conftest import seeded_frames, wait_gone
 from ray.exceptions import RayActorError
 
 from scorecam_stream import ScoreCamError
@@ -48,12 +48,7 @@ def model(tmp_path_factory) -> ModelConfig:
 @pytest.fixture(scope="module")
 def frames() -> torch.Tensor:
     """Eight seeded 64 x 64 model inputs, each with a bright square somewhere."""
-    g = torch.Generator().manual_seed(3)
-    x = torch.randn(8, 3, 64, 64, generator=g) * 0.3
-    for i in range(8):
-        r, c = (7 * i) % 40, (11 * i + 5) % 40
-        x[i, :, r : r + 16, c : c + 16] += 1.5
-    return x
+    return seeded_frames(8, 64, seed=3)
 
 
 def make_items(frames: torch.Tensor) -> list[tuple[str, FrameTask | None]]:

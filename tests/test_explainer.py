@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from conftest import seeded_frames
 
 from scorecam_stream import ScoreCamError
 from scorecam_stream.config import EngineConfig, ModelConfig
@@ -136,12 +137,7 @@ def make_worker() -> Callable[[], Worker]:
 @pytest.fixture(scope="module")
 def frames() -> torch.Tensor:
     """Six seeded 48 x 48 model inputs, each with a bright square somewhere."""
-    g = torch.Generator().manual_seed(5)
-    x = torch.randn(6, 3, 48, 48, generator=g) * 0.3
-    for i in range(6):
-        r, c = (7 * i) % 30, (11 * i + 5) % 30
-        x[i, :, r : r + 14, c : c + 14] += 1.5
-    return x
+    return seeded_frames(6, 48, seed=5)
 
 
 def items_of(frames: torch.Tensor, marks: str = "") -> list[tuple[str, FrameTask | None]]:
