@@ -10,7 +10,8 @@ a. one single-input run per clip, one after the other, each with ``--workers N``
 b. one batch run of every clip with ``--workers N --shards-per-frame 1`` (the workers start
    once; whole frames per worker, the batch's default when videos >= workers);
 c. the same batch with ``--shards-per-frame N`` (each frame's channels split over the N
-   workers, the single run's default).
+   workers, the single run's default);
+d. the batch of row b with ``--video-tasks`` (each video's decode/encode loop a Ray task).
 The clips are synthetic (a gradient with a moving block and a still photo patch, 320 x 240,
 12 fps, no audio), each a little different. ``--max-inflight-videos`` is passed to the batch
 rows when given (default: the command's own).
@@ -106,6 +107,18 @@ def main() -> None:
     )
     rows[f"c. one batch run, --shards-per-frame {n}"] = timed(
         [*command, *clips, "-o", f"{fresh('split')}/", "--shards-per-frame", n, *batch]
+    )
+    rows["d. row b with --video-tasks"] = timed(
+        [
+            *command,
+            *clips,
+            "-o",
+            f"{fresh('tasks')}/",
+            "--shards-per-frame",
+            "1",
+            "--video-tasks",
+            *batch,
+        ]
     )
     load_after = os.getloadavg()
 

@@ -223,7 +223,15 @@ def assert_same_outputs(batch_out: Path, batch_maps: Path, single: dict[str, tup
             np.testing.assert_array_equal(made[key], want[key])
         got, expected = decoded(batch_out / f"{stem}.scorecam.mp4"), decoded(video)
         assert len(got) == len(expected)
-        assert all(np.array_equal(g, e) for g, e in zip(got, expected, strict=True))
+        for i, (g, e) in enumerate(zip(got, expected, strict=True)):
+            diff = np.abs(g.astype(int) - e.astype(int))
+            rows, cols = np.nonzero(diff.max(axis=2))
+            where = (
+                f"rows {rows.min()}-{rows.max()}, cols {cols.min()}-{cols.max()}"
+                if len(rows)
+                else ""
+            )
+            assert not diff.any(), f"{stem} frame {i}: max diff {diff.max()} at {where}"
 
 
 def test_videos_in_flight_share_one_model_and_match_single_runs(tmp_path):

@@ -200,6 +200,25 @@ def test_ray_job_submit_with_token_auth(head, clip, single, tmp_path):
     assert done.stderr.strip().splitlines()[-1].endswith(": SUCCEEDED (Job finished successfully.)")
     assert_same_run(video2, maps2, single)
 
+    # A whole set in one job: two videos of the working dir, the workers started once.
+    videos = tmp_path / "set"
+    videos.mkdir()
+    for name in ("a.mp4", "b.mp4"):
+        shutil.copy(clip, videos / name)
+    out, maps_dir = tmp_path / "set-out", tmp_path / "set-maps"
+    # fmt: off
+    batch = [
+        str(BIN / "ray"), "job", "submit", "--address", address,
+        "--working-dir", str(videos), "--entrypoint-num-cpus", "0", "--",
+        "scorecam-video", "a.mp4", "b.mp4", "-o", f"{out}/", "--save-maps", f"{maps_dir}/",
+        "--workers", "2", "--address", "auto", *FAST,
+    ]
+    # fmt: on
+    done = submit(batch, env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    for stem in ("a", "b"):
+        assert_same_run(out / f"{stem}.scorecam.mp4", maps_dir / f"{stem}.maps.npz", single)
+
     # Without the token the cluster refuses the job, and the message says why.
     refused = dict(env, RAY_AUTH_TOKEN="0" * 32)
     done = subprocess.run(command, env=refused, capture_output=True, text=True, timeout=120)

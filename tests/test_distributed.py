@@ -123,13 +123,16 @@ def assert_same(out: list[tuple[str, FrameResult | None]], reference) -> None:
         assert result.maps.shape == expected.maps.shape and result.maps.dtype == np.float32
         assert expected.maps.max() > 0
         torch.testing.assert_close(
-            torch.from_numpy(result.maps),
+            torch.from_numpy(result.maps.copy()),
             torch.from_numpy(expected.maps),
             rtol=1e-5,
             atol=1e-6 * float(expected.maps.max()),
         )
         torch.testing.assert_close(
-            torch.from_numpy(result.probs), torch.from_numpy(expected.probs), rtol=1e-5, atol=0
+            torch.from_numpy(result.probs.copy()),
+            torch.from_numpy(expected.probs),
+            rtol=1e-5,
+            atol=0,
         )
         assert result.skipped == expected.skipped
         assert result.seconds > 0
