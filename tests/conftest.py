@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -112,3 +116,17 @@ def session_pids(sid: int) -> list[int]:
         if fields is not None and int(fields[3]) == sid and fields[0] != "Z":
             pids.append(int(stat.parent.name))
     return pids
+
+
+def stop_session(process: subprocess.Popen) -> list[int]:
+    """Kill ``process`` and everything in its session (e.g. a `ray start --block` and all it
+    started; never `ray stop`, which stops every Ray instance on the machine); return the pids
+    still alive 30 s later."""
+    for pid in session_pids(process.pid):
+        with contextlib.suppress(ProcessLookupError):  # it may have ended meanwhile
+            os.kill(pid, signal.SIGKILL)
+    process.wait(timeout=30)
+    deadline = time.monotonic() + 30
+    while session_pids(process.pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return session_pids(process.pid)

@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 import ray
 from clips import FAST, REPO, jsonl_lines_written
-from conftest import CLIP_FRAMES, session_pids
+from conftest import CLIP_FRAMES, session_pids, stop_session
 
 from scorecam_stream.cli import main
 from scorecam_stream.video import probe
@@ -36,13 +36,16 @@ from scorecam_stream.video import probe
 BIN = Path(sys.executable).parent  # the venv's scripts: ray, scorecam-video
 
 
+def single_run(clip: Path, out: Path, options: list[str]) -> tuple[Path, Path]:
+    """Return (video, maps) of the single-process run of ``clip`` with ``options``."""
+    video, maps = out / "out.mp4", out / "maps.npz"
+    assert main([str(clip), "-o", str(video), "--save-maps", str(maps), *options]) == 0
+    return video, maps
+
+
 @pytest.fixture(scope="module")
 def single(clip, tmp_path_factory) -> tuple[Path, Path]:
-    """Return (video, maps) of the single-process run."""
-    out = tmp_path_factory.mktemp("single")
-    video, maps = out / "out.mp4", out / "maps.npz"
-    assert main([str(clip), "-o", str(video), "--save-maps", str(maps), *FAST]) == 0
-    return video, maps
+    return single_run(clip, tmp_path_factory.mktemp("single"), FAST)
 
 
 def decoded(path: Path) -> np.ndarray:
@@ -129,16 +132,8 @@ def head(tmp_path_factory) -> Iterator[tuple[str, dict[str, str]]]:
         wait_for_dashboard(address, env["RAY_AUTH_TOKEN"], process, log)
         yield address, env
     finally:
-        # Never `ray stop`: it stops every Ray instance on the machine. The head and all it
-        # started share its session; the test head has nothing to drain, so kill them all.
-        for pid in session_pids(process.pid):
-            with contextlib.suppress(ProcessLookupError):  # it may have ended meanwhile
-                os.kill(pid, signal.SIGKILL)
-        process.wait(timeout=30)
-        deadline = time.monotonic() + 30
-        while session_pids(process.pid) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert session_pids(process.pid) == []
+        # The head and all it started share its session; it has nothing to drain: kill them all.
+        assert stop_session(process) == []
         shutil.rmtree(temp, ignore_errors=True)
 
 

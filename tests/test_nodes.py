@@ -10,7 +10,6 @@ stops with exit 2 and one line naming the lost nodes, and writes nothing.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import secrets
@@ -23,10 +22,8 @@ from pathlib import Path
 
 import pytest
 from clips import jsonl_lines_written
-from conftest import session_pids
-from test_cluster import BIN, assert_same_run, free_port
-
-from scorecam_stream.cli import main
+from conftest import session_pids, stop_session
+from test_cluster import BIN, assert_same_run, free_port, single_run
 
 # Slow enough that the kill lands mid-run (about 256 passes per frame), cheap enough for CI.
 OPTIONS = ["--model", "efficientnet_lite0", "--input-size", "96", "--max-channels", "256"]
@@ -35,21 +32,7 @@ OPTIONS += ["--batch-size", "32"]
 
 @pytest.fixture(scope="module")
 def single_slow(clip, tmp_path_factory) -> tuple[Path, Path]:
-    out = tmp_path_factory.mktemp("single-slow")
-    video, maps = out / "out.mp4", out / "maps.npz"
-    assert main([str(clip), "-o", str(video), "--save-maps", str(maps), *OPTIONS]) == 0
-    return video, maps
-
-
-def _stop(process: subprocess.Popen) -> None:
-    """Kill a `ray start --block` process and everything in its session."""
-    for pid in session_pids(process.pid):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    process.wait(timeout=30)
-    deadline = time.monotonic() + 30
-    while session_pids(process.pid) and time.monotonic() < deadline:
-        time.sleep(0.2)
+    return single_run(clip, tmp_path_factory.mktemp("single-slow"), OPTIONS)
 
 
 class Cluster:
@@ -118,7 +101,7 @@ class Cluster:
 
     def close(self) -> None:
         for process in reversed(self.processes):
-            _stop(process)
+            stop_session(process)
         shutil.rmtree(self.temp, ignore_errors=True)
 
 

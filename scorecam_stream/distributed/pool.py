@@ -165,11 +165,6 @@ class ActorPool:
             slot.sent += 1
             self._calls[ref] = (tag, slot)
 
-    @property
-    def in_flight(self) -> int:
-        """Return the calls sent and not yet returned by :meth:`poll`."""
-        return len(self._calls)
-
     def poll(self, timeout: float = _POLL_S) -> list[Reply]:
         """Wait up to ``timeout`` s for calls or probes; return the calls that came back.
 
