@@ -89,4 +89,9 @@ def frame_record(
         "skipped": result.skipped,
         "milliseconds": 0.0 if reused else round(result.seconds * 1000, 3),
         "map_of_frame": result.index,
+        # What this frame's own explanation cost (nothing when it shows another frame's map).
+        "passes": 0 if reused else result.passes,
+        "reused": 0 if reused else result.reused,
+        "keyframe": False if reused else result.keyframe,
+        "fidelity": None if reused or result.fidelity is None else round(result.fidelity, 6),
     }

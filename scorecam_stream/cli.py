@@ -140,6 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--topk", type=int, help="K maps per frame (top-K classes; first rendered)")
     g.add_argument("--every", type=int, help="explain every Nth frame, reuse the map between")
     g.add_argument("--smooth", type=float, help="moving average of maps, weight of the past")
+    g.add_argument(
+        "--fidelity",
+        type=float,
+        help="reuse masked passes across frames, keeping this correlation with the exact maps "
+        "(measured at keyframes); 1 = exact (default for files; 0.99 for live inputs)",
+    )
     g.add_argument("--start", type=float, help="first second to process")
     g.add_argument("--end", type=float, help="second to stop at")
     g.add_argument("--max-frames", type=int, help="process at most N frames")

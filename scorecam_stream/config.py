@@ -15,6 +15,9 @@ from typing import Any
 from .errors import ScoreCamError
 from .render import COLORMAPS, LAYOUTS
 
+# --fidelity of live runs when not given: a map sooner matters more there (docs/benchmarks.md).
+LIVE_FIDELITY = 0.99
+
 
 def _check(ok: bool, message: str) -> None:
     if not ok:
@@ -127,8 +130,20 @@ class ExplainConfig:
     topk: int = 1
     every: int = 1
     smooth: float = 0.0
+    # The correlation with the exact maps to hold while reusing masked passes from frame to
+    # frame (scorecam_stream.reuse); 1.0 = exact. None: exact for files, LIVE_FIDELITY live.
+    fidelity: float | None = None
 
     def __post_init__(self) -> None:
+        _check(
+            self.fidelity is None
+            or (
+                isinstance(self.fidelity, (int, float))
+                and not isinstance(self.fidelity, bool)
+                and 0 < self.fidelity <= 1
+            ),
+            f"--fidelity must be in (0, 1], got {self.fidelity}",
+        )
         _check(self.topk >= 1, f"--topk must be >= 1, got {self.topk}")
         _check(self.every >= 1, f"--every must be >= 1, got {self.every}")
         _check(0.0 <= self.smooth < 1.0, f"--smooth must be in [0, 1), got {self.smooth}")
@@ -136,6 +151,12 @@ class ExplainConfig:
             self.topk == 1 or self.target == "top1",
             "--topk > 1 needs --target top1 (the top-k classes of each frame)",
         )
+
+    def fidelity_for(self, live: bool) -> float:
+        """Return the fidelity of a run: as given, else exact for files, LIVE_FIDELITY live."""
+        if self.fidelity is not None:
+            return float(self.fidelity)
+        return LIVE_FIDELITY if live else 1.0
 
 
 @dataclass(frozen=True)
@@ -346,6 +367,10 @@ class Config:
 
     def __post_init__(self) -> None:
         _check(bool(self.input), "no input given")
+        _check(
+            self.engine.max_channels is None or self.explain.fidelity in (None, 1, 1.0),
+            "--fidelity below 1 needs every channel: drop --max-channels",
+        )
 
 
 @dataclass(frozen=True)

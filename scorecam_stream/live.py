@@ -31,7 +31,16 @@ from .annotate import MapDisplay, fixed_target, frame_label, frame_record
 from .config import Config
 from .errors import ScoreCamError
 from .evaluation import format_table, make_evaluator
-from .pipeline import Outputs, Progress, RunSummary, add_maps, make_encoder, model_input
+from .pipeline import (
+    Outputs,
+    Progress,
+    RunSummary,
+    add_maps,
+    make_encoder,
+    model_input,
+    reuse_options,
+)
+from .reuse import ReuseTally
 from .stages import DrawItem
 from .workers import Explainer, FrameResult, FrameTask
 
@@ -251,10 +260,12 @@ def run_live(
     display = MapDisplay(config.explain.smooth, config.output.scale)
     latencies: list[float] = []
     previous = -1
+    tally = ReuseTally()
     try:
         with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C, SIGTERM: the normal stop
-            for frame, result in explainer.explain(tasks()):
+            for frame, result in explainer.explain(tasks(), reuse_options(config, live=True)):
                 assert result is not None
+                tally.add(result)
                 latency_ms = (time.monotonic() - frame.arrival) * 1000
                 latest.append(_Map(display(result), result, frame))
                 latencies.append(latency_ms)
@@ -301,9 +312,11 @@ def run_live(
         latency_p95_ms=p95,
         metrics=metrics,
         metrics_table=format_table(metrics) if metrics else None,
+        cost=tally.summary(),
     )
     if outputs.records is not None:
-        outputs.records.add({"summary": {**_summary_record(summary, source), **(metrics or {})}})
+        record = {**_summary_record(summary, source), **tally.summary(), **(metrics or {})}
+        outputs.records.add({"summary": record})
     return summary
 
 

@@ -31,6 +31,7 @@ from .evaluation import Evaluator, format_table, make_evaluator
 from .models import resize_frame
 from .outputs import MapsWriter, PreviewSampler, RecordsWriter
 from .render import RenderOptions
+from .reuse import ReuseOptions, ReuseTally
 from .stages import Channel, DrawItem, Encoder, produce
 from .workers import Explainer, FrameResult, FrameTask, LocalExplainer, ModelMeta, Worker
 
@@ -53,6 +54,7 @@ class RunSummary:
     latency_p50_ms: float | None = None  # live runs: frame arrival -> its map ready
     latency_p95_ms: float | None = None
     metrics: dict[str, Any] | None = None  # --metrics: each method's means (evaluation.py)
+    cost: dict[str, Any] | None = None  # masked passes per explained frame, fidelity (reuse.py)
     metrics_table: str | None = None  # the same as a text table
 
 
@@ -105,6 +107,17 @@ def make_explainer(config: Config) -> Explainer:
             config.model, config.engine, config.distributed, topk, evaluation=evaluation
         )
     return LocalExplainer(Worker(config.model, config.engine, evaluation=evaluation), topk)
+
+
+def reuse_options(config: Config, live: bool) -> ReuseOptions:
+    """Return how a run's stream reuses masked passes: ``--fidelity``, else the default.
+
+    Files are exact by default; live runs reuse (a map sooner is the point of them), except
+    with ``--max-channels``, whose channel selection changes from frame to frame.
+    """
+    if config.explain.fidelity is None and config.engine.max_channels is not None:
+        return ReuseOptions()
+    return ReuseOptions(fidelity=config.explain.fidelity_for(live))
 
 
 def _read_timeout(config: Config, live: bool) -> float | None:
@@ -182,9 +195,12 @@ def run(
         stack.callback(explainer.close)
         description, fixed = _resolve_target(config, reader, explainer)
         evaluator = make_evaluator(config)
-        frames, explained = _process(config, reader, explainer, fixed, outputs, progress, evaluator)
+        tally = ReuseTally()
+        frames, explained = _process(
+            config, reader, explainer, fixed, outputs, progress, evaluator, tally
+        )
     metrics = evaluator.summary() if evaluator is not None else None
-    log.info("wrote %s: %d frames (%d explained)", target, frames, explained)
+    log.info("wrote %s: %d frames (%d explained; %s)", target, frames, explained, tally.summary())
     return RunSummary(
         output=Path(target),
         frames=frames,
@@ -193,6 +209,7 @@ def run(
         target=description,
         metrics=metrics,
         metrics_table=format_table(metrics) if metrics else None,
+        cost=tally.summary(),
     )
 
 
@@ -337,8 +354,14 @@ def _process(
     outputs: Outputs,
     progress: Progress | None,
     evaluator: Evaluator | None = None,
+    tally: ReuseTally | None = None,
 ) -> tuple[int, int]:
-    """Run decode -> explain -> render -> encode; return (frames written, frames explained)."""
+    """Run decode -> explain -> render -> encode; return (frames written, frames explained).
+
+    ``tally`` counts what the explained frames cost (masked passes, reuse, fidelity).
+    """
+    tally = tally if tally is not None else ReuseTally()
+    reuse = reuse_options(config, live=False)
     meta = explainer.meta
     every = config.explain.every
     total = _expected_frames(config, reader.info)
@@ -358,9 +381,10 @@ def _process(
     scores: dict[str, Any] = {}  # --metrics: the latest explained frame's record fields
     done = explained = 0
     try:
-        for frame, result in explainer.explain(tasks()):
+        for frame, result in explainer.explain(tasks(), reuse):
             if result is not None:
                 latest, explained = result, explained + 1
+                tally.add(result)
                 heat = display(result)
                 add_maps(config, outputs, result, frame)
                 if evaluator is not None:
@@ -379,9 +403,10 @@ def _process(
         if done == 0:
             raise ScoreCamError(f"no frames decoded from {config.input} in the time window")
         encoder.finish(reader.trailing_audio)
-        if outputs.records is not None and evaluator is not None:
+        if outputs.records is not None and (evaluator is not None or not reuse.exact):
             # The last line; the same {"summary": {...}} line as the live mode's.
-            summary = {"frames": done, "explained": explained, **evaluator.summary()}
+            summary = {"frames": done, "explained": explained, **tally.summary()}
+            summary.update(evaluator.summary() if evaluator is not None else {})
             outputs.records.add({"summary": summary})
         outputs.close()
     except BaseException:

@@ -168,6 +168,7 @@ class FrameState(Generic[T]):
     partials: list[T | None] = field(default_factory=list)
     outstanding: set[int] = field(default_factory=set)
     result: Any = None  # the combined FrameResult, while its metric passes run
+    reuse: Any = None  # --fidelity below 1: (FrameView, Plan) once classified
 
 
 class InflightTracker(Generic[T]):

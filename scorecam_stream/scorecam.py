@@ -228,6 +228,130 @@ def _min_max(maps: torch.Tensor) -> torch.Tensor:
     return shifted / (shifted.amax(dim=(2, 3), keepdim=True) + GRAD_CAM_SCALE_EPS)
 
 
+@dataclass(frozen=True)
+class Weighting:
+    """How masked-pass logits become maps: the engine's options that need no model.
+
+    :class:`ScoreCAM` holds one; so does whoever sums maps away from the model (the per-stream
+    reuse state on a Ray driver, :mod:`scorecam_stream.reuse`), so that both give the same maps
+    from the same logits. Build it with :meth:`resolve` (a variant's defaults, validated).
+    """
+
+    score: Score = "softmax"
+    channel_softmax: bool = False
+    combine: Combine = "normalized"
+    variant: Variant = "article"
+
+    @classmethod
+    def resolve(
+        cls,
+        variant: Variant = "article",
+        score: Score | None = None,
+        channel_softmax: bool | None = None,
+        combine: Combine | None = None,
+    ) -> Weighting:
+        """Return the weighting of ``variant``, with the options given (None: the variant's)."""
+        if variant not in ("article", "pytorch-grad-cam"):
+            raise ValueError(f"variant must be article or pytorch-grad-cam, got '{variant}'")
+        options = ARTICLE_OPTIONS if variant == "article" else GRAD_CAM_OPTIONS
+        given = {"score": score, "channel_softmax": channel_softmax, "combine": combine}
+        if variant != "article":
+            clash = [f"{k}={v!r}" for k, v in given.items() if v is not None and v != options[k]]
+            if clash:
+                raise ValueError(f"variant {variant} fixes {options}; got {', '.join(clash)}")
+        score, channel_softmax, combine = (options[k] if v is None else v for k, v in given.items())
+        if score not in ("softmax", "logit", "logit_delta"):
+            raise ValueError(f"score must be softmax, logit or logit_delta, got '{score}'")
+        if combine not in ("normalized", "raw"):
+            raise ValueError(f"combine must be normalized or raw, got '{combine}'")
+        return cls(score, bool(channel_softmax), combine, variant)
+
+    @property
+    def mask_eps(self) -> float:
+        """Return the term in the masks' normalisation (the article's, or pytorch-grad-cam's)."""
+        return GRAD_CAM_MASK_EPS if self.variant == "pytorch-grad-cam" else EPS
+
+    @property
+    def align_corners(self) -> bool:
+        """Return how masks are upsampled (torch.nn.UpsamplingBilinear2d for pytorch-grad-cam)."""
+        return self.variant == "pytorch-grad-cam"
+
+    def target_scores(
+        self, logits: torch.Tensor, targets: torch.Tensor, base_logits: torch.Tensor
+    ) -> torch.Tensor:
+        """Return the score (B, T) of each row's targets (B, T) from masked logits (B, C).
+
+        ``base_logits`` (B, C) are the unmasked logits of each row's frame (``logit_delta``).
+        """
+        if self.score == "softmax":
+            return logits.softmax(dim=1).gather(1, targets)
+        picked = logits.gather(1, targets)
+        if self.score == "logit":
+            return picked
+        return picked - base_logits.gather(1, targets)
+
+    def shard(
+        self,
+        scores: torch.Tensor,
+        acts: torch.Tensor,
+        lows: torch.Tensor,
+        highs: torch.Tensor,
+        size: torch.Size,
+        start: int,
+        skipped: torch.Tensor,
+        keep_scores: bool = True,
+    ) -> ShardResult:
+        """Return the shard of channels [start, start + R) with ``scores`` (N, T, R).
+
+        ``acts`` (N, R, h, w) and their upsampled ``lows``/``highs`` (N, R) are the channels';
+        ``skipped`` (N, R) bool says whose masked pass was skipped (counted in the result).
+        """
+        shift = norm = None
+        if self.channel_softmax:
+            shift = scores.amax(dim=2)  # (N, T)
+            weights = torch.exp(scores - shift[..., None])
+            norm = weights.sum(dim=2)
+        else:
+            weights = scores
+        return ShardResult(
+            start=start,
+            stop=start + scores.shape[2],
+            partial=self.weighted_sum(weights, acts, lows, highs, size),
+            scores=scores if keep_scores else None,
+            skipped=skipped.sum(dim=1),
+            shift=shift,
+            norm=norm,
+            size=tuple(size) if self.variant == "pytorch-grad-cam" else None,
+        )
+
+    def weighted_sum(
+        self,
+        weights: torch.Tensor,
+        acts: torch.Tensor,
+        lows: torch.Tensor,
+        highs: torch.Tensor,
+        size: torch.Size,
+    ) -> torch.Tensor:
+        """Return sum_k w_k * V_k (N, T, S, S), V_k = M_k (normalized) or U_k (raw).
+
+        Upsampling is linear and M_k = a_k * U_k + b_k, so the sum is taken at the layer's
+        resolution and upsampled once: one interpolation instead of R. The pytorch-grad-cam
+        variant returns the sum at the layer's resolution (N, T, h, w), as that library does.
+        """
+        if self.combine == "normalized":
+            scale = 1.0 / (highs - lows + self.mask_eps)  # (N, R)
+            # A constant channel's mask is exactly zero: drop it rather than rely on rounding.
+            scale = torch.where(highs == lows, torch.zeros_like(scale), scale)
+            offset = -lows * scale
+        else:
+            scale, offset = torch.ones_like(lows), torch.zeros_like(lows)
+        low_res = torch.einsum("ntr,nrhw->nthw", weights * scale[:, None], acts)  # (N, T, h, w)
+        if self.variant == "pytorch-grad-cam":
+            return low_res  # combine="raw": no offset; ReLU and resizing in combine_shards
+        up = F.interpolate(low_res, size=size, mode="bilinear", align_corners=False)
+        return up + (weights * offset[:, None]).sum(dim=2)[..., None, None]
+
+
 class ScoreCAM:
     """Score-CAM for one model and one target layer.
 
@@ -287,21 +411,9 @@ class ScoreCAM:
         compile: bool = False,  # the flag's name (--compile)
         fixed_chunks: bool | None = None,
     ) -> None:
-        if variant not in ("article", "pytorch-grad-cam"):
-            raise ValueError(f"variant must be article or pytorch-grad-cam, got '{variant}'")
-        options = ARTICLE_OPTIONS if variant == "article" else GRAD_CAM_OPTIONS
-        given = {"score": score, "channel_softmax": channel_softmax, "combine": combine}
-        if variant != "article":
-            clash = [f"{k}={v!r}" for k, v in given.items() if v is not None and v != options[k]]
-            if clash:
-                raise ValueError(f"variant {variant} fixes {options}; got {', '.join(clash)}")
-        score, channel_softmax, combine = (options[k] if v is None else v for k, v in given.items())
+        self.weighting = Weighting.resolve(variant, score, channel_softmax, combine)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if score not in ("softmax", "logit", "logit_delta"):
-            raise ValueError(f"score must be softmax, logit or logit_delta, got '{score}'")
-        if combine not in ("normalized", "raw"):
-            raise ValueError(f"combine must be normalized or raw, got '{combine}'")
         if max_channels is not None and max_channels < 1:
             raise ValueError(f"max_channels must be >= 1 or None, got {max_channels}")
         if not any(m is layer for m in model.modules()):
@@ -309,9 +421,9 @@ class ScoreCAM:
         self.model = model
         self.layer = layer
         self.batch_size = batch_size
-        self.score = score
-        self.channel_softmax = channel_softmax
-        self.combine = combine
+        self.score = self.weighting.score
+        self.channel_softmax = self.weighting.channel_softmax
+        self.combine = self.weighting.combine
         self.skip_constant = skip_constant
         self.max_channels = max_channels
         self.dtype = resolve_dtype(dtype)
@@ -321,9 +433,8 @@ class ScoreCAM:
             self._device().type == "cpu" if channels_last is None else channels_last
         )
         self.variant = variant
-        grad_cam = variant == "pytorch-grad-cam"
-        self._align_corners = grad_cam  # torch.nn.UpsamplingBilinear2d, as that library uses
-        self._mask_eps = GRAD_CAM_MASK_EPS if grad_cam else EPS
+        self._align_corners = self.weighting.align_corners
+        self._mask_eps = self.weighting.mask_eps
         self._state_depth = 0
         self.compile = compile
         self.fixed_chunks = compile if fixed_chunks is None else fixed_chunks
@@ -438,25 +549,8 @@ class ScoreCAM:
         lows, highs = base.lows[:, start:stop], base.highs[:, start:stop]
         constant = self._skipped(lows, highs)
         scores = self._scores(base, targets, acts, lows, highs, constant)  # (N, T, R)
-
-        shift = norm = None
-        if self.channel_softmax:
-            shift = scores.amax(dim=2)  # (N, T)
-            weights = torch.exp(scores - shift[..., None])
-            norm = weights.sum(dim=2)
-        else:
-            weights = scores
-        partial = self._weighted_sum(weights, acts, lows, highs, base.x.shape[-2:])
-        return ShardResult(
-            start=start,
-            stop=stop,
-            partial=partial,
-            scores=scores if keep_scores else None,
-            skipped=constant.sum(dim=1),
-            shift=shift,
-            norm=norm,
-            size=tuple(base.x.shape[-2:]) if self.variant == "pytorch-grad-cam" else None,
-        )
+        size = base.x.shape[-2:]
+        return self.weighting.shard(scores, acts, lows, highs, size, start, constant, keep_scores)
 
     def passes(self, base: BasePass) -> torch.Tensor:
         """Return (N, Kc) bool: whether each channel's masked pass runs (False: skipped).
@@ -465,6 +559,28 @@ class ScoreCAM:
         balances shards by it).
         """
         return ~self._skipped(base.lows, base.highs)
+
+    def channel_logits(self, base: BasePass, channels: torch.Tensor) -> torch.Tensor:
+        """Return the logits (R, C) float32 of frame 0 of ``base`` masked by each of ``channels``.
+
+        ``channels`` (R,) are positions in ``base``'s channels; every one gets its masked pass,
+        constant or not (the per-stream reuse state asks only for the ones it needs).
+        """
+        channels = channels.to(device=base.x.device, dtype=torch.int64)
+        frames = torch.zeros_like(channels)
+        out = torch.empty(channels.numel(), base.logits.shape[1], device=base.x.device)
+        i = 0
+        passes = self._masked_passes(
+            base, base.activations, base.lows, base.highs, frames, channels
+        )
+        for _f, _c, logits in passes:  # in order, so rows land where they belong
+            out[i : i + logits.shape[0]] = logits
+            i += logits.shape[0]
+        return out
+
+    def zero_logits(self, base: BasePass) -> torch.Tensor:
+        """Return the logits (C,) of the all-zero input: what every constant channel scores."""
+        return self._zero_image_logits(base.x)
 
     def clear_cache(self) -> None:
         """Forget the cached score of the zero image (after changing the model's weights)."""
@@ -490,16 +606,31 @@ class ScoreCAM:
         n, r = constant.shape
         scores = torch.empty(n, targets.shape[1], r, device=base.x.device)
         if bool(constant.any()):  # one host sync per call, not per channel
-            zero = self._zero_image_logits(base.x)  # (C,)
-            scores.copy_(
-                self._target_scores(zero.expand(n, -1), targets, base, None)[..., None].expand_as(
-                    scores
-                )
-            )
+            zero = self._zero_image_logits(base.x).expand(n, -1)  # (N, C)
+            zero_scores = self.weighting.target_scores(zero, targets, base.logits)  # (N, T)
+            scores.copy_(zero_scores[..., None].expand_as(scores))
         frames, chans = (~constant).nonzero(as_tuple=True)  # masked passes to run (one sync)
+        for f, c, logits in self._masked_passes(base, acts, lows, highs, frames, chans):
+            scores[f, :, c] = self.weighting.target_scores(logits, targets[f], base.logits[f])
+        return scores
+
+    def _masked_passes(
+        self,
+        base: BasePass,
+        acts: torch.Tensor,
+        lows: torch.Tensor,
+        highs: torch.Tensor,
+        frames: torch.Tensor,
+        chans: torch.Tensor,
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Yield (frames (B,), channels (B,), logits (B, C)) of the masked passes, by chunk.
+
+        Pass p masks frame ``frames[p]`` of ``base.x`` with channel ``chans[p]`` of ``acts``
+        (N, R, h, w), whose upsampled range is ``lows``/``highs`` (N, R).
+        """
         plan = chunk_plan(frames.numel(), self.batch_size, self.fixed_chunks)
         if not plan:
-            return scores
+            return
         # Per pass (P of them): its channel (P, h, w), the min and the span of its upsampled map.
         pass_acts = acts[frames, chans]
         pass_lows = lows[frames, chans]
@@ -512,20 +643,20 @@ class ScoreCAM:
             pass_lows = torch.cat([pass_lows, pass_lows[:1].expand(padding)])
             pass_spans = torch.cat([pass_spans, pass_spans[:1].expand(padding)])
         self._buffer = None
-        with self._model_state(), torch.inference_mode():
-            i = 0
-            for rows, padded in plan:
-                chunk = slice(i, i + padded)
-                f = frames[chunk]
-                logits = self._masked_logits(
-                    base.x, f, pass_acts[chunk], pass_lows[chunk], pass_spans[chunk]
-                )  # (B, C)
-                # Slices with host-known bounds: no device sync inside the loop.
-                f, c = f[:rows], chans[chunk][:rows]
-                scores[f, :, c] = self._target_scores(logits[:rows], targets[f], base, f)
-                i += padded
-        self._buffer = None
-        return scores
+        try:
+            with self._model_state(), torch.inference_mode():
+                i = 0
+                for rows, padded in plan:
+                    chunk = slice(i, i + padded)
+                    f = frames[chunk]
+                    logits = self._masked_logits(
+                        base.x, f, pass_acts[chunk], pass_lows[chunk], pass_spans[chunk]
+                    )  # (B, C)
+                    # Slices with host-known bounds: no device sync inside the loop.
+                    yield f[:rows], chans[chunk][:rows], logits[:rows]
+                    i += padded
+        finally:
+            self._buffer = None
 
     def _masked_eager(
         self,
@@ -568,49 +699,6 @@ class ScoreCAM:
             return compiled(x[frames], channels, lows, spans)  # (B, C)
 
         return step
-
-    def _target_scores(
-        self,
-        logits: torch.Tensor,
-        targets: torch.Tensor,
-        base: BasePass,
-        frames: torch.Tensor | None,
-    ) -> torch.Tensor:
-        """Return the score (B, T) of each row's targets from masked logits (B, C)."""
-        if self.score == "softmax":
-            return logits.softmax(dim=1).gather(1, targets)
-        picked = logits.gather(1, targets)
-        if self.score == "logit":
-            return picked
-        base_logits = base.logits if frames is None else base.logits[frames]
-        return picked - base_logits.gather(1, targets)
-
-    def _weighted_sum(
-        self,
-        weights: torch.Tensor,
-        acts: torch.Tensor,
-        lows: torch.Tensor,
-        highs: torch.Tensor,
-        size: torch.Size,
-    ) -> torch.Tensor:
-        """Return sum_k w_k * V_k (N, T, S, S), V_k = M_k (normalized) or U_k (raw).
-
-        Upsampling is linear and M_k = a_k * U_k + b_k, so the sum is taken at the layer's
-        resolution and upsampled once: one interpolation instead of R. The pytorch-grad-cam
-        variant returns the sum at the layer's resolution (N, T, h, w), as that library does.
-        """
-        if self.combine == "normalized":
-            scale = 1.0 / (highs - lows + self._mask_eps)  # (N, R)
-            # A constant channel's mask is exactly zero: drop it rather than rely on rounding.
-            scale = torch.where(highs == lows, torch.zeros_like(scale), scale)
-            offset = -lows * scale
-        else:
-            scale, offset = torch.ones_like(lows), torch.zeros_like(lows)
-        low_res = torch.einsum("ntr,nrhw->nthw", weights * scale[:, None], acts)  # (N, T, h, w)
-        if self.variant == "pytorch-grad-cam":
-            return low_res  # combine="raw": no offset; ReLU and resizing in combine_shards
-        up = F.interpolate(low_res, size=size, mode="bilinear", align_corners=False)
-        return up + (weights * offset[:, None]).sum(dim=2)[..., None, None]
 
     def _upsampled_range(self, acts: torch.Tensor, size: torch.Size) -> tuple[torch.Tensor, ...]:
         """Return (min, max) (N, Kc) of every channel upsampled to ``size``, in chunks."""

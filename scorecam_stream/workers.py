@@ -26,6 +26,7 @@ from .config import EngineConfig, EvaluationConfig, ModelConfig
 from .errors import ScoreCamError
 from .evaluation import FrameScorer, FrameScores
 from .models import ModelMeta, load_model
+from .reuse import FrameView, Outcome, ReuseOptions, StreamState
 from .scorecam import BasePass, ScoreCAM, ShardResult, combine_shards
 from .transfer import normalize_on_device, to_device
 
@@ -89,6 +90,10 @@ class FrameResult:
     skipped: int  # constant channels whose masked pass was skipped
     seconds: float  # time spent computing this frame
     scores: FrameScores | None = None  # --metrics: the first map's faithfulness (evaluation.py)
+    passes: int = 0  # masked passes run for this frame
+    reused: int = 0  # channels whose cached result was reused (--fidelity below 1)
+    keyframe: bool = False  # every channel recomputed, and the reuse measured (--fidelity)
+    fidelity: float | None = None  # keyframes: correlation of the reuse map with the exact one
 
 
 def targets_for(logits: torch.Tensor, fixed: Sequence[int] | None, topk: int) -> torch.Tensor:
@@ -119,8 +124,13 @@ def make_result(
     probs: torch.Tensor,
     skipped: int,
     seconds: float,
+    passes: int,
+    outcome: Outcome | None = None,
 ) -> FrameResult:
-    """Return a FrameResult from one frame's maps (T, S, S), targets (T,) and their probs (T,)."""
+    """Return a FrameResult from one frame's maps (T, S, S), targets (T,) and their probs (T,).
+
+    ``outcome``: what reuse did for the frame (``--fidelity`` below 1); its passes count.
+    """
     return FrameResult(
         index=index,
         maps=maps.detach().cpu().numpy().astype(np.float32, copy=False),
@@ -128,6 +138,10 @@ def make_result(
         probs=probs.cpu().numpy().astype(np.float32),
         skipped=int(skipped),
         seconds=seconds,
+        passes=passes if outcome is None else outcome.passes,
+        reused=0 if outcome is None else outcome.reused,
+        keyframe=False if outcome is None else outcome.keyframe,
+        fidelity=None if outcome is None else outcome.fidelity,
     )
 
 
@@ -227,24 +241,64 @@ class Worker:
         targets = targets.to(self.device)[None]
         return self.engine.shard(base, targets, start, stop, keep_scores=False).to("cpu")
 
-    def explain(self, task: FrameTask, topk: int = 1) -> FrameResult:
-        """Return the whole result of one frame (every channel in one shard)."""
-        began = time.perf_counter()
-        base = self.base(task.index, task.x)
+    def view(
+        self, index: Hashable, x: torch.Tensor, fixed: Sequence[int] | None, topk: int
+    ) -> tuple[torch.Tensor, torch.Tensor, FrameView]:
+        """Return (targets (T,), their probabilities (T,), the frame's view), on CPU.
+
+        What the per-stream reuse state needs (``--fidelity`` below 1); the base pass is kept.
+        """
+        base = self.base(index, x)
         logits = base.logits[0]
-        targets = targets_for(logits, task.targets, topk)
-        shard = self.engine.shard(
-            base, targets.to(self.device)[None], 0, base.num_channels, keep_scores=False
-        )
-        maps = combine_shards([shard])[0]
+        targets = targets_for(logits, fixed, topk)
+        view = FrameView.of(base, self.engine.zero_logits(base))
+        return targets.cpu(), target_probs(logits, targets).cpu(), view
+
+    def channel_logits(
+        self, index: Hashable, x: torch.Tensor, channels: torch.Tensor
+    ) -> torch.Tensor:
+        """Return the masked-pass logits (R, C) on CPU of frame ``index`` for ``channels`` (R,)."""
+        return self.engine.channel_logits(self.base(index, x), channels).cpu()
+
+    def explain(
+        self, task: FrameTask, topk: int = 1, state: StreamState | None = None
+    ) -> FrameResult:
+        """Return the whole result of one frame (every channel in one shard).
+
+        With a stream's reuse ``state``, only the passes it plans run (the rest are reused).
+        """
+        began = time.perf_counter()
+        if state is not None:
+            result = self._explain_reusing(task, topk, state, began)
+        else:
+            base = self.base(task.index, task.x)
+            logits = base.logits[0]
+            targets = targets_for(logits, task.targets, topk)
+            shard = self.engine.shard(
+                base, targets.to(self.device)[None], 0, base.num_channels, keep_scores=False
+            )
+            maps = combine_shards([shard])[0]
+            skipped = int(shard.skipped[0])
+            probs = target_probs(logits, targets)
+            seconds = time.perf_counter() - began
+            passes = base.num_channels - skipped
+            result = make_result(task.index, maps, targets, probs, skipped, seconds, passes)
         self._cache.pop(task.index, None)  # a whole frame is never asked for again
-        probs = target_probs(logits, targets)
-        result = make_result(
-            task.index, maps, targets, probs, int(shard.skipped[0]), time.perf_counter() - began
-        )
         if self.scorer is None:
             return result
-        return dataclasses.replace(result, scores=self.score(task.x, result.maps[0], targets[0]))
+        target = int(result.targets[0])
+        return dataclasses.replace(result, scores=self.score(task.x, result.maps[0], target))
+
+    def _explain_reusing(
+        self, task: FrameTask, topk: int, state: StreamState, began: float
+    ) -> FrameResult:
+        targets, probs, view = self.view(task.index, task.x, task.targets, topk)
+        plan = state.plan(view, targets)
+        logits = self.channel_logits(task.index, task.x, plan.channels)
+        outcome = state.finish(view, plan, logits, targets)
+        skipped = int((~view.live).sum())
+        seconds = time.perf_counter() - began
+        return make_result(task.index, outcome.maps, targets, probs, skipped, seconds, 0, outcome)
 
     def score(self, x: torch.Tensor, map_: np.ndarray, target: int) -> FrameScores:
         """Return the faithfulness scores of one frame's map (S, S) for ``target``."""
@@ -276,9 +330,12 @@ class Explainer(Protocol):
         ...
 
     def explain(
-        self, items: Iterable[tuple[P, FrameTask | None]]
+        self, items: Iterable[tuple[P, FrameTask | None]], reuse: ReuseOptions | None = None
     ) -> Iterator[tuple[P, FrameResult | None]]:
-        """Yield (payload, result) in the order of ``items``; a None task passes through."""
+        """Yield (payload, result) in the order of ``items``; a None task passes through.
+
+        One call is one stream; ``reuse``: how it reuses masked passes (None: exact).
+        """
         ...
 
     def close(self) -> None:
@@ -299,11 +356,25 @@ class LocalExplainer:
         return self.worker.classify_batch(xs)
 
     def explain(
-        self, items: Iterable[tuple[P, FrameTask | None]]
+        self, items: Iterable[tuple[P, FrameTask | None]], reuse: ReuseOptions | None = None
     ) -> Iterator[tuple[P, FrameResult | None]]:
-        """Yield (payload, result) in order, one frame at a time."""
+        """Yield (payload, result) in order, one frame at a time.
+
+        One call is one stream: with ``reuse`` below fidelity 1 it has its own reuse state.
+        """
+        state = self.stream_state(reuse)
         for payload, task in items:
-            yield payload, (None if task is None else self.worker.explain(task, self.topk))
+            yield payload, (None if task is None else self.explain_frame(task, state))
+
+    def stream_state(self, reuse: ReuseOptions | None) -> StreamState | None:
+        """Return a new stream's reuse state (None: exact, every pass every frame)."""
+        if reuse is None or reuse.exact:
+            return None
+        return StreamState(self.worker.engine.weighting, reuse)
+
+    def explain_frame(self, task: FrameTask, state: StreamState | None) -> FrameResult:
+        """Return one frame's result, reusing what ``state`` (its stream's) holds."""
+        return self.worker.explain(task, self.topk, state)
 
     def close(self) -> None:
         """Nothing to release."""

@@ -27,6 +27,7 @@ from scorecam_stream import ScoreCamError
 from scorecam_stream.config import DistributedConfig, EngineConfig, ModelConfig
 from scorecam_stream.distributed import RayExplainer
 from scorecam_stream.distributed.tasks import run_tasks
+from scorecam_stream.reuse import ReuseOptions
 from scorecam_stream.workers import FrameResult, FrameTask, LocalExplainer, Worker
 
 ENGINE = EngineConfig(batch_size=8, max_channels=16)
@@ -417,3 +418,37 @@ def test_workers_that_cannot_be_placed_time_out(ray_cluster, model):
     # close() on the failure freed the CPUs: two workers fit again
     with RayExplainer(model, ENGINE, DistributedConfig(workers=2, startup_timeout=60)) as ex:
         assert len(ex.worker_info()) == 2
+
+
+def test_reusing_streams_on_ray_equal_in_process(ray_cluster, model):
+    """--fidelity below 1 on Ray workers: two streams at once, each its own state on the driver,
+    the maps and costs of the in-process run with the same fidelity."""
+    engine = EngineConfig(batch_size=32)  # every channel: reuse needs them all
+    options = ReuseOptions(fidelity=0.5, keyframe_interval=3)
+    g = torch.Generator().manual_seed(4)
+    x = seeded_frames(1, 64, seed=4)[0]
+    streams = []
+    for n in range(2):
+        frames = [x + 0.05 * n + 0.03 * i * torch.randn(x.shape, generator=g) for i in range(5)]
+        streams.append([(i, FrameTask(index=i, x=f)) for i, f in enumerate(frames)])
+    with one_thread():
+        local = [list(LocalExplainer(Worker(model, engine)).explain(s, options)) for s in streams]
+    outs: dict[int, list] = {}
+    with RayExplainer(model, engine, DistributedConfig(workers=2, shards_per_frame=2)) as ex:
+        threads = [
+            threading.Thread(
+                target=lambda n=n: outs.__setitem__(n, list(ex.explain(streams[n], options)))
+            )
+            for n in range(2)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=300)
+    for n in range(2):
+        assert [p for p, _ in outs[n]] == [p for p, _ in local[n]]
+        for (_, a), (_, b) in zip(local[n], outs[n], strict=True):
+            np.testing.assert_array_equal(a.targets, b.targets)
+            np.testing.assert_allclose(b.maps, a.maps, rtol=1e-5, atol=1e-6)
+            assert (a.passes, a.reused, a.keyframe) == (b.passes, b.reused, b.keyframe)
+        assert sum(r.reused for _, r in outs[n]) > 0  # something was reused

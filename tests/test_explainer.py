@@ -21,6 +21,7 @@ from scorecam_stream import ScoreCamError
 from scorecam_stream.config import EngineConfig, ModelConfig
 from scorecam_stream.distributed.explainer import ShardedExplainer
 from scorecam_stream.distributed.pool import Reply
+from scorecam_stream.reuse import ReuseOptions
 from scorecam_stream.scheduler import (
     Failure,
     RetryPolicy,
@@ -358,3 +359,54 @@ def test_none_left_waits_for_the_deadline_unless_all_are_gone():
 )
 def test_retry_policy(failure, failures, losses, retry):
     assert RetryPolicy(max_failures=2).retry(failures, losses, failure) is retry
+
+
+# --- temporal reuse (--fidelity below 1): the driver keeps the stream's state ------------------
+
+REUSE_MODEL = ModelConfig(spec="efficientnet_lite0", input_size=48, layer="blocks.2")
+REUSE = ReuseOptions(fidelity=0.5, keyframe_interval=3, initial_budget=0.25)
+
+
+def drifting_items(count: int) -> list[tuple[int, FrameTask]]:
+    """One scene drifting a little each frame."""
+    x = seeded_frames(1, 48, seed=3)[0]
+    g = torch.Generator().manual_seed(3)
+    frames = []
+    for _ in range(count):
+        frames.append(x)
+        x = x + 0.04 * torch.randn(x.shape, generator=g)
+    return [(i, FrameTask(i, f)) for i, f in enumerate(frames)]
+
+
+@pytest.mark.parametrize("kill", [False, True])
+def test_reuse_over_the_pool_equals_in_process(kill):
+    def make() -> Worker:
+        return Worker(REUSE_MODEL, EngineConfig(batch_size=8), cache_frames=8)
+
+    items = drifting_items(8)
+    local = list(LocalExplainer(make()).explain(items, REUSE))
+
+    def kill_once(pool: FakePool, call: _Sent) -> None:
+        if kill and call.method == "channel_logits" and pool.lives[1] == 1:
+            pool.kill(1, back_after=2)
+
+    pool = FakePool(make, 2, before_call=kill_once)
+    policy = RetryPolicy(max_failures=2)
+    explainer = ShardedExplainer(
+        pool, pool.workers[0].meta(), shards_per_frame=3, max_inflight=3, policy=policy
+    )
+    out = list(explainer.explain(items, REUSE))
+    assert [p for p, _ in out] == [p for p, _ in local]  # every frame, in order
+    for (_, a), (_, b) in zip(local, out, strict=True):
+        assert a is not None and b is not None
+        np.testing.assert_array_equal(a.targets, b.targets)
+        np.testing.assert_allclose(b.maps, a.maps, rtol=1e-5, atol=1e-6)
+        assert (a.passes, a.reused, a.keyframe) == (b.passes, b.reused, b.keyframe)
+        assert (a.fidelity is None) == (b.fidelity is None)
+    assert [r.keyframe for _, r in out] == [True, False, False, True, False, False, True, False]
+    methods = [m for _, m in pool.calls]
+    assert "shard" not in methods and "classify" not in methods  # the reuse protocol only
+    # Only the planned channels travel: as many passes were asked of the workers as run.
+    assert methods.count("view") >= len(items)
+    if kill:
+        assert explainer.stats.resubmitted >= 1

@@ -17,6 +17,7 @@ from ..annotate import fixed_target
 from ..config import BatchConfig, Config
 from ..errors import ScoreCamError, first_line
 from ..pipeline import make_explainer, run
+from ..reuse import ReuseOptions
 from ..workers import Explainer, FrameResult, FrameTask, LocalExplainer
 from .jobs import (
     Job,
@@ -64,18 +65,20 @@ class SharedExplainer:
             return self.inner.classify(xs)
 
     def explain(
-        self, items: Iterable[tuple[P, FrameTask | None]]
+        self, items: Iterable[tuple[P, FrameTask | None]], reuse: ReuseOptions | None = None
     ) -> Iterator[tuple[P, FrameResult | None]]:
-        """Yield (payload, result) in the order of ``items``."""
+        """Yield (payload, result) in the order of ``items`` (one video: one stream)."""
         if self._lock is None:
-            yield from self.inner.explain(items)
+            yield from self.inner.explain(items, reuse)
             return
+        assert isinstance(self.inner, LocalExplainer)  # the only one serialized
+        state = self.inner.stream_state(reuse)  # this video's own
         for payload, task in items:
             if task is None:
                 yield payload, None
                 continue
             with self._lock:  # the frame is decoded outside the lock, explained inside it
-                _, result = next(iter(self.inner.explain([(payload, task)])))
+                result = self.inner.explain_frame(task, state)
             yield payload, result
 
     def close(self) -> None:

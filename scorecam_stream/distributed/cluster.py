@@ -21,6 +21,7 @@ from ..scheduler import (
     default_shards_per_frame,
     plan_actor_resources,
 )
+from ..scorecam import Weighting
 from ..workers import ModelMeta, Worker
 from .explainer import ShardedExplainer
 from .pool import ActorPool, start_actors
@@ -99,6 +100,9 @@ class RayExplainer(ShardedExplainer):
             max_inflight=max_inflight,
             policy=RetryPolicy(max_failures=dist.max_shard_retries),
             scoring=evaluation is not None,
+            weighting=Weighting.resolve(
+                engine.variant, engine.score, engine.channel_softmax, engine.combine
+            ),
         )
 
     @property
@@ -130,6 +134,7 @@ class RayExplainer(ShardedExplainer):
             policy=self.policy,
             scoring=self.scoring,
             timeout=self._pool.timeout,
+            weighting=self.weighting,
         )
 
     def close(self) -> None:
@@ -158,6 +163,7 @@ class PortableExplainer:
     policy: RetryPolicy
     scoring: bool
     timeout: float
+    weighting: Weighting
 
     def open(self) -> ShardedExplainer:
         """Return an explainer over the workers, for this process."""
@@ -170,6 +176,7 @@ class PortableExplainer:
             max_inflight=self.max_inflight,
             policy=self.policy,
             scoring=self.scoring,
+            weighting=self.weighting,
         )
 
 

@@ -41,6 +41,7 @@ import torch
 
 from ..errors import ScoreCamError
 from ..evaluation import FrameScores
+from ..reuse import ReuseOptions, StreamState
 from ..scheduler import (
     FrameState,
     InflightTracker,
@@ -50,7 +51,7 @@ from ..scheduler import (
     balanced_ranges,
     max_held_items,
 )
-from ..scorecam import ShardResult, combine_shards
+from ..scorecam import ShardResult, Weighting, combine_shards
 from ..workers import FrameResult, FrameTask, ModelMeta, P, make_result
 
 log = logging.getLogger(__name__)
@@ -111,6 +112,7 @@ class _Run:
     error: BaseException | None = None  # raised in the run's own thread at its next step
     value: Any = None  # BATCH: the logits
     done: bool = False  # BATCH: the value arrived
+    state: StreamState | None = None  # --fidelity below 1: the stream's reuse state
 
 
 @dataclass(eq=False)
@@ -153,6 +155,7 @@ class ShardedExplainer:
         max_inflight: int,
         policy: RetryPolicy,
         scoring: bool = False,
+        weighting: Weighting | None = None,
     ) -> None:
         if topk < 1:
             raise ScoreCamError(f"--topk must be >= 1, got {topk}")
@@ -163,6 +166,7 @@ class ShardedExplainer:
         self.max_inflight = max_inflight
         self.policy = policy
         self.scoring = scoring
+        self.weighting = weighting or Weighting()  # how a reusing run's maps are summed
         self.stats = DispatchStats()
         self._closed = False
         self._cond = threading.Condition()
@@ -199,13 +203,19 @@ class ShardedExplainer:
             self._close_run(run)
 
     def explain(
-        self, items: Iterable[tuple[P, FrameTask | None]]
+        self, items: Iterable[tuple[P, FrameTask | None]], reuse: ReuseOptions | None = None
     ) -> Iterator[tuple[P, FrameResult | None]]:
         """Yield (payload, result) in the order of ``items``; a None task passes through.
 
         Items are pulled lazily, only while fewer than ``max_inflight`` frames are in flight.
+        ``reuse`` below fidelity 1: the run (a stream) keeps its reuse state here, on the
+        driver, and its workers get only the channels to recompute; one frame at a time, since
+        each plan needs the cache as the previous frame left it (its passes still spread over
+        the workers).
         """
-        run = self._open_run(self.max_inflight)
+        exact = reuse is None or reuse.exact
+        run = self._open_run(self.max_inflight if exact else 1)
+        run.state = None if reuse is None or exact else StreamState(self.weighting, reuse)
         inputs = iter(items)
         exhausted = False
         frames = 0
@@ -345,8 +355,12 @@ class ShardedExplainer:
         if frame is None:
             self.pool.submit(slot, call, "classify_batch", *call.args)
         elif call.kind is Kind.CLASSIFY:
+            method = "classify" if call.run.state is None else "view"
             task = frame.task
-            self.pool.submit(slot, call, "classify", frame.key, frame.ref, task.targets, self.topk)
+            self.pool.submit(slot, call, method, frame.key, frame.ref, task.targets, self.topk)
+        elif call.kind is Kind.SHARD and frame.reuse is not None:
+            channels = frame.reuse[1].channels[call.start : call.stop]
+            self.pool.submit(slot, call, "channel_logits", frame.key, frame.ref, channels)
         elif call.kind is Kind.SHARD:
             args = (frame.key, frame.ref, frame.targets, call.start, call.stop)
             self.pool.submit(slot, call, "shard", *args)
@@ -408,14 +422,22 @@ class ShardedExplainer:
             message = f"{call.describe()} failed: {failure.cause}"
         call.run.error = ScoreCamError(message)
 
-    def _classified(
-        self, call: _Call, slot: Slot, value: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
-    ) -> None:
+    def _classified(self, call: _Call, slot: Slot, value: tuple[torch.Tensor, ...]) -> None:
         frame = call.frame
         assert frame is not None
-        frame.targets, frame.probs, passes = value
-        # Shards of equal work, not of equal length: constant channels cost no pass.
-        ranges = balanced_ranges(passes.int().tolist(), self.shards_per_frame)
+        frame.targets, frame.probs, work = value
+        state = call.run.state
+        if state is None:
+            # Shards of equal work, not of equal length: constant channels cost no pass.
+            ranges = balanced_ranges(work.int().tolist(), self.shards_per_frame)
+        else:  # a FrameView: the stream's state plans the passes; each costs the same
+            plan = state.plan(work, frame.targets)
+            frame.reuse = (work, plan)
+            count = int(plan.channels.numel())
+            if count == 0:  # nothing moved: the frame is done without a masked pass
+                self._reused_frame_done(call.run, frame, [])
+                return
+            ranges = balanced_ranges([1] * count, min(self.shards_per_frame, count))
         call.run.tracker.plan(frame.seq, ranges)
         for shard, (start, stop) in enumerate(ranges):
             # The classifying worker holds this frame's base pass: give it the first shard.
@@ -424,11 +446,31 @@ class ShardedExplainer:
 
     def _frame_done(self, run: _Run, frame: FrameState[ShardResult]) -> None:
         partials = run.tracker.take_partials(frame.seq)
+        if frame.reuse is not None:  # each partial is the logits (R, C) of its channels
+            self._reused_frame_done(run, frame, partials)
+            return
         maps = combine_shards(partials)[0]  # (T, S, S)
         skipped = sum(int(p.skipped[0]) for p in partials)
-        assert frame.began is not None
-        seconds = time.perf_counter() - frame.began
-        result = make_result(frame.task.index, maps, frame.targets, frame.probs, skipped, seconds)
+        passes = sum(p.stop - p.start for p in partials) - skipped
+        seconds = time.perf_counter() - (frame.began or time.perf_counter())
+        index, targets, probs = frame.task.index, frame.targets, frame.probs
+        result = make_result(index, maps, targets, probs, skipped, seconds, passes)
+        self._combined(run, frame, result)
+
+    def _reused_frame_done(self, run: _Run, frame: FrameState[Any], logits: list[Any]) -> None:
+        """Finish a frame of a reusing run from its shards' logits (R_i, C), in shard order."""
+        assert run.state is not None
+        view, plan = frame.reuse
+        fresh = torch.cat(logits) if logits else torch.empty(0, view.logits.shape[0])
+        outcome = run.state.finish(view, plan, fresh, frame.targets)
+        skipped = int((~view.live).sum())
+        seconds = time.perf_counter() - (frame.began or time.perf_counter())
+        index, targets, probs = frame.task.index, frame.targets, frame.probs
+        result = make_result(index, outcome.maps, targets, probs, skipped, seconds, 0, outcome)
+        self._combined(run, frame, result)
+
+    def _combined(self, run: _Run, frame: FrameState[Any], result: FrameResult) -> None:
+        """Send a frame's result on: to its metric passes first with ``--metrics``."""
         if self.scoring:  # its metric passes first, on whichever worker is free
             frame.result = result
             self._queue(_Call(run, Kind.SCORE, frame))

@@ -1,0 +1,226 @@
+"""Temporal reuse (``--fidelity``): masked passes saved against the fidelity of EVERY frame's map.
+
+    python scripts/bench_reuse.py                                  # Lite0 @96, bn2, 3 clips
+    python scripts/bench_reuse.py --size 128 --frames 40 --json docs/bench_reuse.json
+
+Clips that move the way video does, built from real photos (scikit-image's): a slow pan, a
+zoom, and a pan that cuts to another photo (a class change). For every frame the exact run
+computes every live channel's masked pass (constant channels skipped, as the exact engine
+does) and the exact map. Each ``--fidelity`` F then runs the per-stream reuse state
+(:class:`scorecam_stream.reuse.StreamState`) over the same frames: it plans which passes to run,
+and takes their logits from the exact run's passes of that frame (the same masked inputs; only
+the batching differs, ~1e-6), so every F is compared with the exact map on every frame, not
+just on its keyframes. Reported per clip and F: masked passes per frame and their ratio to
+exact, Pearson correlation with the exact map (mean, worst frame), top-10 % IoU, insertion and
+deletion AUC of the reuse maps minus the exact maps' (every ``--metric-every``-th frame).
+``--check`` reruns one clip end to end through the worker (real passes) to confirm.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import torch
+from skimage import data
+
+from scorecam_stream.config import EngineConfig, ModelConfig
+from scorecam_stream.metrics import insertion_deletion
+from scorecam_stream.models import resize_frame
+from scorecam_stream.reuse import FrameView, ReuseOptions, StreamState, correlation, maps_of
+from scorecam_stream.workers import FrameTask, LocalExplainer, Worker
+
+W, H = 320, 240
+
+
+def crop(image: np.ndarray, cx: float, cy: float, zoom: float) -> np.ndarray:
+    """Return a W x H view of ``image`` centred at (cx, cy) (fractions), ``zoom`` x closer."""
+    h, w = image.shape[:2]
+    ch = min(h, w * H / W) / zoom
+    cw = ch * W / H
+    x0 = int(np.clip(cx * w - cw / 2, 0, w - cw))
+    y0 = int(np.clip(cy * h - ch / 2, 0, h - ch))
+    view = image[y0 : y0 + int(ch), x0 : x0 + int(cw)]
+    return cv2.resize(view, (W, H), interpolation=cv2.INTER_AREA)
+
+
+def clips(frames: int) -> dict[str, list[np.ndarray]]:
+    """Return the bench's clips: name -> RGB frames (H, W, 3) uint8."""
+    astronaut, cat, coffee, rocket = data.astronaut(), data.chelsea(), data.coffee(), data.rocket()
+    half = frames // 2
+    t = np.linspace(0, 1, frames)
+    return {
+        "pan": [crop(astronaut, 0.35 + 0.3 * s, 0.45, 1.6) for s in t],
+        "zoom": [crop(cat, 0.45, 0.45, 1.0 + 0.8 * s) for s in t],
+        "cut": [crop(coffee, 0.4 + 0.2 * s, 0.5, 1.3) for s in t[:half]]
+        + [crop(rocket, 0.5, 0.3 + 0.2 * s, 1.5) for s in t[half:]],
+    }
+
+
+@dataclass
+class Frame:
+    x: torch.Tensor  # (S, S, 3) uint8 model input, as the pipeline sends it
+    view: FrameView
+    targets: torch.Tensor  # (1,)
+    logits: torch.Tensor  # (K, C): every channel's masked-pass logits (constant: zero image)
+    exact: torch.Tensor  # (S, S) the exact map
+
+
+def exact_run(worker: Worker, images: list[np.ndarray]) -> tuple[list[Frame], float]:
+    """Return every frame's exact passes and map, and the seconds the passes took."""
+    out = []
+    seconds = 0.0
+    weighting = worker.engine.weighting
+    for i, image in enumerate(images):
+        x = torch.from_numpy(resize_frame(image, worker.loaded.meta.input_size, "squash"))
+        targets, _, view = worker.view(i, x, None, 1)
+        live = view.live.nonzero().flatten()
+        began = time.perf_counter()
+        fresh = worker.channel_logits(i, x, live)
+        seconds += time.perf_counter() - began
+        logits = view.zero_logits.expand(len(view.live), -1).clone()
+        logits[live] = fresh
+        out.append(Frame(x, view, targets, logits, maps_of(weighting, view, logits, targets)[0]))
+    return out, seconds
+
+
+def iou_top(a: torch.Tensor, b: torch.Tensor, share: float = 0.1) -> float:
+    """Return the IoU of the top ``share`` pixels of two maps."""
+    k = max(1, int(a.numel() * share))
+    ta = set(a.flatten().topk(k).indices.tolist())
+    tb = set(b.flatten().topk(k).indices.tolist())
+    return len(ta & tb) / len(ta | tb)
+
+
+def reuse_run(worker: Worker, frames: list[Frame], fidelity: float, every: int) -> dict:
+    """Return the figures of the reuse state at ``fidelity`` over the exact run's frames."""
+    state = StreamState(worker.engine.weighting, ReuseOptions(fidelity=fidelity))
+    passes = exact_passes = keyframes = 0
+    corr, iou, ins, dele = [], [], [], []
+    for i, f in enumerate(frames):
+        plan = state.plan(f.view, f.targets)
+        outcome = state.finish(f.view, plan, f.logits[plan.channels], f.targets)
+        passes += outcome.passes
+        exact_passes += outcome.passes + outcome.reused
+        keyframes += outcome.keyframe
+        reused_map = outcome.maps[0]
+        corr.append(correlation(f.exact, reused_map))
+        iou.append(iou_top(f.exact, reused_map))
+        if i % every == 0:
+            x = worker.model_input(f.x[None])
+            maps = torch.stack([f.exact, reused_map]).to(x.device)
+            model = worker.loaded.model
+            target = f.targets[:1].expand(2).to(x.device)
+            i_auc, d_auc = insertion_deletion(model, x.expand(2, -1, -1, -1), maps, target)
+            ins.append(float(i_auc[1] - i_auc[0]))
+            dele.append(float(d_auc[1] - d_auc[0]))
+    return {
+        "fidelity": fidelity,
+        "passes_per_frame": passes / len(frames),
+        "exact_per_frame": exact_passes / len(frames),
+        "fewer_passes": exact_passes / max(passes, 1),
+        "keyframes": keyframes,
+        "corr_mean": float(np.mean(corr)),
+        "corr_min": float(np.min(corr)),
+        "iou10_mean": float(np.mean(iou)),
+        "insertion_diff_mean": float(np.mean(ins)),
+        "insertion_diff_max_abs": float(np.max(np.abs(ins))),
+        "deletion_diff_mean": float(np.mean(dele)),
+        "deletion_diff_max_abs": float(np.max(np.abs(dele))),
+    }
+
+
+def check_end_to_end(worker: Worker, images: list[np.ndarray], fidelity: float) -> dict:
+    """Return passes and correlation of a real reuse run (the worker runs the passes)."""
+    size = worker.loaded.meta.input_size
+    xs = [torch.from_numpy(resize_frame(im, size, "squash")) for im in images]
+    explainer = LocalExplainer(worker)
+    items = [(i, FrameTask(i, x)) for i, x in enumerate(xs)]
+    began = time.perf_counter()
+    exact = [r for _, r in explainer.explain(items)]
+    t_exact = time.perf_counter() - began
+    began = time.perf_counter()
+    reused = [r for _, r in explainer.explain(items, ReuseOptions(fidelity=fidelity))]
+    t_reuse = time.perf_counter() - began
+    corr = [
+        correlation(torch.from_numpy(a.maps[0]), torch.from_numpy(b.maps[0]))
+        for a, b in zip(exact, reused, strict=True)
+    ]
+    return {
+        "fidelity": fidelity,
+        "exact_seconds_per_frame": t_exact / len(xs),
+        "reuse_seconds_per_frame": t_reuse / len(xs),
+        "passes_exact": sum(r.passes for r in exact) / len(xs),
+        "passes_reuse": sum(r.passes for r in reused) / len(xs),
+        "corr_mean": float(np.mean(corr)),
+        "corr_min": float(np.min(corr)),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=96)
+    parser.add_argument("--layer", default="bn2")
+    parser.add_argument("--frames", type=int, default=32)
+    parser.add_argument("--fidelity", type=float, nargs="+", default=[1.0, 0.99, 0.98, 0.95])
+    parser.add_argument("--metric-every", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--check", action="store_true", help="one clip end to end at 0.99")
+    parser.add_argument("--json", help="write the rows here")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = ModelConfig(spec="efficientnet_lite0", input_size=args.size, layer=args.layer)
+    worker = Worker(model, EngineConfig(batch_size=64))
+    rows = []
+    print(f"EfficientNet-Lite0 @{args.size}, layer {args.layer}, {args.frames} frames per clip")
+    print(f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+    header = (
+        f"{'clip':6} {'F':>5} {'passes/fr':>9} {'fewer':>6} {'keyfr':>5} {'r mean':>7} "
+        f"{'r min':>7} {'IoU10':>6} {'dIns':>7} {'dDel':>7}"
+    )
+    print(header)
+    for name, images in clips(args.frames).items():
+        frames, seconds = exact_run(worker, images)
+        for fidelity in args.fidelity:
+            if fidelity >= 1:
+                row = {
+                    "fidelity": 1.0,
+                    "passes_per_frame": float(np.mean([int(f.view.live.sum()) for f in frames])),
+                    "fewer_passes": 1.0,
+                    "keyframes": len(frames),
+                    "corr_mean": 1.0,
+                    "corr_min": 1.0,
+                    "iou10_mean": 1.0,
+                    "insertion_diff_mean": 0.0,
+                    "deletion_diff_mean": 0.0,
+                    "exact_seconds_per_frame": seconds / len(frames),
+                }
+            else:
+                row = reuse_run(worker, frames, fidelity, args.metric_every)
+            row["clip"] = name
+            rows.append(row)
+            print(
+                f"{name:6} {row['fidelity']:5.2f} {row['passes_per_frame']:9.1f} "
+                f"{row['fewer_passes']:5.2f}x {row['keyframes']:5d} {row['corr_mean']:7.4f} "
+                f"{row['corr_min']:7.4f} {row['iou10_mean']:6.3f} "
+                f"{row['insertion_diff_mean']:+7.4f} {row['deletion_diff_mean']:+7.4f}",
+                flush=True,
+            )
+    if args.check:
+        images = clips(args.frames)["pan"]
+        check = check_end_to_end(worker, images, 0.99)
+        print("end to end, pan, F=0.99:", json.dumps(check))
+        rows.append({"clip": "pan (end to end)", **check})
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"size": args.size, "layer": args.layer, "rows": rows}, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
