@@ -127,6 +127,10 @@ def run(
     source = config.source
     guess_live = video.is_live_source(config.input, source.input_format)
     live = source.live if source.live is not None else guess_live
+    # Before the input opens, the model loads or Ray starts: a bad output path fails at once.
+    # A live run makes its outputs' missing directories (-o live/cam.m3u8).
+    for path in _output_paths(config):
+        video.check_output_dir(path, create=live)
     reader = video.VideoReader(
         config.input, source.input_format, source.options, _read_timeout(config, live)
     )
@@ -142,13 +146,17 @@ def run(
             for name, path in (
                 ("video", target if kind == "file" else None),
                 ("maps", out.save_maps),
-                ("jsonl", out.jsonl),
+                ("jsonl", None if live else out.jsonl),  # a live run's records: see below
                 ("preview", out.preview),
             )
             if path
         }
         if kind == "hls" and Path(target).exists() and not out.overwrite:
             raise ScoreCamError(f"output {target} exists; pass --overwrite")
+        if live and out.jsonl:
+            # Written in place, each record flushed as it is made: `tail -f` follows a live
+            # run, and a killed one keeps what it recorded.
+            claimed["jsonl"] = video.visible_output(out.jsonl, out.overwrite)
         outputs = Outputs(
             video=claimed.get("video", None if kind == "file" else target),
             video_name=target,
@@ -194,6 +202,13 @@ def run(
         metrics=metrics,
         metrics_table=format_table(metrics) if metrics else None,
     )
+
+
+def _output_paths(config: Config) -> list[str]:
+    """Return the file outputs named in ``config`` (not stream URLs, not the default name)."""
+    out = config.output
+    named = [out.output, out.save_maps, out.jsonl, out.preview]
+    return [p for p in named if p and p != video.STDIN and not video.is_url(p)]
 
 
 def _output_kind(target: str, is_image: bool) -> str:

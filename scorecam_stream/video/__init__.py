@@ -8,7 +8,7 @@
 - :mod:`.files`: still images and :func:`atomic_output`.
 """
 
-from .files import IMAGE_CODECS, atomic_output, write_image
+from .files import IMAGE_CODECS, atomic_output, check_output_dir, visible_output, write_image
 from .reader import (
     LIVE_READ_TIMEOUT_S,
     STDIN,
@@ -34,11 +34,13 @@ __all__ = [
     "VideoReader",
     "VideoWriter",
     "atomic_output",
+    "check_output_dir",
     "is_live_source",
     "is_url",
     "output_kind",
     "probe",
     "read_frames",
     "rotate_upright",
+    "visible_output",
     "write_image",
 ]
