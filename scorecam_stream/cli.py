@@ -108,6 +108,19 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         help="seconds without data after which the input has ended (default 10 for live)",
     )
+    g.add_argument(
+        "--reconnect",
+        type=int,
+        metavar="N",
+        help="reopen a live network input that breaks off or ends, up to N attempts per outage "
+        "(default 10 for network inputs; 0: off)",
+    )
+    g.add_argument(
+        "--reconnect-delay",
+        type=float,
+        metavar="SECONDS",
+        help="wait before the first attempt, doubled for each next one up to 30 s (default 1)",
+    )
     g.add_argument("--duration", type=float, help="stop after this many seconds of source")
     g = p.add_argument_group("model")
     g.add_argument(

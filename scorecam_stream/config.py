@@ -200,6 +200,10 @@ def check_window(start: float | None, end: float | None, max_frames: int | None)
     _check(max_frames is None or max_frames >= 1, f"--max-frames must be >= 1, got {max_frames}")
 
 
+RECONNECT_ATTEMPTS = 10  # default --reconnect of live network inputs
+RECONNECT_MAX_DELAY_S = 30.0  # the backoff between attempts grows to this at most
+
+
 @dataclass(frozen=True)
 class SourceConfig:
     """How the input is opened and read: live (source pace, newest frame) or every frame.
@@ -208,12 +212,17 @@ class SourceConfig:
     ``input_option``: FFmpeg demuxer/protocol options as ``KEY=VALUE`` strings.
     ``read_timeout``: seconds without data after which the input has ended (default 10 for
     live inputs, 30 for other URLs).
+    ``reconnect``: attempts to reopen a live network input that broke off or ended, per outage
+    (0: none; None: RECONNECT_ATTEMPTS for live network inputs, else none); the first waits
+    ``reconnect_delay`` seconds, each next one twice as long (at most RECONNECT_MAX_DELAY_S).
     """
 
     live: bool | None = None
     input_format: str | None = None
     input_option: tuple[str, ...] = ()
     read_timeout: float | None = None
+    reconnect: int | None = None
+    reconnect_delay: float = 1.0
 
     def __post_init__(self) -> None:
         _check(
@@ -225,6 +234,21 @@ class SourceConfig:
             self.read_timeout is None
             or (math.isfinite(self.read_timeout) and self.read_timeout > 0),
             f"--read-timeout must be > 0 seconds, got {self.read_timeout}",
+        )
+        _check(
+            self.reconnect is None
+            or (
+                isinstance(self.reconnect, int)
+                and not isinstance(self.reconnect, bool)
+                and self.reconnect >= 0
+            ),
+            f"--reconnect must be a number of attempts >= 0, got {self.reconnect}",
+        )
+        _check(
+            isinstance(self.reconnect_delay, (int, float))
+            and math.isfinite(self.reconnect_delay)
+            and self.reconnect_delay > 0,
+            f"--reconnect-delay must be > 0 seconds, got {self.reconnect_delay}",
         )
         _check(
             self.input_format is None or bool(self.input_format.strip()),

@@ -13,6 +13,7 @@ the outputs are finished and kept.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import dataclasses
 import logging
@@ -212,7 +213,9 @@ def run_live(
         # Importing Ray holds the interpreter for seconds: do it before the reader thread runs,
         # or its reads would look stalled past a short --read-timeout.
         import_module("scorecam_stream.distributed")
-    frames = reader.frames(start=w.start, end=w.end, max_frames=w.max_frames)
+    # Restarts of the source (timestamps from 0 again) are discontinuities the output plays on.
+    timeline = video.Timeline(reader.info.fps, wall_clock=reader.live)
+    frames = timeline.frames(reader.frames(start=w.start, end=w.end, max_frames=w.max_frames))
     # Reading starts before the model loads: the source does not wait, and neither do we.
     source = LiveSource(
         frames, _backlog(reader.info), reader.read_timeout, w.duration, pace=not reader.live
@@ -264,6 +267,7 @@ def run_live(
                     record = frame_record(meta, result, frame, reused=False)
                     record["latency_ms"] = round(latency_ms, 3)
                     record["skipped_frames"] = frame.index - previous - 1
+                    record["discontinuity"] = _broken(timeline, previous, frame.index)
                     outputs.records.add({**record, **scores})
                 previous = frame.index
                 if progress is not None:
@@ -303,11 +307,20 @@ def run_live(
         metrics_table=format_table(metrics) if metrics else None,
     )
     if outputs.records is not None:
-        outputs.records.add({"summary": {**_summary_record(summary, source), **(metrics or {})}})
+        record = _summary_record(summary, source, timeline)
+        outputs.records.add({"summary": {**record, **(metrics or {})}})
     return summary
 
 
-def _summary_record(summary: RunSummary, source: LiveSource) -> dict[str, object]:
+def _broken(timeline: video.Timeline, previous: int, index: int) -> bool:
+    """Return whether a discontinuity came in frames (previous, index]."""
+    at = bisect.bisect_right(timeline.discontinuities, previous)
+    return at < len(timeline.discontinuities) and timeline.discontinuities[at] <= index
+
+
+def _summary_record(
+    summary: RunSummary, source: LiveSource, timeline: video.Timeline
+) -> dict[str, object]:
     def ms(value: float | None) -> float | None:
         return None if value is None else round(value, 3)
 
@@ -317,6 +330,7 @@ def _summary_record(summary: RunSummary, source: LiveSource) -> dict[str, object
         "frames_written": summary.frames,
         "frames_explained": summary.explained,
         "frames_dropped": source.dropped,
+        "discontinuities": len(timeline.discontinuities),
         "latency_p50_ms": ms(summary.latency_p50_ms),
         "latency_p95_ms": ms(summary.latency_p95_ms),
         "stopped_by": summary.stopped_by,

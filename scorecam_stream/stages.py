@@ -17,6 +17,7 @@ from typing import Generic, TypeVar
 import av
 import numpy as np
 
+from .fit import fit_to
 from .outputs import PreviewSampler
 from .render import RenderOptions, render_frame
 from .video import Frame, VideoWriter, write_image
@@ -131,6 +132,7 @@ class Encoder:
         self._image = image  # (path to write, real name) of a still image output
         self._preview = preview
         self._writer: VideoWriter | None = None
+        self._sizes: tuple[tuple[int, int], tuple[int, int]] | None = None  # (first, latest)
         self._error: BaseException | None = None
         self._aborted = threading.Event()
         self.frames = 0
@@ -148,13 +150,30 @@ class Encoder:
             if isinstance(self._items, Channel):
                 self._items.close()  # the producer's next put returns False instead of blocking
 
+    def _picture(self, picture: np.ndarray) -> np.ndarray:
+        """Return ``picture`` at the first frame's size (a source may change size mid-stream)."""
+        size = picture.shape[:2]
+        first, latest = self._sizes or (size, size)
+        if size != latest:
+            log.warning(
+                "the input's frames are now %dx%d; scaling them to the output's %dx%d (--fit %s)",
+                size[1],
+                size[0],
+                first[1],
+                first[0],
+                self._options.fit,
+            )
+        self._sizes = (first, size)
+        return fit_to(picture, *first, self._options.fit)
+
     def _write(self, item: DrawItem) -> None:
         frame = item.frame
+        picture = self._picture(frame.image)
         if item.heat is None:  # no map yet (live mode): the frame as it is, with its label
             heat = np.zeros((1, 1), np.float32)
-            image = render_frame(frame.image, heat, item.label, self._no_map)
+            image = render_frame(picture, heat, item.label, self._no_map)
         else:
-            image = render_frame(frame.image, item.heat, item.label, self._options)
+            image = render_frame(picture, item.heat, item.label, self._options)
         if self._preview is not None:
             self._preview.offer(image)
         self.frames += 1

@@ -7,17 +7,26 @@ own) or through a pipe; each test is bounded to a few seconds of stream.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import signal
 import subprocess
+import threading
 import time
+from collections.abc import Iterator
+from fractions import Fraction
+from pathlib import Path
 
+import av
+import numpy as np
 import pytest
-from clips import send_mpegts
-from test_live import FPS, SCRIPT, SLOW, udp_source, wait_for_records
+from clips import free_udp_port, send_mpegts
+from test_live import FPS, SCRIPT, SLOW, records, udp_source, video_pts, wait_for_records
 
 from scorecam_stream import video
 from scorecam_stream.cli import main
+from scorecam_stream.video import Frame, Timeline, probe
 
 # --- A: every output is checked (or made) before the input opens and the model loads ---------
 
@@ -87,3 +96,91 @@ def test_a_killed_live_run_keeps_the_records_it_made(tmp_path):
     records = [json.loads(line) for line in lines]
     assert all("index" in r and "summary" not in r for r in records)
     assert not out.exists()  # the video (an mp4, useless unfinished) stays all-or-nothing
+
+
+# --- C: a source that restarts (timestamps from 0 again), at the same size or another -------
+
+
+@contextlib.contextmanager
+def restarting_udp_source(
+    segments: list[tuple[float, tuple[int, int]]],
+) -> Iterator[tuple[str, list[int]]]:
+    """Send clips one after another to one UDP port, each by a new muxer and encoder (a camera
+    that reboots: its timestamps start again); yield (url, [frames sent by each])."""
+    url = f"udp://127.0.0.1:{free_udp_port()}"
+    sent: list[int] = []
+
+    def send() -> None:
+        time.sleep(0.5)  # the reader listens before the first packet goes out
+        for seconds, size in segments:
+            sent.append(send_mpegts(url, seconds, FPS, size=size))
+
+    thread = threading.Thread(target=send, daemon=True)
+    thread.start()
+    try:
+        yield url, sent
+    finally:
+        thread.join(timeout=30)
+
+
+def _run_through_restart(tmp_path: Path, second_size: tuple[int, int]) -> tuple[list, dict, Path]:
+    """Return (records, summary, output) of a live run whose source restarts half-way."""
+    out, jsonl = tmp_path / "cam.mp4", tmp_path / "cam.jsonl"
+    with restarting_udp_source([(2.0, (128, 96)), (2.0, second_size)]) as (url, sent):
+        args = [url, "-o", str(out), "--jsonl", str(jsonl), "--read-timeout", "1"]
+        assert main([*args, "--reconnect", "0", *SLOW]) == 0
+    explained, summary = records(jsonl)
+    assert summary["discontinuities"] == 1
+    # Every frame of the second run arrives (the reader was listening): the break is there.
+    restart = summary["frames_in"] - sent[1]
+    after = [r["index"] for r in explained if r["index"] >= restart]
+    # The first record after the restart says so; no other does.
+    assert [r["index"] for r in explained if r["discontinuity"]] == after[:1]
+    return explained, summary, out
+
+
+def test_a_source_restart_is_a_discontinuity_the_output_plays_through(tmp_path):
+    _explained, summary, out = _run_through_restart(tmp_path, (128, 96))
+    time_base, pts = video_pts(out)
+    assert summary["frames_written"] == summary["frames_in"] == len(pts) > 2 * FPS
+    # Strictly increasing, one frame interval apart across the restart too: nothing squeezed
+    # (and no frame lost).
+    steps = {round((b - a) * time_base * FPS, 6) for a, b in itertools.pairwise(pts)}
+    assert steps == {1.0}
+
+
+def test_a_source_that_restarts_at_another_size_is_scaled_to_the_output(tmp_path):
+    _explained, summary, out = _run_through_restart(tmp_path, (160, 120))
+    info = probe(str(out))
+    assert (info.width, info.height) == (128, 96)
+    with av.open(str(out)) as container:
+        sizes = {(f.width, f.height) for f in container.decode(video=0)}
+    assert sizes == {(128, 96)}
+    assert summary["frames_written"] == info.frame_count > 2 * FPS  # both halves written
+
+
+def _stamped(pts: list[int], arrivals: list[float]) -> list[Frame]:
+    image = np.zeros((2, 2, 3), np.uint8)
+    tb = Fraction(1, 90000)
+    pairs = zip(pts, arrivals, strict=True)
+    return [Frame(0, image, p, tb, float(p * tb), (), arrival) for p, arrival in pairs]
+
+
+def test_the_timeline_continues_through_resets_and_jumps_and_keeps_real_gaps():
+    step = 3600  # 25 fps at 90 kHz
+    pts = [0, step, 2 * step, 0, step, 10**9, 10**9 + step, 10**9 + 5 * step]
+    arrivals = [0.0, 0.04, 0.08, 0.12, 0.16, 0.20, 0.24, 0.40]  # the last: 4 frames missed
+    timeline = Timeline(25.0, wall_clock=True)
+    out = list(timeline.frames(_stamped(pts, arrivals)))
+    assert [f.index for f in out] == list(range(8))
+    assert [f.pts for f in out] == [step * k for k in (0, 1, 2, 3, 4, 5, 6, 10)]
+    assert timeline.discontinuities == [3, 5]  # a reset, then a jump far ahead of the clock
+    # Not real time (a file played as live): only going back is a break.
+    paced = Timeline(25.0, wall_clock=False)
+    assert [f.pts for f in paced.frames(_stamped([0, step, 10**9], [0.0] * 3))] == [
+        0, step, 10**9
+    ]  # fmt: skip
+    assert paced.discontinuities == []
+    paced.mark()  # a reopened source: its next frame follows on, whatever its timestamp
+    (after,) = paced.frames(_stamped([10**9 + 100 * step], [0.0]))
+    assert after.pts == 10**9 + step and paced.discontinuities == [3]

@@ -6,6 +6,7 @@
 - :mod:`.audio`: the input's audio packets into the output, copied or re-encoded.
 - :mod:`.writer`: :class:`VideoWriter` to files, HLS playlists and live streams.
 - :mod:`.files`: still images and :func:`atomic_output`.
+- :mod:`.timeline`: a live source's timestamps kept going forward across its restarts.
 """
 
 from .files import IMAGE_CODECS, atomic_output, check_output_dir, visible_output, write_image
@@ -21,6 +22,7 @@ from .reader import (
     read_frames,
     rotate_upright,
 )
+from .timeline import Timeline
 from .writer import HLS_SUFFIX, OUTPUT_FORMATS, VideoWriter, output_kind
 
 __all__ = [
@@ -30,6 +32,7 @@ __all__ = [
     "OUTPUT_FORMATS",
     "STDIN",
     "Frame",
+    "Timeline",
     "VideoInfo",
     "VideoReader",
     "VideoWriter",
