@@ -29,7 +29,7 @@ import torch
 
 from . import video
 from .annotate import MapDisplay, fixed_target, frame_label, frame_record
-from .config import Config
+from .config import RECONNECT_MAX_DELAY_S, Config
 from .errors import ScoreCamError
 from .evaluation import format_table, make_evaluator
 from .pipeline import Outputs, Progress, RunSummary, add_maps, make_encoder, model_input
@@ -60,8 +60,10 @@ class LiveSource:
         read_timeout: float | None,
         duration: float | None = None,
         pace: bool = False,
+        reconnecting: Callable[[], bool] | None = None,
     ) -> None:
         self._frames = frames
+        self._reconnecting = reconnecting  # the input is being reopened: not a stall
         self._pace = pace
         self._backlog = backlog
         self._read_timeout = read_timeout
@@ -119,6 +121,9 @@ class LiveSource:
     def _check_stall(self) -> None:
         """End the source when no frame came for too long (a read FFmpeg cannot interrupt)."""
         if self._read_timeout is None or self.ended:
+            return
+        if self._reconnecting is not None and self._reconnecting():
+            self._last_arrival = time.monotonic()  # reopening has its own timeouts
             return
         if time.monotonic() - self._last_arrival > self._read_timeout + _STALL_GRACE_S:
             log.warning("no frame for %g s; taking the input as ended", self._read_timeout)
@@ -213,14 +218,29 @@ def run_live(
         # Importing Ray holds the interpreter for seconds: do it before the reader thread runs,
         # or its reads would look stalled past a short --read-timeout.
         import_module("scorecam_stream.distributed")
-    # Restarts of the source (timestamps from 0 again) are discontinuities the output plays on.
+    # Restarts of the source (timestamps from 0 again) are discontinuities the output plays on;
+    # a network input that breaks off or ends is reopened.
     timeline = video.Timeline(reader.info.fps, wall_clock=reader.live)
-    frames = timeline.frames(reader.frames(start=w.start, end=w.end, max_frames=w.max_frames))
+    live_input = video.ReconnectingInput(
+        reader,
+        lambda: video.VideoReader(
+            reader.path, config.source.input_format, config.source.options, reader.read_timeout
+        ),
+        timeline,
+        video.reconnect_attempts(reader.path, config.source.reconnect),
+        config.source.reconnect_delay,
+        RECONNECT_MAX_DELAY_S,
+    )
     # Reading starts before the model loads: the source does not wait, and neither do we.
     source = LiveSource(
-        frames, _backlog(reader.info), reader.read_timeout, w.duration, pace=not reader.live
+        live_input.frames(w.start, w.end, w.max_frames),
+        _backlog(reader.info),
+        reader.read_timeout,
+        w.duration,
+        pace=not reader.live,
+        reconnecting=lambda: live_input.reconnecting,
     )
-    stack.callback(_stop_reader, source, reader)
+    stack.callback(_stop_reader, source, live_input)
     explainer = make_explainer()
     stack.callback(explainer.close)
     meta = explainer.meta
@@ -284,7 +304,11 @@ def run_live(
         encoder.abort()
         outputs.abort()
         raise
-    reason = "read timeout" if reader.timed_out else source.end_reason
+    reason = source.end_reason
+    if live_input.gave_up:
+        reason = "reconnect failed"
+    elif live_input.timed_out:
+        reason = "read timeout"
     if source.dropped:
         log.warning("%d output frames were dropped: the encoder fell behind", source.dropped)
     p50, p95 = (
@@ -307,7 +331,7 @@ def run_live(
         metrics_table=format_table(metrics) if metrics else None,
     )
     if outputs.records is not None:
-        record = _summary_record(summary, source, timeline)
+        record = _summary_record(summary, source, timeline, live_input)
         outputs.records.add({"summary": {**record, **(metrics or {})}})
     return summary
 
@@ -319,7 +343,10 @@ def _broken(timeline: video.Timeline, previous: int, index: int) -> bool:
 
 
 def _summary_record(
-    summary: RunSummary, source: LiveSource, timeline: video.Timeline
+    summary: RunSummary,
+    source: LiveSource,
+    timeline: video.Timeline,
+    live_input: video.ReconnectingInput,
 ) -> dict[str, object]:
     def ms(value: float | None) -> float | None:
         return None if value is None else round(value, 3)
@@ -331,15 +358,20 @@ def _summary_record(
         "frames_explained": summary.explained,
         "frames_dropped": source.dropped,
         "discontinuities": len(timeline.discontinuities),
+        "reconnects": live_input.reconnects,
         "latency_p50_ms": ms(summary.latency_p50_ms),
         "latency_p95_ms": ms(summary.latency_p95_ms),
         "stopped_by": summary.stopped_by,
     }
 
 
-def _stop_reader(source: LiveSource, reader: video.VideoReader) -> None:
+def _stop_reader(source: LiveSource, live_input: video.ReconnectingInput) -> None:
     """Stop the reader thread; leave the input open if it is stuck in a read."""
+    live_input.stop()
     source.stop("end")
     if not source.join(timeout=5):
-        log.debug("the reader is blocked in a read; leaving %s open until exit", reader.path)
-        reader.detach()
+        path = live_input.reader.path
+        log.debug("the reader is blocked in a read; leaving %s open until exit", path)
+        live_input.reader.detach()
+    else:
+        live_input.close()  # a reopened input (the first one is closed by its opener too)

@@ -77,7 +77,8 @@ def video_pts(path: Path) -> tuple[Fraction, list[int]]:
 def test_live_udp_source_gives_a_real_time_copy_with_the_newest_maps(tmp_path):
     out, jsonl = tmp_path / "live.mp4", tmp_path / "live.jsonl"
     with udp_source(4.0) as (url, _, sent):
-        code = main([url, "-o", str(out), "--jsonl", str(jsonl), "--read-timeout", "1", *SLOW])
+        args = [url, "-o", str(out), "--jsonl", str(jsonl), "--read-timeout", "1"]
+        code = main([*args, "--reconnect", "0", *SLOW])
     assert code == 0
     explained, summary = records(jsonl)
     time_base, pts = video_pts(out)
@@ -132,7 +133,8 @@ def test_hls_output_is_closed_and_its_segments_decode(tmp_path):
     playlist = tmp_path / "hls" / "live.m3u8"
     playlist.parent.mkdir()
     with udp_source(3.0) as (url, _, _sent):
-        code = main([url, "-o", str(playlist), "--hls-time", "1", "--read-timeout", "1", *SLOW])
+        args = [url, "-o", str(playlist), "--hls-time", "1", "--read-timeout", "1"]
+        code = main([*args, "--reconnect", "0", *SLOW])
     assert code == 0
     lines = playlist.read_text().splitlines()
     assert lines[0] == "#EXTM3U" and lines[-1] == "#EXT-X-ENDLIST"
@@ -219,6 +221,10 @@ def test_sigint_finishes_the_output_and_memory_stays_flat(tmp_path):
         (["--read-timeout", "0"], "--read-timeout"),
         (["--duration", "-1"], "--duration"),
         (["--hls-time", "0"], "--hls-time"),
+        (["--reconnect", "-1"], "--reconnect must be"),
+        (["--reconnect", "two"], "--reconnect: invalid int"),
+        (["--reconnect-delay", "0"], "--reconnect-delay must be"),
+        (["--reconnect-delay", "nan"], "--reconnect-delay must be"),
         (["-o", "ftp://127.0.0.1/x.ts"], "cannot stream to"),
         (["--input-format", "nosuchformat"], "cannot read"),
     ],
@@ -238,7 +244,7 @@ def test_live_with_ray_workers_splits_each_frame(tmp_path):
     with udp_source(6.0) as (url, _, sent):
         code = main(
             [url, "-o", str(out), "--jsonl", str(jsonl), "--read-timeout", "3", "--workers", "2",
-             *SLOW]
+             "--reconnect", "0", *SLOW]
         )  # fmt: skip
     assert code == 0
     explained, summary = records(jsonl)

@@ -11,6 +11,7 @@ import contextlib
 import itertools
 import json
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -184,3 +185,59 @@ def test_the_timeline_continues_through_resets_and_jumps_and_keeps_real_gaps():
     paced.mark()  # a reopened source: its next frame follows on, whatever its timestamp
     (after,) = paced.frames(_stamped([10**9 + 100 * step], [0.0]))
     assert after.pts == 10**9 + step and paced.discontinuities == [3]
+
+
+# --- D: a network source that drops is reopened, the output goes on ---------------------------
+
+
+@contextlib.contextmanager
+def dropping_tcp_server(segments: list[bytes], seconds: float, down: float) -> Iterator[str]:
+    """Serve MPEG-TS on 127.0.0.1 to one client per segment, at ``seconds`` a segment, then
+    drop it; the server is down (refusing) for ``down`` s between segments and after the last.
+    Yield the tcp:// URL."""
+    first = socket.create_server(("127.0.0.1", 0))  # SO_REUSEADDR: the port is taken again
+    port = first.getsockname()[1]
+
+    def serve() -> None:
+        server = first
+        for i, data in enumerate(segments):
+            if i:
+                time.sleep(down)
+                server = socket.create_server(("127.0.0.1", port))
+            with server:
+                server.settimeout(30)
+                client, _ = server.accept()
+            with client:
+                chunk = 188 * 7
+                began = time.monotonic()
+                for at in range(0, len(data), chunk):
+                    time.sleep(max(0.0, began + seconds * at / len(data) - time.monotonic()))
+                    client.sendall(data[at : at + chunk])
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"tcp://127.0.0.1:{port}"
+    finally:
+        thread.join(timeout=30)
+
+
+def test_a_tcp_source_that_drops_is_reconnected_and_the_output_goes_on(tmp_path):
+    segments, sent = [], 0
+    for i in range(2):
+        clip = tmp_path / f"part{i}.ts"
+        sent += send_mpegts(str(clip), 2.0, FPS, realtime=False)
+        segments.append(clip.read_bytes())
+    out, jsonl = tmp_path / "cam.mp4", tmp_path / "cam.jsonl"
+    with dropping_tcp_server(segments, seconds=2.0, down=0.5) as url:
+        args = [url, "-o", str(out), "--jsonl", str(jsonl), "--read-timeout", "2"]
+        # Attempts after 0.2, 0.4, 0.8 s: the first is refused (the server is down for 0.5 s).
+        assert main([*args, "--reconnect", "3", "--reconnect-delay", "0.2", *SLOW]) == 0
+    _explained, summary = records(jsonl)
+    assert summary["reconnects"] == 1 and summary["discontinuities"] == 1
+    assert summary["stopped_by"] == "reconnect failed"  # after the second drop, nobody answers
+    # TCP loses nothing: every frame of both connections is written, one interval apart.
+    time_base, pts = video_pts(out)
+    assert summary["frames_written"] == len(pts) == sent
+    steps = {round((b - a) * time_base * FPS, 6) for a, b in itertools.pairwise(pts)}
+    assert steps == {1.0}

@@ -6,6 +6,7 @@
 - :mod:`.audio`: the input's audio packets into the output, copied or re-encoded.
 - :mod:`.writer`: :class:`VideoWriter` to files, HLS playlists and live streams.
 - :mod:`.files`: still images and :func:`atomic_output`.
+- :mod:`.reconnect`: a live network input reopened with backoff when it breaks or ends.
 - :mod:`.timeline`: a live source's timestamps kept going forward across its restarts.
 """
 
@@ -22,6 +23,7 @@ from .reader import (
     read_frames,
     rotate_upright,
 )
+from .reconnect import ReconnectingInput, reconnect_attempts
 from .timeline import Timeline
 from .writer import HLS_SUFFIX, OUTPUT_FORMATS, VideoWriter, output_kind
 
@@ -32,6 +34,7 @@ __all__ = [
     "OUTPUT_FORMATS",
     "STDIN",
     "Frame",
+    "ReconnectingInput",
     "Timeline",
     "VideoInfo",
     "VideoReader",
@@ -43,6 +46,7 @@ __all__ = [
     "output_kind",
     "probe",
     "read_frames",
+    "reconnect_attempts",
     "rotate_upright",
     "visible_output",
     "write_image",
