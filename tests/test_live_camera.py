@@ -22,7 +22,7 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
-from clips import free_udp_port, send_mpegts
+from clips import free_udp_port, picture, send_mpegts
 from test_live import FPS, SCRIPT, SLOW, records, udp_source, video_pts, wait_for_records
 
 from scorecam_stream import video
@@ -241,3 +241,46 @@ def test_a_tcp_source_that_drops_is_reconnected_and_the_output_goes_on(tmp_path)
     assert summary["frames_written"] == len(pts) == sent
     steps = {round((b - a) * time_base * FPS, 6) for a, b in itertools.pairwise(pts)}
     assert steps == {1.0}
+
+
+def _send_with_a_silence(url: str, before: float, silence: float, after: float) -> int:
+    """Send MPEG-TS to ``url`` in real time with one encoder and muxer: ``before`` s, nothing
+    for ``silence`` s (timestamps go on: a network outage), ``after`` s. Return frames sent."""
+    count, resume = round((before + after) * FPS), round(before * FPS)
+    with av.open(url, "w", format="mpegts") as output:
+        stream = output.add_stream(
+            "libx264", rate=FPS, width=128, height=96,
+            options={"tune": "zerolatency", "g": str(FPS // 2), "bf": "0"},
+        )  # fmt: skip
+        began = time.monotonic()
+        for i in range(count):
+            pts = i + (round(silence * FPS) if i >= resume else 0)
+            time.sleep(max(0.0, began + pts / FPS - time.monotonic()))
+            frame = av.VideoFrame.from_ndarray(picture(i, 128, 96), format="rgb24")
+            frame.pts, frame.time_base = pts, Fraction(1, FPS)
+            output.mux(stream.encode(frame))
+        output.mux(stream.encode(None))
+    return count
+
+
+def test_a_udp_source_that_falls_silent_and_comes_back_goes_on(tmp_path):
+    out, jsonl = tmp_path / "cam.mp4", tmp_path / "cam.jsonl"
+    url = f"udp://127.0.0.1:{free_udp_port()}"
+    sender = threading.Thread(
+        target=lambda: (time.sleep(0.5), _send_with_a_silence(url, 1.5, 2.5, 1.5)), daemon=True
+    )
+    sender.start()
+    args = [url, "-o", str(out), "--jsonl", str(jsonl), "--read-timeout", "1"]
+    try:
+        assert main([*args, "--reconnect", "3", *SLOW]) == 0
+    finally:
+        sender.join(timeout=30)
+    _explained, summary = records(jsonl)
+    # Listened to again after 1 s of silence (and again, as nothing came in the next second).
+    assert summary["reconnects"] == 1 and summary["stopped_by"] == "reconnect failed"
+    # The same stream went on: no discontinuity, the silence kept as the gap it was.
+    assert summary["discontinuities"] == 0
+    time_base, pts = video_pts(out)
+    gaps = [float((b - a) * time_base) for a, b in itertools.pairwise(pts)]
+    assert min(gaps) > 0 and max(gaps) >= 2.5
+    assert summary["frames_written"] == len(pts) > 1.5 * FPS  # frames of both sides of it
