@@ -305,10 +305,11 @@ def run_live(
         outputs.abort()
         raise
     reason = source.end_reason
-    if live_input.gave_up:
-        reason = "reconnect failed"
-    elif live_input.timed_out:
-        reason = "read timeout"
+    if not source.stopped:  # else: stopped by us, whatever the reader saw as it was stopped
+        if live_input.gave_up:
+            reason = "reconnect failed"
+        elif live_input.timed_out:
+            reason = "read timeout"
     if source.dropped:
         log.warning("%d output frames were dropped: the encoder fell behind", source.dropped)
     p50, p95 = (
