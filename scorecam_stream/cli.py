@@ -268,7 +268,7 @@ def _is_directory(path: str) -> bool:
 def _is_batch(items: list[str], settings: dict[str, Any], listed: bool) -> bool:
     """Return whether a command line is a batch: several inputs, a directory, a glob, a list,
     ``-o DIR/`` or ``--summary``. One file (or one stream) otherwise, exactly as before."""
-    from .batch import is_glob
+    from .video import is_glob  # not from .batch: that loads torch, and this is argv parsing
 
     if listed or len(items) != 1 or "summary" in settings:
         return True
@@ -350,6 +350,18 @@ def _config(input_path: str, settings: dict[str, Any]) -> Config:
     if distributing and not settings.get("address") and os.environ.get("RAY_ADDRESS"):
         settings["address"] = os.environ["RAY_ADDRESS"]
     return build_config(input_path, settings, quiet=quiet)
+
+
+def _check_outputs_first(config: Config) -> None:
+    """Check the outputs' directories (a live run makes missing ones) before torch loads, so a
+    bad path is a one-line error at once; the run checks them again (it may be called alone)."""
+    from . import video
+
+    source = config.source
+    live = source.live
+    if live is None:
+        live = video.is_live_source(config.input, source.input_format)
+    video.check_output_dirs(config.output.paths, create=live)
 
 
 class _ProgressBar:
@@ -501,6 +513,7 @@ def main(argv: list[str] | None = None) -> int:
         handler = _log_to_stderr(config.quiet)
         if batch is not None:
             return run_many(config, batch)
+        _check_outputs_first(config)
         from .pipeline import run  # torch, av and friends load only for a real run
 
         if not config.quiet and sys.stderr.isatty():

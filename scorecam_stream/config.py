@@ -183,6 +183,12 @@ class OutputConfig:
             f"--preview must name a .png file, got '{self.preview}'",
         )
 
+    @property
+    def paths(self) -> tuple[str, ...]:
+        """Return the outputs named here (video, maps, records, preview), streams included."""
+        named = (self.output, self.save_maps, self.jsonl, self.preview)
+        return tuple(path for path in named if path)
+
 
 def check_window(start: float | None, end: float | None, max_frames: int | None) -> None:
     """Raise ScoreCamError unless the window is valid: the one rule (config and video.py)."""

@@ -129,8 +129,7 @@ def run(
     live = source.live if source.live is not None else guess_live
     # Before the input opens, the model loads or Ray starts: a bad output path fails at once.
     # A live run makes its outputs' missing directories (-o live/cam.m3u8).
-    for path in _output_paths(config):
-        video.check_output_dir(path, create=live)
+    video.check_output_dirs(config.output.paths, create=live)
     reader = video.VideoReader(
         config.input, source.input_format, source.options, _read_timeout(config, live)
     )
@@ -202,13 +201,6 @@ def run(
         metrics=metrics,
         metrics_table=format_table(metrics) if metrics else None,
     )
-
-
-def _output_paths(config: Config) -> list[str]:
-    """Return the file outputs named in ``config`` (not stream URLs, not the default name)."""
-    out = config.output
-    named = [out.output, out.save_maps, out.jsonl, out.preview]
-    return [p for p in named if p and p != video.STDIN and not video.is_url(p)]
 
 
 def _output_kind(target: str, is_image: bool) -> str:

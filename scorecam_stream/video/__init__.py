@@ -10,13 +10,21 @@
 - :mod:`.timeline`: a live source's timestamps kept going forward across its restarts.
 """
 
-from .files import IMAGE_CODECS, atomic_output, check_output_dir, visible_output, write_image
+from .files import (
+    IMAGE_CODECS,
+    atomic_output,
+    check_output_dir,
+    check_output_dirs,
+    visible_output,
+    write_image,
+)
 from .reader import (
     LIVE_READ_TIMEOUT_S,
     STDIN,
     Frame,
     VideoInfo,
     VideoReader,
+    is_glob,
     is_live_source,
     is_url,
     probe,
@@ -41,6 +49,8 @@ __all__ = [
     "VideoWriter",
     "atomic_output",
     "check_output_dir",
+    "check_output_dirs",
+    "is_glob",
     "is_live_source",
     "is_url",
     "output_kind",

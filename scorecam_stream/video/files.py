@@ -8,14 +8,14 @@ import logging
 import os
 import stat
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import av
 import numpy as np
 
 from ..errors import ScoreCamError
-from .reader import reason
+from .reader import STDIN, is_url, reason
 
 log = logging.getLogger("scorecam_stream.video")
 
@@ -109,6 +109,13 @@ def check_output_dir(path: str | Path, create: bool) -> None:
         raise ScoreCamError(f"output directory {parent} does not exist")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise ScoreCamError(f"output directory {parent} is not writable")
+
+
+def check_output_dirs(paths: Iterable[str], create: bool) -> None:
+    """Check the directories of the file outputs among ``paths`` (streams are not files)."""
+    for path in paths:
+        if path != STDIN and not is_url(path):
+            check_output_dir(path, create)
 
 
 def _check_target(path: str | Path, overwrite: bool) -> Path:

@@ -73,6 +73,11 @@ def is_url(path: str) -> bool:
     return "://" in path
 
 
+def is_glob(item: str) -> bool:
+    """Return whether ``item`` is a glob pattern (``*``, ``?`` or ``[...]``)."""
+    return any(c in item for c in "*?[")
+
+
 def is_live_source(path: str, input_format: str | None = None) -> bool:
     """Return whether ``path`` is read live by default: a network URL, stdin or a device."""
     if path == STDIN or input_format is not None:
