@@ -167,6 +167,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--preview", help="write a contact sheet of ~8 frames to FILE.png")
     g.add_argument("--hls-time", type=float, help="HLS output: segment seconds (default 2)")
     g.add_argument(
+        "--output-size",
+        type=size_pair,
+        metavar="WxH",
+        help="scale the output video's frames to W x H as --fit says (default: the input's)",
+    )
+    g.add_argument(
         "--hls-list-size", type=int, help="HLS output: segments in the playlist (default 6)"
     )
     g.add_argument("--overwrite", action="store_true", help="replace existing outputs")
@@ -211,6 +217,15 @@ def rgb_triple(text: str) -> tuple[float, float, float]:
     return r, g, b
 
 
+def size_pair(text: str) -> tuple[int, int]:
+    """Return (width, height) of ``WxH`` (argparse turns a ValueError into a usage error)."""
+    parts = str(text).lower().split("x")
+    if len(parts) != 2:
+        raise ValueError(f"expected WIDTHxHEIGHT, got {text!r}")
+    width, height = (int(p) for p in parts)
+    return width, height
+
+
 def load_settings(path: str) -> dict[str, Any]:
     """Return the flat settings of a YAML config file (dashes in keys read as underscores)."""
     file = Path(path)
@@ -236,6 +251,17 @@ def load_settings(path: str) -> dict[str, Any]:
                 raise ScoreCamError(
                     f"config file {path}: {key} must be three numbers R,G,B, got {value!r}"
                 ) from None
+    size = settings.get("output_size")
+    if isinstance(size, str | list):  # "1280x720" or [1280, 720]
+        try:
+            settings["output_size"] = size_pair(
+                "x".join(map(str, size)) if isinstance(size, list) else size
+            )
+        except ValueError:
+            raise ScoreCamError(
+                f"config file {path}: output_size must be WIDTHxHEIGHT, "
+                f"got {settings['output_size']!r}"
+            ) from None
     unknown = sorted(set(settings) - set(FIELDS) - {"quiet"} - set(_BATCH_FILE_SETTINGS))
     if unknown:
         raise ScoreCamError(f"config file {path}: unknown setting(s) {', '.join(unknown)}")

@@ -154,9 +154,19 @@ class OutputConfig:
     preview: str | None = None
     hls_time: float = 2.0
     hls_list_size: int = 6
+    output_size: tuple[int, int] | None = None  # (width, height); None: the input's
 
     def __post_init__(self) -> None:
         _check(0 <= self.crf <= 51, f"--crf must be in [0, 51], got {self.crf}")
+        _check(
+            self.output_size is None
+            or (
+                isinstance(self.output_size, tuple)
+                and len(self.output_size) == 2
+                and all(isinstance(v, int) and 16 <= v <= 8192 for v in self.output_size)
+            ),
+            f"--output-size must be WIDTHxHEIGHT, each 16 to 8192 pixels, got {self.output_size}",
+        )
         _check(
             math.isfinite(self.hls_time) and self.hls_time > 0,
             f"--hls-time must be > 0 seconds, got {self.hls_time}",

@@ -333,6 +333,7 @@ def make_encoder(
         open_writer(config, reader, path, name) if path is not None and not outputs.image else None,
         image=(Path(path), name) if path is not None and outputs.image else None,
         preview=outputs.preview,
+        size=config.output.output_size,
     )
 
 

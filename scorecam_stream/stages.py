@@ -109,6 +109,9 @@ class DrawItem:
 class Encoder:
     """Renders and encodes, in a thread, the :class:`DrawItem` s of an iterable, in order.
 
+    Every frame is drawn at ``size`` (width, height; default: the first frame's), scaled as
+    the render options' ``fit`` says when it has another size.
+
     ``open_writer(image)`` opens the video writer at the first rendered image (its size is
     known then); with ``image`` (path, name) the frame is written as a still image instead.
     :meth:`finish` waits, muxes the trailing audio, closes the output and raises the thread's
@@ -122,8 +125,10 @@ class Encoder:
         open_writer: Callable[[np.ndarray], VideoWriter] | None,
         image: tuple[Path, str] | None = None,
         preview: PreviewSampler | None = None,
+        size: tuple[int, int] | None = None,
     ) -> None:
         self._items = items
+        self._size = size  # (width, height) of the output; None: the first frame's
         self._options = options
         self._no_map = RenderOptions(
             layout=options.layout, colormap=options.colormap, alpha=0.0, colorbar=False
@@ -132,7 +137,7 @@ class Encoder:
         self._image = image  # (path to write, real name) of a still image output
         self._preview = preview
         self._writer: VideoWriter | None = None
-        self._sizes: tuple[tuple[int, int], tuple[int, int]] | None = None  # (first, latest)
+        self._sizes: tuple[tuple[int, int], tuple[int, int]] | None = None  # (output, latest)
         self._error: BaseException | None = None
         self._aborted = threading.Event()
         self.frames = 0
@@ -151,20 +156,23 @@ class Encoder:
                 self._items.close()  # the producer's next put returns False instead of blocking
 
     def _picture(self, picture: np.ndarray) -> np.ndarray:
-        """Return ``picture`` at the first frame's size (a source may change size mid-stream)."""
+        """Return ``picture`` at the output's size (a source may change size mid-stream)."""
         size = picture.shape[:2]
-        first, latest = self._sizes or (size, size)
+        if self._sizes is None:
+            height_width = (self._size[1], self._size[0]) if self._size else size
+            self._sizes = (height_width, size)
+        out, latest = self._sizes
         if size != latest:
             log.warning(
                 "the input's frames are now %dx%d; scaling them to the output's %dx%d (--fit %s)",
                 size[1],
                 size[0],
-                first[1],
-                first[0],
+                out[1],
+                out[0],
                 self._options.fit,
             )
-        self._sizes = (first, size)
-        return fit_to(picture, *first, self._options.fit)
+        self._sizes = (out, size)
+        return fit_to(picture, *out, self._options.fit)
 
     def _write(self, item: DrawItem) -> None:
         frame = item.frame

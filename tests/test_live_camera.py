@@ -284,3 +284,25 @@ def test_a_udp_source_that_falls_silent_and_comes_back_goes_on(tmp_path):
     gaps = [float((b - a) * time_base) for a, b in itertools.pairwise(pts)]
     assert min(gaps) > 0 and max(gaps) >= 2.5
     assert summary["frames_written"] == len(pts) > 1.5 * FPS  # frames of both sides of it
+
+
+# --- E: the output's size ----------------------------------------------------------------------
+
+
+def test_output_size_scales_a_live_output(tmp_path):
+    clip = tmp_path / "in.ts"
+    sent = send_mpegts(str(clip), 0.8, FPS, size=(128, 96), realtime=False)
+    out = tmp_path / "big.mp4"
+    assert main([str(clip), "--live", "-o", str(out), "--output-size", "200x100", *SLOW]) == 0
+    info = probe(str(out))
+    assert (info.width, info.height, info.frame_count) == (200, 100, sent)
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [("200", "--output-size"), ("axb", "--output-size"), ("8x8", "16 to 8192")],
+)
+def test_a_bad_output_size_is_one_line(tmp_path, capsys, value, message):
+    assert main([str(tmp_path / "in.ts"), "--output-size", value]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
