@@ -7,8 +7,9 @@
 The reader never waits for the explainer and the explainer never queues old frames, so the
 output is a real-time copy of the source with the freshest map, and its latency is one
 frame's passes (spread over the Ray workers when there are several). Stopping (Ctrl-C,
-SIGTERM, ``--duration``, a source that goes quiet for ``--read-timeout``) is the normal end:
-the outputs are finished and kept.
+SIGTERM, ``--duration``, a source that goes quiet for ``--read-timeout`` and cannot be
+reopened) is the normal end: the outputs are finished and kept. A source that restarts or
+reconnects plays on (:mod:`scorecam_stream.video.timeline`, :mod:`~.video.reconnect`).
 """
 
 from __future__ import annotations

@@ -121,7 +121,8 @@ def run(
 
     Every file output is written to a temporary file beside it and moved into place only when
     the whole run succeeded: a failed or interrupted run leaves nothing half-written. A live
-    run stopped by Ctrl-C, SIGTERM or ``--duration`` finishes its outputs and succeeds.
+    run stopped by Ctrl-C, SIGTERM or ``--duration`` finishes its outputs and succeeds; its
+    records (``--jsonl``) are written in place as they are made, so they can be followed.
     """
     began = time.perf_counter()
     source = config.source

@@ -99,10 +99,14 @@ class ReconnectingInput:
             if self._stopped.wait(min(wait, self._max_delay)):
                 return False
             try:
-                self.reader = self._open_reader()
+                reader = self._open_reader()
             except ScoreCamError as err:
                 log.warning("reconnect attempt %d of %d: %s", attempt, self._attempts, err)
                 continue
+            if self._stopped.is_set():  # stopped while it opened: nobody would close it
+                reader.close()
+                return False
+            self.reader = reader
             self.reconnects += 1
             log.warning("%s: reconnected (%d so far)", path, self.reconnects)
             if not self._listening:
