@@ -62,8 +62,12 @@ class LiveSource:
         duration: float | None = None,
         pace: bool = False,
         reconnecting: Callable[[], bool] | None = None,
+        on_behind: Callable[[], None] | None = None,
     ) -> None:
         self._frames = frames
+        self._on_behind = on_behind  # the output's queue passed half the backlog
+        self._draining = False  # output_frames() runs: a queue that grows now is the encoder's
+        self._behind = False
         self._reconnecting = reconnecting  # the input is being reopened: not a stall
         self._pace = pace
         self._backlog = backlog
@@ -102,6 +106,7 @@ class LiveSource:
                     self._last_arrival = frame.arrival
                     self.frames_in += 1
                     self._pending.append(frame)
+                    self._watch_backlog()
                     if len(self._pending) > self._backlog:
                         self._pending.popleft()
                         if self.dropped == 0:
@@ -118,6 +123,13 @@ class LiveSource:
                 self.ended = True
                 self.end_reason = self.end_reason or reason
             self._cond.notify_all()
+
+    def _watch_backlog(self) -> None:
+        """Call ``on_behind`` as the output's queue passes half the backlog (before any drop)."""
+        above = len(self._pending) > self._backlog // 2
+        if above and not self._behind and self._draining and self._on_behind is not None:
+            self._on_behind()
+        self._behind = above
 
     def _check_stall(self) -> None:
         """End the source when no frame came for too long (a read FFmpeg cannot interrupt)."""
@@ -147,6 +159,8 @@ class LiveSource:
 
     def output_frames(self) -> Iterator[video.Frame]:
         """Yield every frame in order (less any dropped) until the source ends."""
+        with self._cond:
+            self._draining = True
         while True:
             with self._cond:
                 while not self._pending and not self.ended:
@@ -232,6 +246,7 @@ def run_live(
         config.source.reconnect_delay,
         RECONNECT_MAX_DELAY_S,
     )
+    behind = threading.Event()
     # Reading starts before the model loads: the source does not wait, and neither do we.
     source = LiveSource(
         live_input.frames(w.start, w.end, w.max_frames),
@@ -240,6 +255,7 @@ def run_live(
         w.duration,
         pace=not reader.live,
         reconnecting=lambda: live_input.reconnecting,
+        on_behind=behind.set,  # the encoder takes a faster preset, before frames are dropped
     )
     stack.callback(_stop_reader, source, live_input)
     explainer = make_explainer()
@@ -270,7 +286,7 @@ def run_live(
             targets = dominant(x) if dominant is not None else fixed
             yield frame, FrameTask(frame.index, x, targets)
 
-    encoder = make_encoder(config, reader, draw_items(), outputs)
+    encoder = make_encoder(config, reader, draw_items(), outputs, speed_up=behind)
     evaluator = make_evaluator(config)
     display = MapDisplay(config.explain.smooth, config.output.scale)
     latencies: list[float] = []

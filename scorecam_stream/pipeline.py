@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import itertools
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -325,8 +326,12 @@ def make_encoder(
     reader: video.VideoReader,
     items: Channel[DrawItem] | Iterator[DrawItem],
     outputs: Outputs,
+    speed_up: threading.Event | None = None,
 ) -> Encoder:
-    """Return the render -> encode thread of a run, writing to ``outputs.video``."""
+    """Return the render -> encode thread of a run, writing to ``outputs.video``.
+
+    ``speed_up``: set when the encoder falls behind a live source (see :class:`Encoder`).
+    """
     path, name = outputs.video, outputs.video_name
     return Encoder(
         items,
@@ -335,6 +340,7 @@ def make_encoder(
         image=(Path(path), name) if path is not None and outputs.image else None,
         preview=outputs.preview,
         size=config.output.output_size,
+        speed_up=speed_up,
     )
 
 

@@ -110,7 +110,8 @@ class Encoder:
     """Renders and encodes, in a thread, the :class:`DrawItem` s of an iterable, in order.
 
     Every frame is drawn at ``size`` (width, height; default: the first frame's), scaled as
-    the render options' ``fit`` says when it has another size.
+    the render options' ``fit`` says when it has another size. When ``speed_up`` is set (a
+    live source's frames pile up), the writer takes a faster x264 preset, if it has one.
 
     ``open_writer(image)`` opens the video writer at the first rendered image (its size is
     known then); with ``image`` (path, name) the frame is written as a still image instead.
@@ -126,8 +127,10 @@ class Encoder:
         image: tuple[Path, str] | None = None,
         preview: PreviewSampler | None = None,
         size: tuple[int, int] | None = None,
+        speed_up: threading.Event | None = None,
     ) -> None:
         self._items = items
+        self._speed_up = speed_up
         self._size = size  # (width, height) of the output; None: the first frame's
         self._options = options
         self._no_map = RenderOptions(
@@ -192,6 +195,16 @@ class Encoder:
             return
         if self._writer is None:
             self._writer = self._open_writer(image)
+        if self._speed_up is not None and self._speed_up.is_set():
+            self._speed_up.clear()
+            preset = self._writer.speed_up()
+            if preset is not None:
+                log.warning("the encoder falls behind the source: x264 preset %s now", preset)
+            else:
+                log.info(
+                    "the encoder falls behind the source; %s has no faster preset",
+                    self._writer.name,
+                )
         self._writer.write(image, frame.pts, frame.time_base, frame.audio)
 
     def alive(self) -> bool:

@@ -27,7 +27,10 @@ from test_live import FPS, SCRIPT, SLOW, records, udp_source, video_pts, wait_fo
 
 from scorecam_stream import video
 from scorecam_stream.cli import main
-from scorecam_stream.video import Frame, Timeline, probe
+from scorecam_stream.live import LiveSource
+from scorecam_stream.render import RenderOptions
+from scorecam_stream.stages import DrawItem, Encoder
+from scorecam_stream.video import Frame, Timeline, VideoWriter, probe
 
 # --- A: every output is checked (or made) before the input opens and the model loads ---------
 
@@ -306,3 +309,64 @@ def test_a_bad_output_size_is_one_line(tmp_path, capsys, value, message):
     assert main([str(tmp_path / "in.ts"), "--output-size", value]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err
+
+
+def test_a_live_output_can_switch_to_a_faster_preset_and_still_decodes(tmp_path):
+    playlist = tmp_path / "hls" / "cam.m3u8"
+    playlist.parent.mkdir()
+    tb = Fraction(1, 90000)
+    writer = VideoWriter(str(playlist), 128, 96, tb, FPS, hls_time=0.5)
+    file_writer = VideoWriter(str(tmp_path / "cam.mp4"), 128, 96, tb, FPS)
+    chosen = []
+    for i in range(60):
+        if i in (20, 40, 50):
+            chosen.append(writer.speed_up())
+        writer.write(picture(i, 128, 96), i * 3600, tb)
+        file_writer.write(picture(i, 128, 96), i * 3600, tb)
+    writer.close()
+    assert chosen == ["superfast", "ultrafast", None]  # then there is no faster one
+    assert file_writer.speed_up() is None  # a file's stream headers are written once
+    file_writer.close()
+    with av.open(str(playlist)) as container:
+        pts = [frame.pts for frame in container.decode(video=0)]
+    assert len(pts) == 60 and pts == sorted(set(pts))  # every frame, across both switches
+
+
+def test_the_live_source_says_when_the_encoder_falls_behind_before_dropping():
+    release = threading.Event()
+
+    def frames() -> Iterator[Frame]:
+        for i in range(12):
+            yield Frame(i, np.zeros((2, 2, 3), np.uint8), i, Fraction(1, 25), i / 25)
+            if i == 0:
+                release.wait(10)  # until the output side has taken frame 0
+
+    dropped_when_told: list[int] = []
+    source = LiveSource(
+        frames(), backlog=8, read_timeout=None,
+        on_behind=lambda: dropped_when_told.append(source.dropped),
+    )  # fmt: skip
+    assert next(source.output_frames()).index == 0  # then the encoder is stuck
+    release.set()  # and the frames pile up
+    while not source.ended:
+        time.sleep(0.01)
+    assert dropped_when_told == [0] and source.dropped > 0  # told once, before the first drop
+
+
+def test_the_encoder_takes_a_faster_preset_when_told(tmp_path, caplog):
+    tb = Fraction(1, 90000)
+    writers: list[VideoWriter] = []
+
+    def open_writer(image: np.ndarray) -> VideoWriter:
+        writers.append(VideoWriter(str(tmp_path / "cam.m3u8"), 128, 96, tb, FPS))
+        return writers[-1]
+
+    behind = threading.Event()
+    behind.set()  # as the live source does when frames pile up for the encoder
+    items = [
+        DrawItem(Frame(i, picture(i, 128, 96), i * 3600, tb, i / FPS), None, "") for i in range(10)
+    ]
+    encoder = Encoder(items, RenderOptions(), open_writer, speed_up=behind)
+    encoder.finish()
+    assert writers[0].preset == "superfast" and not behind.is_set()
+    assert "x264 preset superfast now" in caplog.text
