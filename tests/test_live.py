@@ -25,7 +25,7 @@ import pytest
 from clips import free_udp_port, send_mpegts
 
 from scorecam_stream.cli import main
-from scorecam_stream.live import LiveSource
+from scorecam_stream.live_source import LiveSource
 from scorecam_stream.video import Frame, probe
 
 FPS = 25

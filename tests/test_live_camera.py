@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import logging
 import signal
 import socket
 import subprocess
@@ -27,7 +28,7 @@ from test_live import FPS, SCRIPT, SLOW, records, udp_source, video_pts, wait_fo
 
 from scorecam_stream import video
 from scorecam_stream.cli import main
-from scorecam_stream.live import LiveSource
+from scorecam_stream.live_source import LiveSource
 from scorecam_stream.render import RenderOptions
 from scorecam_stream.stages import DrawItem, Encoder
 from scorecam_stream.video import Frame, Timeline, VideoWriter, probe
@@ -354,6 +355,7 @@ def test_the_live_source_says_when_the_encoder_falls_behind_before_dropping():
 
 
 def test_the_encoder_takes_a_faster_preset_when_told(tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger="scorecam_stream")  # a run before may have set it
     tb = Fraction(1, 90000)
     writers: list[VideoWriter] = []
 
