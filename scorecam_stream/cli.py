@@ -108,6 +108,19 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         help="seconds without data after which the input has ended (default 10 for live)",
     )
+    g.add_argument(
+        "--reconnect",
+        type=int,
+        metavar="N",
+        help="reopen a live network input that breaks off or ends, up to N attempts per outage "
+        "(default 10 for network inputs; 0: off)",
+    )
+    g.add_argument(
+        "--reconnect-delay",
+        type=float,
+        metavar="SECONDS",
+        help="wait before the first attempt, doubled for each next one up to 30 s (default 1)",
+    )
     g.add_argument("--duration", type=float, help="stop after this many seconds of source")
     g = p.add_argument_group("model")
     g.add_argument(
@@ -160,6 +173,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--preview", help="write a contact sheet of ~8 frames to FILE.png")
     g.add_argument("--hls-time", type=float, help="HLS output: segment seconds (default 2)")
     g.add_argument(
+        "--output-size",
+        type=size_pair,
+        metavar="WxH",
+        help="scale the output video's frames to W x H as --fit says (default: the input's)",
+    )
+    g.add_argument(
         "--hls-list-size", type=int, help="HLS output: segments in the playlist (default 6)"
     )
     g.add_argument("--overwrite", action="store_true", help="replace existing outputs")
@@ -204,6 +223,15 @@ def rgb_triple(text: str) -> tuple[float, float, float]:
     return r, g, b
 
 
+def size_pair(text: str) -> tuple[int, int]:
+    """Return (width, height) of ``WxH`` (argparse turns a ValueError into a usage error)."""
+    parts = str(text).lower().split("x")
+    if len(parts) != 2:
+        raise ValueError(f"expected WIDTHxHEIGHT, got {text!r}")
+    width, height = (int(p) for p in parts)
+    return width, height
+
+
 def load_settings(path: str) -> dict[str, Any]:
     """Return the flat settings of a YAML config file (dashes in keys read as underscores)."""
     file = Path(path)
@@ -229,6 +257,17 @@ def load_settings(path: str) -> dict[str, Any]:
                 raise ScoreCamError(
                     f"config file {path}: {key} must be three numbers R,G,B, got {value!r}"
                 ) from None
+    size = settings.get("output_size")
+    if isinstance(size, str | list):  # "1280x720" or [1280, 720]
+        try:
+            settings["output_size"] = size_pair(
+                "x".join(map(str, size)) if isinstance(size, list) else size
+            )
+        except ValueError:
+            raise ScoreCamError(
+                f"config file {path}: output_size must be WIDTHxHEIGHT, "
+                f"got {settings['output_size']!r}"
+            ) from None
     unknown = sorted(set(settings) - set(FIELDS) - {"quiet"} - set(_BATCH_FILE_SETTINGS))
     if unknown:
         raise ScoreCamError(f"config file {path}: unknown setting(s) {', '.join(unknown)}")
@@ -261,7 +300,7 @@ def _is_directory(path: str) -> bool:
 def _is_batch(items: list[str], settings: dict[str, Any], listed: bool) -> bool:
     """Return whether a command line is a batch: several inputs, a directory, a glob, a list,
     ``-o DIR/`` or ``--summary``. One file (or one stream) otherwise, exactly as before."""
-    from .batch import is_glob
+    from .video import is_glob  # not from .batch: that loads torch, and this is argv parsing
 
     if listed or len(items) != 1 or "summary" in settings:
         return True
@@ -343,6 +382,18 @@ def _config(input_path: str, settings: dict[str, Any]) -> Config:
     if distributing and not settings.get("address") and os.environ.get("RAY_ADDRESS"):
         settings["address"] = os.environ["RAY_ADDRESS"]
     return build_config(input_path, settings, quiet=quiet)
+
+
+def _check_outputs_first(config: Config) -> None:
+    """Check the outputs' directories (a live run makes missing ones) before torch loads, so a
+    bad path is a one-line error at once; the run checks them again (it may be called alone)."""
+    from . import video
+
+    source = config.source
+    live = source.live
+    if live is None:
+        live = video.is_live_source(config.input, source.input_format)
+    video.check_output_dirs(config.output.paths, create=live)
 
 
 class _ProgressBar:
@@ -494,6 +545,7 @@ def main(argv: list[str] | None = None) -> int:
         handler = _log_to_stderr(config.quiet)
         if batch is not None:
             return run_many(config, batch)
+        _check_outputs_first(config)
         from .pipeline import run  # torch, av and friends load only for a real run
 
         if not config.quiet and sys.stderr.isatty():

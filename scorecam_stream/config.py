@@ -175,9 +175,19 @@ class OutputConfig:
     preview: str | None = None
     hls_time: float = 2.0
     hls_list_size: int = 6
+    output_size: tuple[int, int] | None = None  # (width, height); None: the input's
 
     def __post_init__(self) -> None:
         _check(0 <= self.crf <= 51, f"--crf must be in [0, 51], got {self.crf}")
+        _check(
+            self.output_size is None
+            or (
+                isinstance(self.output_size, tuple)
+                and len(self.output_size) == 2
+                and all(isinstance(v, int) and 16 <= v <= 8192 for v in self.output_size)
+            ),
+            f"--output-size must be WIDTHxHEIGHT, each 16 to 8192 pixels, got {self.output_size}",
+        )
         _check(
             math.isfinite(self.hls_time) and self.hls_time > 0,
             f"--hls-time must be > 0 seconds, got {self.hls_time}",
@@ -204,6 +214,12 @@ class OutputConfig:
             f"--preview must name a .png file, got '{self.preview}'",
         )
 
+    @property
+    def paths(self) -> tuple[str, ...]:
+        """Return the outputs named here (video, maps, records, preview), streams included."""
+        named = (self.output, self.save_maps, self.jsonl, self.preview)
+        return tuple(path for path in named if path)
+
 
 def check_window(start: float | None, end: float | None, max_frames: int | None) -> None:
     """Raise ScoreCamError unless the window is valid: the one rule (config and video.py)."""
@@ -221,6 +237,10 @@ def check_window(start: float | None, end: float | None, max_frames: int | None)
     _check(max_frames is None or max_frames >= 1, f"--max-frames must be >= 1, got {max_frames}")
 
 
+RECONNECT_ATTEMPTS = 10  # default --reconnect of live network inputs
+RECONNECT_MAX_DELAY_S = 30.0  # the backoff between attempts grows to this at most
+
+
 @dataclass(frozen=True)
 class SourceConfig:
     """How the input is opened and read: live (source pace, newest frame) or every frame.
@@ -229,12 +249,17 @@ class SourceConfig:
     ``input_option``: FFmpeg demuxer/protocol options as ``KEY=VALUE`` strings.
     ``read_timeout``: seconds without data after which the input has ended (default 10 for
     live inputs, 30 for other URLs).
+    ``reconnect``: attempts to reopen a live network input that broke off or ended, per outage
+    (0: none; None: RECONNECT_ATTEMPTS for live network inputs, else none); the first waits
+    ``reconnect_delay`` seconds, each next one twice as long (at most RECONNECT_MAX_DELAY_S).
     """
 
     live: bool | None = None
     input_format: str | None = None
     input_option: tuple[str, ...] = ()
     read_timeout: float | None = None
+    reconnect: int | None = None
+    reconnect_delay: float = 1.0
 
     def __post_init__(self) -> None:
         _check(
@@ -246,6 +271,21 @@ class SourceConfig:
             self.read_timeout is None
             or (math.isfinite(self.read_timeout) and self.read_timeout > 0),
             f"--read-timeout must be > 0 seconds, got {self.read_timeout}",
+        )
+        _check(
+            self.reconnect is None
+            or (
+                isinstance(self.reconnect, int)
+                and not isinstance(self.reconnect, bool)
+                and self.reconnect >= 0
+            ),
+            f"--reconnect must be a number of attempts >= 0, got {self.reconnect}",
+        )
+        _check(
+            isinstance(self.reconnect_delay, (int, float))
+            and math.isfinite(self.reconnect_delay)
+            and self.reconnect_delay > 0,
+            f"--reconnect-delay must be > 0 seconds, got {self.reconnect_delay}",
         )
         _check(
             self.input_format is None or bool(self.input_format.strip()),

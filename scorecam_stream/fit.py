@@ -64,3 +64,32 @@ def map_to_frame(heat: np.ndarray, height: int, width: int, fit: str) -> tuple[n
     out = np.zeros((height, width), np.float32)
     out[top : top + h, left : left + w] = cv2.resize(heat, (w, h), interpolation=cv2.INTER_LINEAR)
     return out, (top, left, h, w)
+
+
+def fit_to(image: np.ndarray, height: int, width: int, fit: str) -> np.ndarray:
+    """Return ``image`` made ``height`` x ``width`` as ``fit`` says (a frame of another size).
+
+    squash: resized; pad: scaled into the box, centred on black; crop: scaled to cover the box,
+    its centre kept.
+    """
+    h, w = image.shape[:2]
+    if (h, w) == (height, width):
+        return image
+    if fit == "squash":
+        scale_y, scale_x = height / h, width / w
+    else:
+        pick = min if fit == "pad" else max
+        scale_y = scale_x = pick(height / h, width / w)
+    size = (max(1, round(w * scale_x)), max(1, round(h * scale_y)))
+    shrink = size[0] * size[1] < w * h
+    scaled = cv2.resize(image, size, interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+    sh, sw = scaled.shape[:2]
+    if (sh, sw) == (height, width):
+        return scaled
+    if fit == "crop" or (sh >= height and sw >= width):
+        top, left = (sh - height) // 2, (sw - width) // 2
+        return np.ascontiguousarray(scaled[top : top + height, left : left + width])
+    box = np.zeros((height, width, *image.shape[2:]), dtype=image.dtype)
+    top, left = (height - sh) // 2, (width - sw) // 2
+    box[top : top + sh, left : left + sw] = scaled[: height - top, : width - left]
+    return box

@@ -7,18 +7,18 @@
 The reader never waits for the explainer and the explainer never queues old frames, so the
 output is a real-time copy of the source with the freshest map, and its latency is one
 frame's passes (spread over the Ray workers when there are several). Stopping (Ctrl-C,
-SIGTERM, ``--duration``, a source that goes quiet for ``--read-timeout``) is the normal end:
-the outputs are finished and kept.
+SIGTERM, ``--duration``, a source that goes quiet for ``--read-timeout`` and cannot be
+reopened) is the normal end: the outputs are finished and kept. A source that restarts or
+reconnects plays on (:mod:`scorecam_stream.video.timeline`, :mod:`~.video.reconnect`).
 """
 
 from __future__ import annotations
 
+import bisect
 import contextlib
-import dataclasses
 import logging
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib import import_module
@@ -28,9 +28,10 @@ import torch
 
 from . import video
 from .annotate import MapDisplay, fixed_target, frame_label, frame_record
-from .config import Config
+from .config import RECONNECT_MAX_DELAY_S, Config
 from .errors import ScoreCamError
 from .evaluation import format_table, make_evaluator
+from .live_source import LiveSource
 from .pipeline import (
     Outputs,
     Progress,
@@ -46,133 +47,7 @@ from .workers import Explainer, FrameResult, FrameTask
 
 log = logging.getLogger(__name__)
 
-_WAIT_S = 0.1  # a blocked wait wakes this often, so Ctrl-C and a stopped source are seen soon
 _BACKLOG_BYTES = 512 << 20  # decoded frames waiting for the encoder, at most
-_STALL_GRACE_S = 2.0  # past FFmpeg's own read timeout, before the reader is given up on
-
-
-class LiveSource:
-    """Decodes frames in a thread at the source's pace; never waits for the explainer.
-
-    Every frame goes to :meth:`output_frames` (for the encoder; if the encoder falls more
-    than ``backlog`` frames behind, the oldest are dropped, with a warning); the newest one is
-    kept for :meth:`newest_after` (for the explainer). ``duration`` stops after that many
-    seconds of source; ``read_timeout`` ends the source when no frame came for that long.
-    ``pace``: hand frames over no faster than their timestamps (a file played as if live).
-    """
-
-    def __init__(
-        self,
-        frames: Iterator[video.Frame],
-        backlog: int,
-        read_timeout: float | None,
-        duration: float | None = None,
-        pace: bool = False,
-    ) -> None:
-        self._frames = frames
-        self._pace = pace
-        self._backlog = backlog
-        self._read_timeout = read_timeout
-        self._duration = duration
-        self._cond = threading.Condition()
-        self._newest: video.Frame | None = None
-        self._pending: deque[video.Frame] = deque()
-        self._error: BaseException | None = None
-        self._last_arrival = time.monotonic()
-        self.ended = False
-        self.stopped = False
-        self.end_reason: str | None = None  # "duration", "read timeout", "signal"; None: EOF
-        self.frames_in = 0
-        self.dropped = 0
-        self._thread = threading.Thread(target=self._run, daemon=True, name="live-read")
-        self._thread.start()
-
-    def _run(self) -> None:
-        first: float | None = None
-        began = time.monotonic()
-        try:
-            for frame in self._frames:
-                if first is None:
-                    first = frame.seconds
-                if self._duration is not None and frame.seconds - first >= self._duration:
-                    self._end("duration")
-                    return
-                if self._pace:
-                    time.sleep(max(0.0, began + frame.seconds - first - time.monotonic()))
-                    frame = dataclasses.replace(frame, arrival=time.monotonic())
-                with self._cond:
-                    if self.stopped:
-                        return
-                    self._newest = frame
-                    self._last_arrival = frame.arrival
-                    self.frames_in += 1
-                    self._pending.append(frame)
-                    if len(self._pending) > self._backlog:
-                        self._pending.popleft()
-                        if self.dropped == 0:
-                            log.warning("the encoder cannot keep up: dropping output frames")
-                        self.dropped += 1
-                    self._cond.notify_all()
-        except BaseException as err:  # raised in the consumers' threads
-            self._error = err
-        self._end(None)
-
-    def _end(self, reason: str | None) -> None:
-        with self._cond:
-            if not self.ended:
-                self.ended = True
-                self.end_reason = self.end_reason or reason
-            self._cond.notify_all()
-
-    def _check_stall(self) -> None:
-        """End the source when no frame came for too long (a read FFmpeg cannot interrupt)."""
-        if self._read_timeout is None or self.ended:
-            return
-        if time.monotonic() - self._last_arrival > self._read_timeout + _STALL_GRACE_S:
-            log.warning("no frame for %g s; taking the input as ended", self._read_timeout)
-            self.ended = True
-            self.end_reason = "read timeout"
-
-    def newest_after(self, index: int) -> video.Frame | None:
-        """Return the newest frame once one with ``index`` or later has come; None at the end."""
-        with self._cond:
-            while True:
-                newest = self._newest
-                if newest is not None and newest.index >= index and not self.stopped:
-                    return newest
-                if self.ended:
-                    if self._error is not None:
-                        raise self._error
-                    return None
-                self._cond.wait(_WAIT_S)
-                self._check_stall()
-
-    def output_frames(self) -> Iterator[video.Frame]:
-        """Yield every frame in order (less any dropped) until the source ends."""
-        while True:
-            with self._cond:
-                while not self._pending and not self.ended:
-                    self._cond.wait(_WAIT_S)
-                    self._check_stall()
-                if not self._pending:
-                    if self._error is not None:
-                        raise self._error
-                    return
-                frame = self._pending.popleft()
-            yield frame
-
-    def stop(self, reason: str) -> None:
-        """End the source now (frames already read still go to the output)."""
-        with self._cond:
-            self.stopped = True
-            self.end_reason = self.end_reason or reason
-            self.ended = True
-            self._cond.notify_all()
-
-    def join(self, timeout: float) -> bool:
-        """Wait for the reader thread; return whether it has finished."""
-        self._thread.join(timeout)
-        return not self._thread.is_alive()
 
 
 @dataclass(frozen=True)
@@ -221,12 +96,31 @@ def run_live(
         # Importing Ray holds the interpreter for seconds: do it before the reader thread runs,
         # or its reads would look stalled past a short --read-timeout.
         import_module("scorecam_stream.distributed")
-    frames = reader.frames(start=w.start, end=w.end, max_frames=w.max_frames)
+    # Restarts of the source (timestamps from 0 again) are discontinuities the output plays on;
+    # a network input that breaks off or ends is reopened.
+    timeline = video.Timeline(reader.info.fps, wall_clock=reader.live)
+    live_input = video.ReconnectingInput(
+        reader,
+        lambda: video.VideoReader(
+            reader.path, config.source.input_format, config.source.options, reader.read_timeout
+        ),
+        timeline,
+        video.reconnect_attempts(reader.path, config.source.reconnect),
+        config.source.reconnect_delay,
+        RECONNECT_MAX_DELAY_S,
+    )
+    behind = threading.Event()
     # Reading starts before the model loads: the source does not wait, and neither do we.
     source = LiveSource(
-        frames, _backlog(reader.info), reader.read_timeout, w.duration, pace=not reader.live
+        live_input.frames(w.start, w.end, w.max_frames),
+        _backlog(reader.info),
+        reader.read_timeout,
+        w.duration,
+        pace=not reader.live,
+        reconnecting=lambda: live_input.reconnecting,
+        on_behind=behind.set,  # the encoder takes a faster preset, before frames are dropped
     )
-    stack.callback(_stop_reader, source, reader)
+    stack.callback(_stop_reader, source, live_input)
     explainer = make_explainer()
     stack.callback(explainer.close)
     meta = explainer.meta
@@ -255,7 +149,7 @@ def run_live(
             targets = dominant(x) if dominant is not None else fixed
             yield frame, FrameTask(frame.index, x, targets)
 
-    encoder = make_encoder(config, reader, draw_items(), outputs)
+    encoder = make_encoder(config, reader, draw_items(), outputs, speed_up=behind)
     evaluator = make_evaluator(config)
     display = MapDisplay(config.explain.smooth, config.output.scale)
     latencies: list[float] = []
@@ -275,6 +169,7 @@ def run_live(
                     record = frame_record(meta, result, frame, reused=False)
                     record["latency_ms"] = round(latency_ms, 3)
                     record["skipped_frames"] = frame.index - previous - 1
+                    record["discontinuity"] = _broken(timeline, previous, frame.index)
                     outputs.records.add({**record, **scores})
                 previous = frame.index
                 if progress is not None:
@@ -291,7 +186,12 @@ def run_live(
         encoder.abort()
         outputs.abort()
         raise
-    reason = "read timeout" if reader.timed_out else source.end_reason
+    reason = source.end_reason
+    if not source.stopped:  # else: stopped by us, whatever the reader saw as it was stopped
+        if live_input.gave_up:
+            reason = "reconnect failed"
+        elif live_input.timed_out:
+            reason = "read timeout"
     if source.dropped:
         log.warning("%d output frames were dropped: the encoder fell behind", source.dropped)
     p50, p95 = (
@@ -315,12 +215,23 @@ def run_live(
         cost=tally.summary(),
     )
     if outputs.records is not None:
-        record = {**_summary_record(summary, source), **tally.summary(), **(metrics or {})}
-        outputs.records.add({"summary": record})
+        record = _summary_record(summary, source, timeline, live_input)
+        outputs.records.add({"summary": {**record, **tally.summary(), **(metrics or {})}})
     return summary
 
 
-def _summary_record(summary: RunSummary, source: LiveSource) -> dict[str, object]:
+def _broken(timeline: video.Timeline, previous: int, index: int) -> bool:
+    """Return whether a discontinuity came in frames (previous, index]."""
+    at = bisect.bisect_right(timeline.discontinuities, previous)
+    return at < len(timeline.discontinuities) and timeline.discontinuities[at] <= index
+
+
+def _summary_record(
+    summary: RunSummary,
+    source: LiveSource,
+    timeline: video.Timeline,
+    live_input: video.ReconnectingInput,
+) -> dict[str, object]:
     def ms(value: float | None) -> float | None:
         return None if value is None else round(value, 3)
 
@@ -330,15 +241,21 @@ def _summary_record(summary: RunSummary, source: LiveSource) -> dict[str, object
         "frames_written": summary.frames,
         "frames_explained": summary.explained,
         "frames_dropped": source.dropped,
+        "discontinuities": len(timeline.discontinuities),
+        "reconnects": live_input.reconnects,
         "latency_p50_ms": ms(summary.latency_p50_ms),
         "latency_p95_ms": ms(summary.latency_p95_ms),
         "stopped_by": summary.stopped_by,
     }
 
 
-def _stop_reader(source: LiveSource, reader: video.VideoReader) -> None:
+def _stop_reader(source: LiveSource, live_input: video.ReconnectingInput) -> None:
     """Stop the reader thread; leave the input open if it is stuck in a read."""
+    live_input.stop()
     source.stop("end")
     if not source.join(timeout=5):
-        log.debug("the reader is blocked in a read; leaving %s open until exit", reader.path)
-        reader.detach()
+        path = live_input.reader.path
+        log.debug("the reader is blocked in a read; leaving %s open until exit", path)
+        live_input.reader.detach()
+    else:
+        live_input.close()  # a reopened input (the first one is closed by its opener too)

@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import itertools
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -134,12 +135,16 @@ def run(
 
     Every file output is written to a temporary file beside it and moved into place only when
     the whole run succeeded: a failed or interrupted run leaves nothing half-written. A live
-    run stopped by Ctrl-C, SIGTERM or ``--duration`` finishes its outputs and succeeds.
+    run stopped by Ctrl-C, SIGTERM or ``--duration`` finishes its outputs and succeeds; its
+    records (``--jsonl``) are written in place as they are made, so they can be followed.
     """
     began = time.perf_counter()
     source = config.source
     guess_live = video.is_live_source(config.input, source.input_format)
     live = source.live if source.live is not None else guess_live
+    # Before the input opens, the model loads or Ray starts: a bad output path fails at once.
+    # A live run makes its outputs' missing directories (-o live/cam.m3u8).
+    video.check_output_dirs(config.output.paths, create=live)
     reader = video.VideoReader(
         config.input, source.input_format, source.options, _read_timeout(config, live)
     )
@@ -155,13 +160,17 @@ def run(
             for name, path in (
                 ("video", target if kind == "file" else None),
                 ("maps", out.save_maps),
-                ("jsonl", out.jsonl),
+                ("jsonl", None if live else out.jsonl),  # a live run's records: see below
                 ("preview", out.preview),
             )
             if path
         }
         if kind == "hls" and Path(target).exists() and not out.overwrite:
             raise ScoreCamError(f"output {target} exists; pass --overwrite")
+        if live and out.jsonl:
+            # Written in place, each record flushed as it is made: `tail -f` follows a live
+            # run, and a killed one keeps what it recorded.
+            claimed["jsonl"] = video.visible_output(out.jsonl, out.overwrite)
         outputs = Outputs(
             video=claimed.get("video", None if kind == "file" else target),
             video_name=target,
@@ -334,8 +343,12 @@ def make_encoder(
     reader: video.VideoReader,
     items: Channel[DrawItem] | Iterator[DrawItem],
     outputs: Outputs,
+    speed_up: threading.Event | None = None,
 ) -> Encoder:
-    """Return the render -> encode thread of a run, writing to ``outputs.video``."""
+    """Return the render -> encode thread of a run, writing to ``outputs.video``.
+
+    ``speed_up``: set when the encoder falls behind a live source (see :class:`Encoder`).
+    """
     path, name = outputs.video, outputs.video_name
     return Encoder(
         items,
@@ -343,6 +356,8 @@ def make_encoder(
         open_writer(config, reader, path, name) if path is not None and not outputs.image else None,
         image=(Path(path), name) if path is not None and outputs.image else None,
         preview=outputs.preview,
+        size=config.output.output_size,
+        speed_up=speed_up,
     )
 
 

@@ -17,6 +17,7 @@ from typing import Generic, TypeVar
 import av
 import numpy as np
 
+from .fit import fit_to
 from .outputs import PreviewSampler
 from .render import RenderOptions, render_frame
 from .video import Frame, VideoWriter, write_image
@@ -108,6 +109,10 @@ class DrawItem:
 class Encoder:
     """Renders and encodes, in a thread, the :class:`DrawItem` s of an iterable, in order.
 
+    Every frame is drawn at ``size`` (width, height; default: the first frame's), scaled as
+    the render options' ``fit`` says when it has another size. When ``speed_up`` is set (a
+    live source's frames pile up), the writer takes a faster x264 preset, if it has one.
+
     ``open_writer(image)`` opens the video writer at the first rendered image (its size is
     known then); with ``image`` (path, name) the frame is written as a still image instead.
     :meth:`finish` waits, muxes the trailing audio, closes the output and raises the thread's
@@ -121,8 +126,12 @@ class Encoder:
         open_writer: Callable[[np.ndarray], VideoWriter] | None,
         image: tuple[Path, str] | None = None,
         preview: PreviewSampler | None = None,
+        size: tuple[int, int] | None = None,
+        speed_up: threading.Event | None = None,
     ) -> None:
         self._items = items
+        self._speed_up = speed_up
+        self._size = size  # (width, height) of the output; None: the first frame's
         self._options = options
         self._no_map = RenderOptions(
             layout=options.layout, colormap=options.colormap, alpha=0.0, colorbar=False
@@ -131,6 +140,7 @@ class Encoder:
         self._image = image  # (path to write, real name) of a still image output
         self._preview = preview
         self._writer: VideoWriter | None = None
+        self._sizes: tuple[tuple[int, int], tuple[int, int]] | None = None  # (output, latest)
         self._error: BaseException | None = None
         self._aborted = threading.Event()
         self.frames = 0
@@ -148,13 +158,33 @@ class Encoder:
             if isinstance(self._items, Channel):
                 self._items.close()  # the producer's next put returns False instead of blocking
 
+    def _picture(self, picture: np.ndarray) -> np.ndarray:
+        """Return ``picture`` at the output's size (a source may change size mid-stream)."""
+        size = picture.shape[:2]
+        if self._sizes is None:
+            height_width = (self._size[1], self._size[0]) if self._size else size
+            self._sizes = (height_width, size)
+        out, latest = self._sizes
+        if size != latest:
+            log.warning(
+                "the input's frames are now %dx%d; scaling them to the output's %dx%d (--fit %s)",
+                size[1],
+                size[0],
+                out[1],
+                out[0],
+                self._options.fit,
+            )
+        self._sizes = (out, size)
+        return fit_to(picture, *out, self._options.fit)
+
     def _write(self, item: DrawItem) -> None:
         frame = item.frame
+        picture = self._picture(frame.image)
         if item.heat is None:  # no map yet (live mode): the frame as it is, with its label
             heat = np.zeros((1, 1), np.float32)
-            image = render_frame(frame.image, heat, item.label, self._no_map)
+            image = render_frame(picture, heat, item.label, self._no_map)
         else:
-            image = render_frame(frame.image, item.heat, item.label, self._options)
+            image = render_frame(picture, item.heat, item.label, self._options)
         if self._preview is not None:
             self._preview.offer(image)
         self.frames += 1
@@ -165,6 +195,16 @@ class Encoder:
             return
         if self._writer is None:
             self._writer = self._open_writer(image)
+        if self._speed_up is not None and self._speed_up.is_set():
+            self._speed_up.clear()
+            preset = self._writer.speed_up()
+            if preset is not None:
+                log.warning("the encoder falls behind the source: x264 preset %s now", preset)
+            else:
+                log.info(
+                    "the encoder falls behind the source; %s has no faster preset",
+                    self._writer.name,
+                )
         self._writer.write(image, frame.pts, frame.time_base, frame.audio)
 
     def alive(self) -> bool:

@@ -22,10 +22,10 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
-from clips import free_udp_port, jsonl_lines_written, send_mpegts
+from clips import free_udp_port, send_mpegts
 
 from scorecam_stream.cli import main
-from scorecam_stream.live import LiveSource
+from scorecam_stream.live_source import LiveSource
 from scorecam_stream.video import Frame, probe
 
 FPS = 25
@@ -77,7 +77,8 @@ def video_pts(path: Path) -> tuple[Fraction, list[int]]:
 def test_live_udp_source_gives_a_real_time_copy_with_the_newest_maps(tmp_path):
     out, jsonl = tmp_path / "live.mp4", tmp_path / "live.jsonl"
     with udp_source(4.0) as (url, _, sent):
-        code = main([url, "-o", str(out), "--jsonl", str(jsonl), "--read-timeout", "1", *SLOW])
+        args = [url, "-o", str(out), "--jsonl", str(jsonl), "--read-timeout", "1"]
+        code = main([*args, "--reconnect", "0", *SLOW])
     assert code == 0
     explained, summary = records(jsonl)
     time_base, pts = video_pts(out)
@@ -132,7 +133,8 @@ def test_hls_output_is_closed_and_its_segments_decode(tmp_path):
     playlist = tmp_path / "hls" / "live.m3u8"
     playlist.parent.mkdir()
     with udp_source(3.0) as (url, _, _sent):
-        code = main([url, "-o", str(playlist), "--hls-time", "1", "--read-timeout", "1", *SLOW])
+        args = [url, "-o", str(playlist), "--hls-time", "1", "--read-timeout", "1"]
+        code = main([*args, "--reconnect", "0", *SLOW])
     assert code == 0
     lines = playlist.read_text().splitlines()
     assert lines[0] == "#EXTM3U" and lines[-1] == "#EXT-X-ENDLIST"
@@ -175,10 +177,10 @@ def _rss_kib(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
-def _wait_for_records(pid: int, directory: Path, count: int, deadline: float) -> None:
-    """Wait until the run's jsonl (still unnamed) holds ``count`` records."""
+def wait_for_records(jsonl: Path, count: int, deadline: float) -> None:
+    """Wait until a live run's jsonl (written as it goes) holds ``count`` records."""
     while time.monotonic() < deadline:
-        if jsonl_lines_written(pid, directory) >= count:
+        if jsonl.exists() and jsonl.read_bytes().count(b"\n") >= count:
             return
         time.sleep(0.1)
     raise AssertionError(f"fewer than {count} records in time")
@@ -194,9 +196,9 @@ def test_sigint_finishes_the_output_and_memory_stays_flat(tmp_path):
             text=True,
         )
         try:
-            _wait_for_records(process.pid, tmp_path, 2, time.monotonic() + 90)
+            wait_for_records(jsonl, 2, time.monotonic() + 90)
             early = _rss_kib(process.pid)
-            _wait_for_records(process.pid, tmp_path, 6, time.monotonic() + 60)
+            wait_for_records(jsonl, 6, time.monotonic() + 60)
             late = _rss_kib(process.pid)
             process.send_signal(signal.SIGINT)
             _, err = process.communicate(timeout=60)
@@ -219,6 +221,10 @@ def test_sigint_finishes_the_output_and_memory_stays_flat(tmp_path):
         (["--read-timeout", "0"], "--read-timeout"),
         (["--duration", "-1"], "--duration"),
         (["--hls-time", "0"], "--hls-time"),
+        (["--reconnect", "-1"], "--reconnect must be"),
+        (["--reconnect", "two"], "--reconnect: invalid int"),
+        (["--reconnect-delay", "0"], "--reconnect-delay must be"),
+        (["--reconnect-delay", "nan"], "--reconnect-delay must be"),
         (["-o", "ftp://127.0.0.1/x.ts"], "cannot stream to"),
         (["--input-format", "nosuchformat"], "cannot read"),
     ],
@@ -238,7 +244,7 @@ def test_live_with_ray_workers_splits_each_frame(tmp_path):
     with udp_source(6.0) as (url, _, sent):
         code = main(
             [url, "-o", str(out), "--jsonl", str(jsonl), "--read-timeout", "3", "--workers", "2",
-             *SLOW]
+             "--reconnect", "0", *SLOW]
         )  # fmt: skip
     assert code == 0
     explained, summary = records(jsonl)

@@ -13,6 +13,7 @@ from .. import video
 from ..config import BatchConfig, Config
 from ..errors import ScoreCamError
 from ..pipeline import default_output
+from ..video import is_glob
 
 # What a directory's videos are: these extensions, case-insensitive.
 VIDEO_EXTENSIONS = frozenset(
@@ -36,11 +37,6 @@ VIDEO_EXTENSIONS = frozenset(
 )
 OUTPUT_MARK = ".scorecam."  # this tool's outputs: never taken as inputs from a directory or glob
 # --- inputs and outputs ----------------------------------------------------------------------
-
-
-def is_glob(item: str) -> bool:
-    """Return whether ``item`` is a glob pattern (``*``, ``?`` or ``[...]``)."""
-    return any(c in item for c in "*?[")
 
 
 def _takeable(path: Path) -> bool:

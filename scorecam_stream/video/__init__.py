@@ -6,21 +6,33 @@
 - :mod:`.audio`: the input's audio packets into the output, copied or re-encoded.
 - :mod:`.writer`: :class:`VideoWriter` to files, HLS playlists and live streams.
 - :mod:`.files`: still images and :func:`atomic_output`.
+- :mod:`.reconnect`: a live network input reopened with backoff when it breaks or ends.
+- :mod:`.timeline`: a live source's timestamps kept going forward across its restarts.
 """
 
-from .files import IMAGE_CODECS, atomic_output, write_image
+from .files import (
+    IMAGE_CODECS,
+    atomic_output,
+    check_output_dir,
+    check_output_dirs,
+    visible_output,
+    write_image,
+)
 from .reader import (
     LIVE_READ_TIMEOUT_S,
     STDIN,
     Frame,
     VideoInfo,
     VideoReader,
+    is_glob,
     is_live_source,
     is_url,
     probe,
     read_frames,
     rotate_upright,
 )
+from .reconnect import ReconnectingInput, reconnect_attempts
+from .timeline import Timeline
 from .writer import HLS_SUFFIX, OUTPUT_FORMATS, VideoWriter, output_kind
 
 __all__ = [
@@ -30,15 +42,22 @@ __all__ = [
     "OUTPUT_FORMATS",
     "STDIN",
     "Frame",
+    "ReconnectingInput",
+    "Timeline",
     "VideoInfo",
     "VideoReader",
     "VideoWriter",
     "atomic_output",
+    "check_output_dir",
+    "check_output_dirs",
+    "is_glob",
     "is_live_source",
     "is_url",
     "output_kind",
     "probe",
     "read_frames",
+    "reconnect_attempts",
     "rotate_upright",
+    "visible_output",
     "write_image",
 ]

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import logging
 import os
 import stat
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import av
 import numpy as np
 
 from ..errors import ScoreCamError
-from .reader import reason
+from .reader import STDIN, is_url, reason
+
+log = logging.getLogger("scorecam_stream.video")
 
 IMAGE_CODECS = {
     ".png": ("png", "rgb24"),
@@ -91,6 +94,50 @@ def _sweep_stale(directory: Path, name: str) -> None:
                 stale.unlink()
 
 
+def check_output_dir(path: str | Path, create: bool) -> None:
+    """Check that the directory ``path`` goes in exists (``create``: make it) and is writable."""
+    parent = Path(path).parent
+    if parent.exists() and not parent.is_dir():
+        raise ScoreCamError(f"output directory {parent} is not a directory")
+    if not parent.is_dir() and create:
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ScoreCamError(f"cannot create output directory {parent}: {reason(exc)}") from exc
+        log.info("created output directory %s", parent)
+    if not parent.is_dir():
+        raise ScoreCamError(f"output directory {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ScoreCamError(f"output directory {parent} is not writable")
+
+
+def check_output_dirs(paths: Iterable[str], create: bool) -> None:
+    """Check the directories of the file outputs among ``paths`` (streams are not files)."""
+    for path in paths:
+        if path != STDIN and not is_url(path):
+            check_output_dir(path, create)
+
+
+def _check_target(path: str | Path, overwrite: bool) -> Path:
+    """Return ``path`` as a Path once it may be written: not a directory, not kept, writable."""
+    target = Path(path)
+    if target.is_dir():
+        raise ScoreCamError(f"output {target} is a directory")
+    if target.exists() and not overwrite:
+        raise ScoreCamError(f"output {target} exists; pass --overwrite")
+    check_output_dir(target, create=False)
+    return target
+
+
+def visible_output(path: str | Path, overwrite: bool) -> Path:
+    """Return ``path``, checked like :func:`atomic_output`'s, for a file written in place.
+
+    For what a live run writes as it goes (its records): readable while the run is on, and
+    what was written before a kill is kept.
+    """
+    return _check_target(path, overwrite)
+
+
 @contextlib.contextmanager
 def atomic_output(path: str | Path, overwrite: bool) -> Iterator[Path]:
     """Yield a path to write ``path``'s content to; it becomes ``path`` only on success.
@@ -102,16 +149,8 @@ def atomic_output(path: str | Path, overwrite: bool) -> Iterator[Path]:
     extension: writers that choose a format by it are given ``path`` too. An existing file at
     ``path`` is left untouched unless the run succeeds.
     """
-    target = Path(path)
-    if target.is_dir():
-        raise ScoreCamError(f"output {target} is a directory")
-    if target.exists() and not overwrite:
-        raise ScoreCamError(f"output {target} exists; pass --overwrite")
+    target = _check_target(path, overwrite)
     parent = target.parent
-    if not parent.is_dir():
-        raise ScoreCamError(f"output directory {parent} does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ScoreCamError(f"output directory {parent} is not writable")
     fd = _unnamed_file(parent)
     prefix = f".{target.name}.tmp-{os.getpid()}-"
     if fd is None:

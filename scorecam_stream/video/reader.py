@@ -73,6 +73,11 @@ def is_url(path: str) -> bool:
     return "://" in path
 
 
+def is_glob(item: str) -> bool:
+    """Return whether ``item`` is a glob pattern (``*``, ``?`` or ``[...]``)."""
+    return any(c in item for c in "*?[")
+
+
 def is_live_source(path: str, input_format: str | None = None) -> bool:
     """Return whether ``path`` is read live by default: a network URL, stdin or a device."""
     if path == STDIN or input_format is not None:
@@ -195,6 +200,7 @@ class VideoReader:
         self.read_timeout = read_timeout
         self.trailing_audio: tuple[av.Packet, ...] = ()  # audio after the last frame yielded
         self.timed_out = False  # the last read waited longer than read_timeout
+        self.window_ended = False  # frames() stopped at its window's end or max_frames
         self._detached = False
         self._container = open_input(path, input_format, options, read_timeout)
         try:
@@ -295,6 +301,7 @@ class VideoReader:
             if start is not None and seconds < start:
                 continue
             if end is not None and seconds >= end:
+                self.window_ended = True
                 break
             image = rotate_upright(
                 av_frame.to_ndarray(format="rgb24"), _rotation(av_frame, self._stream)
@@ -304,6 +311,7 @@ class VideoReader:
             yielded += 1
             last = seconds
             if max_frames is not None and yielded >= max_frames:
+                self.window_ended = True
                 break
         self._read_trailing_audio(end if last is None else last + 1 / self.info.fps)
 

@@ -19,6 +19,7 @@ from urllib.parse import urlparse
 import av
 import av.container
 import numpy as np
+from av.codec.context import Flags
 
 from ..errors import ScoreCamError
 from .audio import AudioTrack
@@ -29,6 +30,8 @@ log = logging.getLogger("scorecam_stream.video")
 OUTPUT_FORMATS = {".mp4": "mp4", ".m4v": "mp4", ".mov": "mov", ".mkv": "matroska"}
 STREAM_FORMATS = {"udp": "mpegts", "srt": "mpegts", "tcp": "mpegts", "rtmp": "flv", "rtmps": "flv"}
 HLS_SUFFIX = ".m3u8"
+# The x264 presets a live output steps through when its encoder falls behind.
+FASTER_PRESETS = {"veryfast": "superfast", "superfast": "ultrafast"}
 
 
 def output_kind(target: str) -> str:
@@ -133,6 +136,7 @@ class VideoWriter:
         self._warned_pts = False
         self._closed = False
         self._paced_from: tuple[float, float] | None = None  # (wall clock, seconds) of frame 0
+        self._encoder: av.VideoCodecContext | None = None  # a faster one, after speed_up()
         self._audio: AudioTrack | None = None
         try:
             self._output = _open_output(self.path, self.name, self.kind, hls_time, hls_list_size)
@@ -143,6 +147,8 @@ class VideoWriter:
         options = {"crf": str(crf), "bf": "0"}
         if self.live:
             options |= {"tune": "zerolatency", "preset": "veryfast", "g": str(max(1, round(fps)))}
+        self._options = options
+        self.preset = options.get("preset", "medium")  # x264's default
         try:
             self._stream = self._output.add_stream(
                 "libx264",
@@ -188,6 +194,39 @@ class VideoWriter:
             out = self._last_pts + 1
         return out
 
+    def speed_up(self) -> str | None:
+        """Switch to the next faster x264 preset and return it; None if there is none.
+
+        Only MPEG-TS outputs (HLS, udp, srt, tcp, -) can: the new encoder's stream headers go
+        in-band with its first keyframe, where every decoder finds them; a file's or an FLV's
+        headers are written once, at the start.
+        """
+        faster = FASTER_PRESETS.get(self.preset)
+        mpegts = self.kind == "hls" or (self.kind == "stream" and not self.name.startswith("rtmp"))
+        if faster is None or not mpegts or self._closed:
+            return None
+        old = self._encoder or self._stream.codec_context
+        self._mux(old.encode(None))  # zerolatency: no frame is held back, none is lost
+        new = av.CodecContext.create("libx264", "w")
+        new.width, new.height, new.pix_fmt = old.width, old.height, old.pix_fmt
+        new.time_base, new.framerate = old.time_base, old.framerate
+        new.flags = old.flags & ~Flags.global_header  # its headers in-band
+        new.options = {**self._options, "preset": faster}
+        new.open()
+        self._encoder, self.preset = new, faster
+        return faster
+
+    def _encode(self, frame: av.VideoFrame | None) -> list[av.Packet]:
+        """Return the packets of ``frame`` (None: flush) from the encoder in use."""
+        if self._encoder is None:
+            return self._stream.encode(frame)
+        return self._encoder.encode(frame)
+
+    def _mux(self, packets: list[av.Packet]) -> None:
+        for packet in packets:
+            packet.stream = self._stream
+        self._output.mux(packets)
+
     def _pace(self, seconds: float) -> None:
         """Wait until the wall clock reaches ``seconds`` on the stream's own clock."""
         now = time.monotonic()
@@ -224,7 +263,7 @@ class VideoWriter:
         frame.pts = out_pts
         frame.time_base = self._time_base
         try:
-            self._output.mux(self._stream.encode(frame))
+            self._mux(self._encode(frame))
             if self._audio is not None:
                 self._audio.add(audio)
         except (av.FFmpegError, OSError) as exc:
@@ -248,7 +287,7 @@ class VideoWriter:
             self.abort()
             raise ScoreCamError(f"no frames to write to {self.name} (empty input or time window?)")
         try:
-            self._output.mux(self._stream.encode(None))
+            self._mux(self._encode(None))
             if self._audio is not None:
                 self._audio.finish()
             self._closed = True

@@ -1,0 +1,374 @@
+"""A live worker for real cameras: outputs checked first, records visible as they go, restarts,
+size changes and reconnects of the source.
+
+Sources are synthetic MPEG-TS clips sent on 127.0.0.1 only (UDP, a TCP server of the test's
+own) or through a pipe; each test is bounded to a few seconds of stream.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import logging
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+from clips import free_udp_port, picture, send_mpegts
+from test_live import FPS, SCRIPT, SLOW, records, udp_source, video_pts, wait_for_records
+
+from scorecam_stream import video
+from scorecam_stream.cli import main
+from scorecam_stream.live_source import LiveSource
+from scorecam_stream.render import RenderOptions
+from scorecam_stream.stages import DrawItem, Encoder
+from scorecam_stream.video import Frame, Timeline, VideoWriter, probe
+
+# --- A: every output is checked (or made) before the input opens and the model loads ---------
+
+
+def test_a_live_run_makes_its_outputs_missing_directories(tmp_path, monkeypatch):
+    clip = tmp_path / "in.ts"
+    send_mpegts(str(clip), 0.4, FPS, realtime=False)
+    monkeypatch.chdir(tmp_path)
+    args = [str(clip), "--live", "-o", "live/cam.m3u8", "--jsonl", "logs/day/run.jsonl"]
+    assert main([*args, "--hls-time", "1", *SLOW]) == 0
+    playlist = (tmp_path / "live" / "cam.m3u8").read_text().splitlines()
+    assert playlist[-1] == "#EXT-X-ENDLIST"
+    assert (tmp_path / "logs" / "day" / "run.jsonl").read_text().count("\n") >= 1
+
+
+@pytest.mark.parametrize(
+    ("source", "output", "message"),
+    [
+        ("udp://127.0.0.1:9", ["-o", "afile/cam.m3u8"], "directory afile is not a directory"),
+        ("udp://127.0.0.1:9", ["--jsonl", "afile/x/r.jsonl"], "cannot create output directory"),
+        ("udp://127.0.0.1:9", ["-o", "-", "--preview", "afile/p.png"], "not a directory"),
+        ("in.ts", ["-o", "out/in.mp4"], "output directory out does not exist"),  # not live
+    ],
+)
+def test_an_output_that_cannot_be_written_fails_before_the_input_opens(
+    tmp_path, monkeypatch, capsys, source, output, message
+):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("a file where a directory should be")
+    opened: list[str] = []
+
+    def reader(path: str, *_: object) -> None:
+        opened.append(path)
+        raise AssertionError("the input was opened before the outputs were checked")
+
+    monkeypatch.setattr(video, "VideoReader", reader)
+    # A live source that sends nothing: opening it would wait; the model would load after.
+    assert main([source, *output, *SLOW]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
+    assert opened == []
+
+
+# --- B: a live run's records are readable as it goes, and kept when it is killed -------------
+
+
+def test_a_killed_live_run_keeps_the_records_it_made(tmp_path):
+    out, jsonl = tmp_path / "cam.mp4", tmp_path / "cam.jsonl"
+    with udp_source(30.0) as (url, stop, _sent):
+        process = subprocess.Popen(
+            [SCRIPT, url, "-o", out, "--jsonl", jsonl, *SLOW],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            wait_for_records(jsonl, 2, time.monotonic() + 90)  # named, mid-run
+            seen = jsonl.read_text().splitlines()[:2]
+            process.send_signal(signal.SIGKILL)
+            process.wait(timeout=30)
+        finally:
+            if process.poll() is None:
+                process.kill()
+        stop.set()
+    lines = jsonl.read_text().splitlines()
+    assert lines[:2] == seen  # what was there when it was killed is still there, whole
+    records = [json.loads(line) for line in lines]
+    assert all("index" in r and "summary" not in r for r in records)
+    assert not out.exists()  # the video (an mp4, useless unfinished) stays all-or-nothing
+
+
+# --- C: a source that restarts (timestamps from 0 again), at the same size or another -------
+
+
+@contextlib.contextmanager
+def restarting_udp_source(
+    segments: list[tuple[float, tuple[int, int]]],
+) -> Iterator[tuple[str, list[int]]]:
+    """Send clips one after another to one UDP port, each by a new muxer and encoder (a camera
+    that reboots: its timestamps start again); yield (url, [frames sent by each])."""
+    url = f"udp://127.0.0.1:{free_udp_port()}"
+    sent: list[int] = []
+
+    def send() -> None:
+        time.sleep(0.5)  # the reader listens before the first packet goes out
+        for seconds, size in segments:
+            sent.append(send_mpegts(url, seconds, FPS, size=size))
+
+    thread = threading.Thread(target=send, daemon=True)
+    thread.start()
+    try:
+        yield url, sent
+    finally:
+        thread.join(timeout=30)
+
+
+def _run_through_restart(tmp_path: Path, second_size: tuple[int, int]) -> tuple[list, dict, Path]:
+    """Return (records, summary, output) of a live run whose source restarts half-way."""
+    out, jsonl = tmp_path / "cam.mp4", tmp_path / "cam.jsonl"
+    with restarting_udp_source([(2.0, (128, 96)), (2.0, second_size)]) as (url, sent):
+        args = [url, "-o", str(out), "--jsonl", str(jsonl), "--read-timeout", "1"]
+        assert main([*args, "--reconnect", "0", *SLOW]) == 0
+    explained, summary = records(jsonl)
+    assert summary["discontinuities"] == 1
+    # Every frame of the second run arrives (the reader was listening): the break is there.
+    restart = summary["frames_in"] - sent[1]
+    after = [r["index"] for r in explained if r["index"] >= restart]
+    # The first record after the restart says so; no other does.
+    assert [r["index"] for r in explained if r["discontinuity"]] == after[:1]
+    return explained, summary, out
+
+
+def test_a_source_restart_is_a_discontinuity_the_output_plays_through(tmp_path):
+    _explained, summary, out = _run_through_restart(tmp_path, (128, 96))
+    time_base, pts = video_pts(out)
+    assert summary["frames_written"] == summary["frames_in"] == len(pts) > 2 * FPS
+    # Strictly increasing, one frame interval apart across the restart too: nothing squeezed
+    # (and no frame lost).
+    steps = {round((b - a) * time_base * FPS, 6) for a, b in itertools.pairwise(pts)}
+    assert steps == {1.0}
+
+
+def test_a_source_that_restarts_at_another_size_is_scaled_to_the_output(tmp_path):
+    _explained, summary, out = _run_through_restart(tmp_path, (160, 120))
+    info = probe(str(out))
+    assert (info.width, info.height) == (128, 96)
+    with av.open(str(out)) as container:
+        sizes = {(f.width, f.height) for f in container.decode(video=0)}
+    assert sizes == {(128, 96)}
+    assert summary["frames_written"] == info.frame_count > 2 * FPS  # both halves written
+
+
+def _stamped(pts: list[int], arrivals: list[float]) -> list[Frame]:
+    image = np.zeros((2, 2, 3), np.uint8)
+    tb = Fraction(1, 90000)
+    pairs = zip(pts, arrivals, strict=True)
+    return [Frame(0, image, p, tb, float(p * tb), (), arrival) for p, arrival in pairs]
+
+
+def test_the_timeline_continues_through_resets_and_jumps_and_keeps_real_gaps():
+    step = 3600  # 25 fps at 90 kHz
+    pts = [0, step, 2 * step, 0, step, 10**9, 10**9 + step, 10**9 + 5 * step]
+    arrivals = [0.0, 0.04, 0.08, 0.12, 0.16, 0.20, 0.24, 0.40]  # the last: 4 frames missed
+    timeline = Timeline(25.0, wall_clock=True)
+    out = list(timeline.frames(_stamped(pts, arrivals)))
+    assert [f.index for f in out] == list(range(8))
+    assert [f.pts for f in out] == [step * k for k in (0, 1, 2, 3, 4, 5, 6, 10)]
+    assert timeline.discontinuities == [3, 5]  # a reset, then a jump far ahead of the clock
+    # Not real time (a file played as live): only going back is a break.
+    paced = Timeline(25.0, wall_clock=False)
+    assert [f.pts for f in paced.frames(_stamped([0, step, 10**9], [0.0] * 3))] == [
+        0, step, 10**9
+    ]  # fmt: skip
+    assert paced.discontinuities == []
+    paced.mark()  # a reopened source: its next frame follows on, whatever its timestamp
+    (after,) = paced.frames(_stamped([10**9 + 100 * step], [0.0]))
+    assert after.pts == 10**9 + step and paced.discontinuities == [3]
+
+
+# --- D: a network source that drops is reopened, the output goes on ---------------------------
+
+
+@contextlib.contextmanager
+def dropping_tcp_server(segments: list[bytes], seconds: float, down: float) -> Iterator[str]:
+    """Serve MPEG-TS on 127.0.0.1 to one client per segment, at ``seconds`` a segment, then
+    drop it; the server is down (refusing) for ``down`` s between segments and after the last.
+    Yield the tcp:// URL."""
+    first = socket.create_server(("127.0.0.1", 0))  # SO_REUSEADDR: the port is taken again
+    port = first.getsockname()[1]
+
+    def serve() -> None:
+        server = first
+        for i, data in enumerate(segments):
+            if i:
+                time.sleep(down)
+                server = socket.create_server(("127.0.0.1", port))
+            with server:
+                server.settimeout(30)
+                client, _ = server.accept()
+            with client:
+                chunk = 188 * 7
+                began = time.monotonic()
+                for at in range(0, len(data), chunk):
+                    time.sleep(max(0.0, began + seconds * at / len(data) - time.monotonic()))
+                    client.sendall(data[at : at + chunk])
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"tcp://127.0.0.1:{port}"
+    finally:
+        thread.join(timeout=30)
+
+
+def test_a_tcp_source_that_drops_is_reconnected_and_the_output_goes_on(tmp_path):
+    segments, sent = [], 0
+    for i in range(2):
+        clip = tmp_path / f"part{i}.ts"
+        sent += send_mpegts(str(clip), 2.0, FPS, realtime=False)
+        segments.append(clip.read_bytes())
+    out, jsonl = tmp_path / "cam.mp4", tmp_path / "cam.jsonl"
+    with dropping_tcp_server(segments, seconds=2.0, down=0.5) as url:
+        args = [url, "-o", str(out), "--jsonl", str(jsonl), "--read-timeout", "2"]
+        # Attempts after 0.2, 0.4, 0.8 s: the first is refused (the server is down for 0.5 s).
+        assert main([*args, "--reconnect", "3", "--reconnect-delay", "0.2", *SLOW]) == 0
+    _explained, summary = records(jsonl)
+    assert summary["reconnects"] == 1 and summary["discontinuities"] == 1
+    assert summary["stopped_by"] == "reconnect failed"  # after the second drop, nobody answers
+    # TCP loses nothing: every frame of both connections is written, one interval apart.
+    time_base, pts = video_pts(out)
+    assert summary["frames_written"] == len(pts) == sent
+    steps = {round((b - a) * time_base * FPS, 6) for a, b in itertools.pairwise(pts)}
+    assert steps == {1.0}
+
+
+def _send_with_a_silence(url: str, before: float, silence: float, after: float) -> int:
+    """Send MPEG-TS to ``url`` in real time with one encoder and muxer: ``before`` s, nothing
+    for ``silence`` s (timestamps go on: a network outage), ``after`` s. Return frames sent."""
+    count, resume = round((before + after) * FPS), round(before * FPS)
+    with av.open(url, "w", format="mpegts") as output:
+        stream = output.add_stream(
+            "libx264", rate=FPS, width=128, height=96,
+            options={"tune": "zerolatency", "g": str(FPS // 2), "bf": "0"},
+        )  # fmt: skip
+        began = time.monotonic()
+        for i in range(count):
+            pts = i + (round(silence * FPS) if i >= resume else 0)
+            time.sleep(max(0.0, began + pts / FPS - time.monotonic()))
+            frame = av.VideoFrame.from_ndarray(picture(i, 128, 96), format="rgb24")
+            frame.pts, frame.time_base = pts, Fraction(1, FPS)
+            output.mux(stream.encode(frame))
+        output.mux(stream.encode(None))
+    return count
+
+
+def test_a_udp_source_that_falls_silent_and_comes_back_goes_on(tmp_path):
+    out, jsonl = tmp_path / "cam.mp4", tmp_path / "cam.jsonl"
+    url = f"udp://127.0.0.1:{free_udp_port()}"
+    sender = threading.Thread(
+        target=lambda: (time.sleep(0.5), _send_with_a_silence(url, 1.5, 2.5, 1.5)), daemon=True
+    )
+    sender.start()
+    args = [url, "-o", str(out), "--jsonl", str(jsonl), "--read-timeout", "1"]
+    try:
+        assert main([*args, "--reconnect", "3", *SLOW]) == 0
+    finally:
+        sender.join(timeout=30)
+    _explained, summary = records(jsonl)
+    # Listened to again after 1 s of silence (and again, as nothing came in the next second).
+    assert summary["reconnects"] == 1 and summary["stopped_by"] == "reconnect failed"
+    # The same stream went on: no discontinuity, the silence kept as the gap it was.
+    assert summary["discontinuities"] == 0
+    time_base, pts = video_pts(out)
+    gaps = [float((b - a) * time_base) for a, b in itertools.pairwise(pts)]
+    assert min(gaps) > 0 and max(gaps) >= 2.5
+    assert summary["frames_written"] == len(pts) > 1.5 * FPS  # frames of both sides of it
+
+
+# --- E: the output's size ----------------------------------------------------------------------
+
+
+def test_output_size_scales_a_live_output(tmp_path):
+    clip = tmp_path / "in.ts"
+    sent = send_mpegts(str(clip), 0.8, FPS, size=(128, 96), realtime=False)
+    out = tmp_path / "big.mp4"
+    assert main([str(clip), "--live", "-o", str(out), "--output-size", "200x100", *SLOW]) == 0
+    info = probe(str(out))
+    assert (info.width, info.height, info.frame_count) == (200, 100, sent)
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [("200", "--output-size"), ("axb", "--output-size"), ("8x8", "16 to 8192")],
+)
+def test_a_bad_output_size_is_one_line(tmp_path, capsys, value, message):
+    assert main([str(tmp_path / "in.ts"), "--output-size", value]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
+
+
+def test_a_live_output_can_switch_to_a_faster_preset_and_still_decodes(tmp_path):
+    playlist = tmp_path / "hls" / "cam.m3u8"
+    playlist.parent.mkdir()
+    tb = Fraction(1, 90000)
+    writer = VideoWriter(str(playlist), 128, 96, tb, FPS, hls_time=0.5)
+    file_writer = VideoWriter(str(tmp_path / "cam.mp4"), 128, 96, tb, FPS)
+    chosen = []
+    for i in range(60):
+        if i in (20, 40, 50):
+            chosen.append(writer.speed_up())
+        writer.write(picture(i, 128, 96), i * 3600, tb)
+        file_writer.write(picture(i, 128, 96), i * 3600, tb)
+    writer.close()
+    assert chosen == ["superfast", "ultrafast", None]  # then there is no faster one
+    assert file_writer.speed_up() is None  # a file's stream headers are written once
+    file_writer.close()
+    with av.open(str(playlist)) as container:
+        pts = [frame.pts for frame in container.decode(video=0)]
+    assert len(pts) == 60 and pts == sorted(set(pts))  # every frame, across both switches
+
+
+def test_the_live_source_says_when_the_encoder_falls_behind_before_dropping():
+    release = threading.Event()
+
+    def frames() -> Iterator[Frame]:
+        for i in range(12):
+            yield Frame(i, np.zeros((2, 2, 3), np.uint8), i, Fraction(1, 25), i / 25)
+            if i == 0:
+                release.wait(10)  # until the output side has taken frame 0
+
+    dropped_when_told: list[int] = []
+    source = LiveSource(
+        frames(), backlog=8, read_timeout=None,
+        on_behind=lambda: dropped_when_told.append(source.dropped),
+    )  # fmt: skip
+    assert next(source.output_frames()).index == 0  # then the encoder is stuck
+    release.set()  # and the frames pile up
+    while not source.ended:
+        time.sleep(0.01)
+    assert dropped_when_told == [0] and source.dropped > 0  # told once, before the first drop
+
+
+def test_the_encoder_takes_a_faster_preset_when_told(tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger="scorecam_stream")  # a run before may have set it
+    tb = Fraction(1, 90000)
+    writers: list[VideoWriter] = []
+
+    def open_writer(image: np.ndarray) -> VideoWriter:
+        writers.append(VideoWriter(str(tmp_path / "cam.m3u8"), 128, 96, tb, FPS))
+        return writers[-1]
+
+    behind = threading.Event()
+    behind.set()  # as the live source does when frames pile up for the encoder
+    items = [
+        DrawItem(Frame(i, picture(i, 128, 96), i * 3600, tb, i / FPS), None, "") for i in range(10)
+    ]
+    encoder = Encoder(items, RenderOptions(), open_writer, speed_up=behind)
+    encoder.finish()
+    assert writers[0].preset == "superfast" and not behind.is_set()
+    assert "x264 preset superfast now" in caplog.text
