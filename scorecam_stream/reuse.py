@@ -41,7 +41,11 @@ from .scorecam import BasePass, Weighting, combine_shards
 
 log = logging.getLogger(__name__)
 
-_DEFAULT_INTERVAL = 16  # frames between keyframes: a full recompute costs K passes
+_DEFAULT_INTERVAL = 16  # frames between keyframes at most: a full recompute costs K passes
+_FIRST_INTERVAL = 4  # at first: the budget is calibrated soon, then keyframes space out
+# Masked inputs are compared at this resolution: fine enough to see a pan move a mask's
+# content at any layer (a 2 x 2 or 4 x 4 head layer's own grid is far too coarse for that).
+PROBE_GRID = 16
 # A new scene: the cosine similarity of the channels' mean activations with the last frame's
 # falls below this (consecutive frames of pans and zooms: >= 0.93; a cut: 0.24 in the bench).
 _CUT = 0.7
@@ -84,7 +88,7 @@ class FrameView:
     highs: torch.Tensor  # (K,) max of each upsampled channel
     logits: torch.Tensor  # (C,) unmasked logits
     zero_logits: torch.Tensor  # (C,) logits of the all-zero input (every constant channel's)
-    pooled: torch.Tensor  # (3, h, w) the model input, averaged over the layer's grid
+    pooled: torch.Tensor  # (3, G, G) the model input, averaged over the probe grid
     size: tuple[int, int]  # (S, S) the model input's size
 
     @classmethod
@@ -95,7 +99,7 @@ class FrameView:
             (base.channels[0] == torch.arange(acts.shape[0], device=acts.device)).all()
         ):
             raise ScoreCamError("--fidelity below 1 needs every channel: drop --max-channels")
-        pooled = F.adaptive_avg_pool2d(base.x[:1].float(), acts.shape[-2:])[0]
+        pooled = F.adaptive_avg_pool2d(base.x[:1].float(), PROBE_GRID)[0]
         return cls(
             activations=acts.cpu(),
             lows=base.lows[0].cpu(),
@@ -185,6 +189,15 @@ def correlation(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a @ b) / den)
 
 
+def _grid_masks(view: FrameView) -> torch.Tensor:
+    """Return every channel's normalised mask on the probe grid (K, G, G), constant ones 0."""
+    grid = view.pooled.shape[-2:]
+    up = F.interpolate(view.activations[None], size=grid, mode="bilinear", align_corners=False)[0]
+    span = (view.highs - view.lows)[:, None, None]
+    masks = ((up - view.lows[:, None, None]) / span.clamp_min(1e-12)).clamp(0, 1)
+    return torch.where(span > 0, masks, torch.zeros_like(masks))
+
+
 def maps_of(
     weighting: Weighting, view: FrameView, logits: torch.Tensor, targets: torch.Tensor
 ) -> torch.Tensor:
@@ -221,6 +234,7 @@ class StreamState:
         self.weighting = weighting
         self.options = options
         self.budget = options.initial_budget
+        self.interval = min(_FIRST_INTERVAL, options.keyframe_interval)  # frames to a keyframe
         self._logits: torch.Tensor | None = None  # (K, C) latest masked-pass logits
         self._probes: torch.Tensor | None = None  # (K, 3, h, w) probe each result was run on
         self._known: torch.Tensor | None = None  # (K,) bool: a live result is cached
@@ -247,7 +261,7 @@ class StreamState:
         if not bool(forced.any() | moved.any()):
             return Plan(every[:0], keyframe=False)  # nothing moved: every result still holds
         selection = self._select(view, targets, live, change, forced, moved)
-        if self._since_key + 1 >= self.options.keyframe_interval:
+        if self._since_key + 1 >= self.interval:
             return Plan(every, keyframe=True, selection=selection, measure=True)
         return Plan(selection, keyframe=False)
 
@@ -284,10 +298,8 @@ class StreamState:
     # ------------------------------------------------------------------ internals
 
     def _probe(self, view: FrameView) -> torch.Tensor:
-        """Return each channel's probe (K, 3, h, w): its normalised mask times the input."""
-        span = (view.highs - view.lows)[:, None, None]
-        masks = ((view.activations - view.lows[:, None, None]) / span.clamp_min(1e-12)).clamp(0, 1)
-        masks = torch.where(span > 0, masks, torch.zeros_like(masks))  # (K, h, w)
+        """Return each channel's probe (K, 3, G, G): its normalised mask times the input."""
+        masks = _grid_masks(view)  # (K, G, G)
         return masks[:, None] * view.pooled[None]
 
     def _is_cut(self, view: FrameView) -> bool:
@@ -296,6 +308,7 @@ class StreamState:
         assert previous is not None
         similarity = F.cosine_similarity(view.activations.flatten(1).mean(dim=1), previous, dim=0)
         return float(similarity) < self.options.cut
+
     def _select(
         self,
         view: FrameView,
@@ -315,8 +328,8 @@ class StreamState:
         if self.weighting.score != "softmax":  # logits: what counts is the distance from typical
             scores = scores - scores.mean(dim=0)
         weight = scores.abs().amax(dim=1)
-        mass = self._probe_mass(view)
-        priority = torch.where(moved, change * (weight * mass + 1e-12), torch.zeros_like(change))
+        # The change of its masked input, times what the channel weighs in the map.
+        priority = torch.where(moved, change * (weight + 1e-12), torch.zeros_like(change))
         must = forced | (moved & (self._age >= self.options.max_age))
         budget = math.ceil(self.budget * int(live.sum()))
         room = max(0, min(budget - int(must.sum()), int((moved & ~must).sum())))
@@ -326,21 +339,27 @@ class StreamState:
             chosen[candidates.topk(room).indices] = True
         return chosen.nonzero().flatten()
 
-    def _probe_mass(self, view: FrameView) -> torch.Tensor:
-        """Return each channel's mean normalised mask (K,): its area in the map."""
-        span = (view.highs - view.lows)[:, None, None].clamp_min(1e-12)
-        masks = ((view.activations - view.lows[:, None, None]) / span).clamp(0, 1)
-        return masks.flatten(1).mean(dim=1)
-
     def _control(self, fidelity: float) -> None:
-        """Adjust the budget from a keyframe's measured correlation."""
+        """Adjust the budget, and how often it is measured, from a keyframe's correlation.
+
+        Short of the target: twice the budget, keyframes twice as often. Comfortably above
+        (less than half the allowed error): a quarter fewer passes, keyframes further apart.
+        """
         target = self.options.fidelity
         before = self.budget
         if fidelity < target:
             self.budget = min(1.0, self.budget * 2)
+            self.interval = max(2, self.interval // 2)
         elif 1 - fidelity < 0.5 * (1 - target):
             self.budget = max(self.options.min_budget, self.budget * 0.75)
-        log.debug("keyframe fidelity %.5f: budget %.4f -> %.4f", fidelity, before, self.budget)
+            self.interval = min(self.options.keyframe_interval, self.interval * 2)
+        log.debug(
+            "keyframe fidelity %.5f: budget %.4f -> %.4f, keyframes every %d frames",
+            fidelity,
+            before,
+            self.budget,
+            self.interval,
+        )
 
     def _store(
         self, view: FrameView, logits: torch.Tensor, channels: torch.Tensor, keyframe: bool

@@ -1,6 +1,7 @@
 """Live-stream benchmark: a local 25 fps source, explained live by one process and by Ray workers.
 
-    python scripts/bench_live.py                           # 30 s source, 1 process vs 2 workers
+    python scripts/bench_live.py                           # 30 s source, exact and 0.99, 2 workers
+    python scripts/bench_live.py --fidelity 1 0.99 0.95 --no-ray   # reuse, in-process only
     python scripts/bench_live.py --seconds 60 --workers 4 --config configs/vgg16-gpu.yaml --gpus
 
 A synthetic clip (the quick start's pan/zoom over a cat photo) is sent as MPEG-TS over UDP to
@@ -94,6 +95,8 @@ def run_live(frames: list[np.ndarray], fps: int, options: list[str], scratch: Pa
         "latency_p50_ms": float(np.percentile(latencies, 50)),
         "latency_p95_ms": float(np.percentile(latencies, 95)),
         "output_fps": summary["frames_written"] / (len(frames) / fps),
+        "passes_per_map": summary.get("passes_per_frame"),
+        "fidelity_min": summary.get("fidelity_min"),
     }
 
 
@@ -106,12 +109,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default=str(REPO / "configs" / "cpu-demo.yaml"))
     parser.add_argument("--workers", type=int, default=2, help="Ray workers in the last row")
     parser.add_argument("--gpus", action="store_true", help="the workers are GPU workers")
+    parser.add_argument(
+        "--fidelity",
+        type=float,
+        nargs="+",
+        default=[1.0, 0.99],
+        help="one in-process row per --fidelity (default 1.0 = exact, and 0.99)",
+    )
+    parser.add_argument("--no-ray", action="store_true", help="in-process rows only")
     args = parser.parse_args(argv)
     width, height = (int(v) for v in args.size.split("x"))
     frames = pan_zoom_frames(round(args.seconds * args.fps), width, height)
     base = ["--config", args.config, "--read-timeout", "2"]
-    rows = {"1 process": base}
-    if args.gpus:
+    rows = {f"1 process, fidelity {f:g}": [*base, "--fidelity", str(f)] for f in args.fidelity}
+    if args.no_ray:
+        pass
+    elif args.gpus:
         rows[f"{args.workers} GPU workers"] = [*base, "--gpus", str(args.workers)]
     else:
         threads = max(1, torch.get_num_threads() // args.workers)
@@ -129,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         f"{'run':<28} {'startup s':>9} {'explained':>9} {'maps/s':>7} "
-        f"{'p50 ms':>8} {'p95 ms':>8} {'out fps':>8}"
+        f"{'p50 ms':>8} {'p95 ms':>8} {'out fps':>8} {'passes/map':>10} {'min r':>6}"
     )
     with tempfile.TemporaryDirectory() as scratch:
         for name, options in rows.items():
@@ -137,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"{name:<28} {r['startup_s']:>9.1f} {r['explained_fraction']:>9.1%} "
                 f"{r['maps_per_s']:>7.2f} {r['latency_p50_ms']:>8.0f} {r['latency_p95_ms']:>8.0f} "
-                f"{r['output_fps']:>8.2f}"
+                f"{r['output_fps']:>8.2f} {r['passes_per_map'] or float('nan'):>10.1f} "
+                f"{r['fidelity_min'] if r['fidelity_min'] is not None else float('nan'):>6.3f}"
             )
             sys.stdout.flush()
     return 0

@@ -3,8 +3,9 @@
     python scripts/bench_reuse.py                                  # Lite0 @96, bn2, 3 clips
     python scripts/bench_reuse.py --size 128 --frames 40 --json docs/bench_reuse.json
 
-Clips that move the way video does, built from real photos (scikit-image's): a slow pan, a
-zoom, and a pan that cuts to another photo (a class change). For every frame the exact run
+Clips that move the way video does, built from real photos (scikit-image's): a pan, a zoom, a
+fixed camera with a subject walking across, and a pan that cuts to another photo (a class
+change). For every frame the exact run
 computes every live channel's masked pass (constant channels skipped, as the exact engine
 does) and the exact map. Each ``--fidelity`` F then runs the per-stream reuse state
 (:class:`scorecam_stream.reuse.StreamState`) over the same frames: it plans which passes to run,
@@ -23,6 +24,7 @@ import json
 import platform
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -32,7 +34,14 @@ from skimage import data
 from scorecam_stream.config import EngineConfig, ModelConfig
 from scorecam_stream.metrics import insertion_deletion
 from scorecam_stream.models import resize_frame
-from scorecam_stream.reuse import FrameView, ReuseOptions, StreamState, correlation, maps_of
+from scorecam_stream.reuse import (
+    PROBE_GRID,
+    FrameView,
+    ReuseOptions,
+    StreamState,
+    correlation,
+    maps_of,
+)
 from scorecam_stream.workers import FrameTask, LocalExplainer, Worker
 
 W, H = 320, 240
@@ -49,16 +58,37 @@ def crop(image: np.ndarray, cx: float, cy: float, zoom: float) -> np.ndarray:
     return cv2.resize(view, (W, H), interpolation=cv2.INTER_AREA)
 
 
+def still_camera(background: np.ndarray, subject: np.ndarray, t: np.ndarray) -> list:
+    """Return frames of a fixed camera: ``background`` still, ``subject`` walking across."""
+    scene = crop(background, 0.5, 0.5, 1.0)
+    side = H // 3
+    patch = cv2.resize(subject, (side, side), interpolation=cv2.INTER_AREA)
+    frames = []
+    for s in t:
+        frame = scene.copy()
+        x0, y0 = int(20 + s * (W - side - 40)), H // 2 - side // 4
+        frame[y0 : y0 + side, x0 : x0 + side] = patch
+        frames.append(frame)
+    return frames
+
+
 def clips(frames: int) -> dict[str, list[np.ndarray]]:
-    """Return the bench's clips: name -> RGB frames (H, W, 3) uint8."""
+    """Return the bench's clips: name -> RGB frames (H, W, 3) uint8, ~25 fps motion.
+
+    pan: a camera panning over a photo (its width in ~6 s); zoom: zooming in 1.3x; still: a
+    fixed camera, a subject walking across (a third of the frame's height); cut: a pan that
+    cuts to another photo half-way (another class).
+    """
     astronaut, cat, coffee, rocket = data.astronaut(), data.chelsea(), data.coffee(), data.rocket()
     half = frames // 2
     t = np.linspace(0, 1, frames)
+    pace = frames / 150  # the share of the way a ~6 s move covers in this many frames
     return {
-        "pan": [crop(astronaut, 0.35 + 0.3 * s, 0.45, 1.6) for s in t],
-        "zoom": [crop(cat, 0.45, 0.45, 1.0 + 0.8 * s) for s in t],
-        "cut": [crop(coffee, 0.4 + 0.2 * s, 0.5, 1.3) for s in t[:half]]
-        + [crop(rocket, 0.5, 0.3 + 0.2 * s, 1.5) for s in t[half:]],
+        "pan": [crop(astronaut, 0.4 + 0.5 * pace * s, 0.45, 1.6) for s in t],
+        "zoom": [crop(cat, 0.45, 0.45, 1.0 + 0.3 * s) for s in t],
+        "still": still_camera(coffee, cat, t * pace * 3),
+        "cut": [crop(coffee, 0.4 + 0.5 * pace * s, 0.5, 1.3) for s in t[:half]]
+        + [crop(rocket, 0.5, 0.3 + 0.5 * pace * s, 1.5) for s in t[half:]],
     }
 
 
@@ -172,6 +202,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--check", action="store_true", help="one clip end to end at 0.99")
     parser.add_argument("--json", help="write the rows here")
+    parser.add_argument("--clips", nargs="+", default=["pan", "zoom", "still", "cut"])
+    parser.add_argument(
+        "--cache", help="keep each clip's exact run here and reuse it (tuning the reuse rule)"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -186,7 +220,19 @@ def main() -> None:
     )
     print(header)
     for name, images in clips(args.frames).items():
-        frames, seconds = exact_run(worker, images)
+        if name not in args.clips:
+            continue
+        cached = None
+        if args.cache:
+            key = f"{name}-{args.size}-{args.layer}-{args.frames}-g{PROBE_GRID}.pt"
+            cached = Path(args.cache) / key
+        if cached is not None and cached.exists():
+            frames, seconds = torch.load(cached, weights_only=False)
+        else:
+            frames, seconds = exact_run(worker, images)
+            if cached is not None:
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                torch.save((frames, seconds), cached)
         for fidelity in args.fidelity:
             if fidelity >= 1:
                 row = {

@@ -384,7 +384,7 @@ def test_reuse_over_the_pool_equals_in_process(kill):
         return Worker(REUSE_MODEL, EngineConfig(batch_size=8), cache_frames=8)
 
     items = drifting_items(8)
-    local = list(LocalExplainer(make()).explain(items, REUSE))
+    local = list(LocalExplainer(make(), topk=2).explain(items, REUSE))
 
     def kill_once(pool: FakePool, call: _Sent) -> None:
         if kill and call.method == "channel_logits" and pool.lives[1] == 1:
@@ -393,12 +393,13 @@ def test_reuse_over_the_pool_equals_in_process(kill):
     pool = FakePool(make, 2, before_call=kill_once)
     policy = RetryPolicy(max_failures=2)
     explainer = ShardedExplainer(
-        pool, pool.workers[0].meta(), shards_per_frame=3, max_inflight=3, policy=policy
+        pool, pool.workers[0].meta(), topk=2, shards_per_frame=3, max_inflight=3, policy=policy
     )
     out = list(explainer.explain(items, REUSE))
     assert [p for p, _ in out] == [p for p, _ in local]  # every frame, in order
     for (_, a), (_, b) in zip(local, out, strict=True):
         assert a is not None and b is not None
+        assert b.maps.shape[0] == 2  # --topk 2: both classes' maps from one set of passes
         np.testing.assert_array_equal(a.targets, b.targets)
         np.testing.assert_allclose(b.maps, a.maps, rtol=1e-5, atol=1e-6)
         assert (a.passes, a.reused, a.keyframe) == (b.passes, b.reused, b.keyframe)
