@@ -265,7 +265,12 @@ def test_signal_mid_run_stops_everything_and_writes_nothing(clip, tmp_path, sign
 
 
 def test_local_ray_instance_lost_mid_run_leaves_nothing(clip, tmp_path):
-    """The local raylet killed (as the OOM killer would): Ray ends this process; no file stays."""
+    """The local raylet killed (as the OOM killer would): Ray ends this process; no file stays.
+
+    Ray's C++ core ends the driver (``_Exit``) at its first call that meets the dead raylet's
+    socket, which can come before any thread of the driver runs again: the one line comes from
+    the session's watcher process, which outlives the driver.
+    """
     out, records = tmp_path / "out.mp4", tmp_path / "records.jsonl"
     args = [str(clip), "-o", str(out), "--jsonl", str(records), "--save-maps", "m.npz"]
     args += ["--model", "efficientnet_lite0", "--input-size", "128", "--workers", "1"]
