@@ -7,7 +7,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from fractions import Fraction
 from pathlib import Path
 
@@ -18,17 +17,17 @@ import numpy as np
 import pytest
 import torch
 from clips import (
+    CLIP_FRAMES,
     FAST,
     FPS,
     REPO,
     H,
     W,
     audio_span,
-    jsonl_lines_written,
     make_clip,
     read_timing,
 )
-from conftest import CLIP_FRAMES
+from helpers import wait_for_records
 
 from scorecam_stream import ScoreCAM, load_model
 from scorecam_stream import stages as stages_module
@@ -375,12 +374,7 @@ def test_a_killed_run_leaves_no_file_behind(tmp_path):
     outputs = ["-o", "o.mp4", "--save-maps", "m.npz", "--jsonl", "r.jsonl", "--preview", "p.png"]
     run = subprocess.Popen([script, clip.name, *outputs, *FAST], cwd=tmp_path)
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and run.poll() is None:
-            if jsonl_lines_written(run.pid, tmp_path):
-                break  # mid-run: a frame is done, its record is in the still unnamed jsonl
-            time.sleep(0.05)
-        assert run.poll() is None, "the run ended before it could be killed"
+        wait_for_records(run, tmp_path)  # mid-run: a frame is done, the run is not
         run.kill()
         run.wait(timeout=30)
     finally:

@@ -8,6 +8,7 @@ keeps 16 channels), which costs a few milliseconds per frame.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import signal
 import threading
@@ -20,7 +21,8 @@ import pytest
 import ray
 import torch
 import torchvision
-from conftest import seeded_frames, wait_gone
+from conftest import seeded_frames
+from helpers import wait_gone
 from ray.exceptions import RayActorError
 
 from scorecam_stream import ScoreCamError
@@ -417,3 +419,48 @@ def test_workers_that_cannot_be_placed_time_out(ray_cluster, model):
     # close() on the failure freed the CPUs: two workers fit again
     with RayExplainer(model, ENGINE, DistributedConfig(workers=2, startup_timeout=60)) as ex:
         assert len(ex.worker_info()) == 2
+
+
+# --- --workers-per-gpu on a Ray instance that declares one (logical) GPU: K actors share it.
+# There is no GPU here, so the actors run their model on the CPU (a Worker subclass), but Ray
+# places them by the planned fractional GPU resources exactly as on a GPU machine.
+
+
+def cpu_worker() -> type[Worker]:
+    """Return a worker class that Ray places on a GPU share but that computes on the CPU.
+
+    Defined in a function so that Ray's pickling sends the class itself to the actors (this
+    test module is not importable there).
+    """
+
+    class CpuWorker(Worker):
+        def __init__(self, config: ModelConfig, *args, **kwargs) -> None:
+            super().__init__(dataclasses.replace(config, device="cpu"), *args, **kwargs)
+
+        def gpu_ids(self) -> list[str]:
+            return [str(i) for i in ray.get_gpu_ids()]
+
+    return CpuWorker
+
+
+@pytest.fixture(scope="module")
+def one_gpu_ray():
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def test_two_workers_share_one_gpu_and_give_the_same_maps(one_gpu_ray, model, frames, reference):
+    gpu_model = dataclasses.replace(model, device="cuda")
+    dist = DistributedConfig(gpus=1, workers_per_gpu=2, startup_timeout=60)
+    with RayExplainer(gpu_model, ENGINE, dist, topk=2, worker_cls=cpu_worker()) as explainer:
+        assert len(explainer.actors) == 2
+        # both placed on the one GPU, half of it each: none of it is left
+        ids = ray.get([a.gpu_ids.remote() for a in explainer.actors])
+        assert ids == [["0"], ["0"]]
+        assert ray.available_resources().get("GPU", 0.0) == pytest.approx(0.0, abs=1e-3)
+        out = list(explainer.explain(make_items(frames)))
+        assert {info["device"] for info in explainer.worker_info()} == {"cpu"}
+    assert_same(out, reference)

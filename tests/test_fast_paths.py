@@ -9,8 +9,8 @@ import torch
 import torchvision
 from clips import FAST, make_clip
 from conftest import make_tiny
+from helpers import VARIANTS, assert_maps_close, reference_map
 from skimage import data
-from test_scorecam import VARIANTS, assert_maps_close, reference_map
 
 from scorecam_stream import ScoreCAM, combine_shards
 from scorecam_stream.cli import main, parse_config

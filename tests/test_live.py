@@ -22,7 +22,8 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
-from clips import free_udp_port, jsonl_lines_written, send_mpegts
+from clips import free_udp_port, send_mpegts
+from helpers import wait_for_records
 
 from scorecam_stream.cli import main
 from scorecam_stream.live import LiveSource
@@ -175,15 +176,6 @@ def _rss_kib(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
-def _wait_for_records(pid: int, directory: Path, count: int, deadline: float) -> None:
-    """Wait until the run's jsonl (still unnamed) holds ``count`` records."""
-    while time.monotonic() < deadline:
-        if jsonl_lines_written(pid, directory) >= count:
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"fewer than {count} records in time")
-
-
 def test_sigint_finishes_the_output_and_memory_stays_flat(tmp_path):
     out, jsonl = tmp_path / "stopped.mp4", tmp_path / "stopped.jsonl"
     with udp_source(30.0) as (url, stop, _sent):
@@ -194,9 +186,9 @@ def test_sigint_finishes_the_output_and_memory_stays_flat(tmp_path):
             text=True,
         )
         try:
-            _wait_for_records(process.pid, tmp_path, 2, time.monotonic() + 90)
+            wait_for_records(process, tmp_path, count=2, timeout=90)
             early = _rss_kib(process.pid)
-            _wait_for_records(process.pid, tmp_path, 6, time.monotonic() + 60)
+            wait_for_records(process, tmp_path, count=6, timeout=60)
             late = _rss_kib(process.pid)
             process.send_signal(signal.SIGINT)
             _, err = process.communicate(timeout=60)
