@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlparse
 
 import numpy as np
@@ -349,7 +349,7 @@ def _process(
         for frame in decoded:
             explain = frame.index % every == 0
             x = model_input(frame.image, meta) if explain else None
-            yield frame, (FrameTask(frame.index, x, fixed) if explain else None)
+            yield frame, (FrameTask(frame.index, cast(torch.Tensor, x), fixed) if explain else None)
 
     drawn: Channel[DrawItem] = Channel()
     encoder = make_encoder(config, reader, drawn, outputs)

@@ -246,7 +246,7 @@ class Worker:
             return result
         return dataclasses.replace(result, scores=self.score(task.x, result.maps[0], targets[0]))
 
-    def score(self, x: torch.Tensor, map_: np.ndarray, target: int) -> FrameScores:
+    def score(self, x: torch.Tensor, map_: np.ndarray, target: int | torch.Tensor) -> FrameScores:
         """Return the faithfulness scores of one frame's map (S, S) for ``target``."""
         if self.scorer is None:
             raise RuntimeError("this worker was started without metrics")

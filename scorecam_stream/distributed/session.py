@@ -157,7 +157,7 @@ if select.select([raylet], [], [], 0)[0] and not closed:
 
 def _stderr_line(message: str) -> str:
     """Return ``message`` as this module's logger would write it to stderr as an error."""
-    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, message, None, None)
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, message, (), None)
     logger: logging.Logger | None = log
     while logger is not None:
         for handler in logger.handlers:
