@@ -17,13 +17,24 @@ def test_readme_python_example_runs(capsys):
     assert "Egyptian cat" in capsys.readouterr().out
 
 
-def test_readme_commands_match_ci():
+def _command_under(readme: str, heading: str) -> str:
+    """Return the one indented command line of a README section."""
+    section = readme.split(f"\n## {heading}\n", 1)[1].split("\n## ", 1)[0]
+    commands = [line[4:] for line in section.splitlines() if line.startswith("    ")]
+    assert len(commands) == 1, f"## {heading} should show exactly one command: {commands}"
+    return commands[0]
+
+
+def test_ci_runs_exactly_the_readme_set_up_and_test_commands():
     readme = (REPO / "README.md").read_text(encoding="utf-8")
-    ci = (REPO / ".ci" / "run").read_text(encoding="utf-8")
-    setup = "python3 -m venv .venv && . .venv/bin/activate && pip install -e '.[test]'"
-    test = ". .venv/bin/activate && ruff check . && pytest -q"
-    for command in (setup, test):
-        assert command in readme and command in ci
+    setup, test = _command_under(readme, "Install"), _command_under(readme, "Test")
+    ci = (REPO / ".ci" / "run").read_text(encoding="utf-8").splitlines()
+    preamble = {"set -euo pipefail", 'cd "$(dirname "$0")/.."', "rm -rf .venv"}
+    run = [line for line in ci[1:] if line and not line.startswith("#") and line not in preamble]
+    assert run == [setup, test]
+    assert "pip install -e '.[test]'" in setup
+    for step in ("ruff check .", "mypy", "pytest -q"):  # lint, types, the whole suite
+        assert f"&& {step}" in test
 
 
 def test_cli_reference_is_generated_from_the_parser():
