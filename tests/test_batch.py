@@ -321,6 +321,7 @@ def three_clips_and_single_runs(tmp_path_factory):
         pytest.param([], id="default"),
     ],
 )
+@pytest.mark.slow  # Ray workers
 def test_three_clips_on_two_workers_match_three_single_runs(
     inflight, three_clips_and_single_runs, tmp_path
 ):
@@ -336,6 +337,7 @@ def test_three_clips_on_two_workers_match_three_single_runs(
     assert_same_outputs(out, maps, single)
 
 
+@pytest.mark.slow  # Ray workers and tasks
 def test_video_tasks_run_each_video_in_a_ray_task(
     three_clips_and_single_runs, tmp_path, monkeypatch
 ):

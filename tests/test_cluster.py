@@ -39,6 +39,8 @@ from helpers import (
 from scorecam_stream.cli import main
 from scorecam_stream.video import probe
 
+pytestmark = pytest.mark.slow  # every test starts Ray (a local instance, a head or nodes)
+
 
 @pytest.fixture(scope="module")
 def single(clip, tmp_path_factory) -> tuple[Path, Path]:

@@ -31,6 +31,8 @@ from scorecam_stream.distributed import RayExplainer
 from scorecam_stream.distributed.tasks import run_tasks
 from scorecam_stream.workers import FrameResult, FrameTask, LocalExplainer, Worker
 
+pytestmark = pytest.mark.slow  # the Ray layer: most tests start a Ray instance or a cluster
+
 ENGINE = EngineConfig(batch_size=8, max_channels=16)
 MARK = 7.25  # x[0, 0, 0] of the frame that the flaky worker fails on
 MAX_INFLIGHT = 3

@@ -102,6 +102,7 @@ def test_metrics_and_gradcam_baseline_write_keys_and_summary(clip, tmp_path, cap
     assert "AD %" in table and "scorecam" in table and "gradcam" in table
 
 
+@pytest.mark.slow  # a Ray worker
 def test_ray_workers_run_the_metric_passes(clip, tmp_path, monkeypatch):
     """With --workers the metric passes run on the workers: none runs in this process."""
 

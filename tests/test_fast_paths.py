@@ -92,6 +92,7 @@ def test_padded_chunks_run_the_padded_rows_and_drop_them(tiny, images):
         assert_maps_close(result.maps[i], ref)
 
 
+@pytest.mark.slow  # torch.compile from a cold cache
 def test_compiled_engine_equals_eager():
     """torch.compile on CPU (inductor, C++): same maps as eager, padded chunks included."""
     torch._dynamo.reset()

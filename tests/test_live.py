@@ -176,6 +176,7 @@ def _rss_kib(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
+@pytest.mark.slow  # a 30 s live source
 def test_sigint_finishes_the_output_and_memory_stays_flat(tmp_path):
     out, jsonl = tmp_path / "stopped.mp4", tmp_path / "stopped.jsonl"
     with udp_source(30.0) as (url, stop, _sent):
@@ -225,6 +226,7 @@ def test_bad_live_options_are_one_line_errors(tmp_path, capsys, monkeypatch, arg
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.ts"]
 
 
+@pytest.mark.slow  # Ray workers
 def test_live_with_ray_workers_splits_each_frame(tmp_path):
     out, jsonl = tmp_path / "ray.mp4", tmp_path / "ray.jsonl"
     with udp_source(6.0) as (url, _, sent):

@@ -31,6 +31,8 @@ from helpers import (
     wait_for_records,
 )
 
+pytestmark = pytest.mark.slow  # every test starts Ray (a local instance, a head or nodes)
+
 # Slow enough that the kill lands mid-run (about 256 passes per frame), cheap enough for CI.
 OPTIONS = ["--model", "efficientnet_lite0", "--input-size", "96", "--max-channels", "256"]
 OPTIONS += ["--batch-size", "32"]

@@ -1,13 +1,15 @@
-"""The README's Python example runs as written (and its asserts hold)."""
+"""README facts: the Python example runs, CI runs its commands, docs/cli.md is current."""
 
 from __future__ import annotations
 
 import importlib.util
 import re
 
+import pytest
 from clips import REPO
 
 
+@pytest.mark.slow  # the full Score-CAM of a real photo
 def test_readme_python_example_runs(capsys):
     text = (REPO / "README.md").read_text(encoding="utf-8")
     blocks = re.findall(r"```python\n(.*?)```", text, re.S)
