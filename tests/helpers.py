@@ -31,8 +31,8 @@ def _stat_fields(stat: Path) -> list[str] | None:
     """Return the fields after the command name of a /proc/<pid>/stat file (None if gone)."""
     try:
         return stat.read_text().rsplit(")", 1)[1].split()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return None  # gone, or read empty while it was being reaped
 
 
 def process_alive(pid: int) -> bool:

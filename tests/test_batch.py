@@ -264,6 +264,7 @@ def test_directory_glob_and_list_in_one_run(tmp_path, monkeypatch, capsys):
     assert {r["status"] for r in records} == {"done"}
 
 
+@pytest.mark.slow  # a batch in a process, then again
 def test_a_stopped_batch_resumes_where_it_stopped(tmp_path):
     """Ctrl-C after the first video: it is kept; the re-run skips it and makes the others."""
     first, middle, last = make_clips(tmp_path, {"a.mp4": 3, "b.mp4": 60, "c.mp4": 3})

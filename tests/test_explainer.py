@@ -206,6 +206,7 @@ def assert_same(out: list[tuple[str, FrameResult | None]], reference: dict) -> N
         assert result.skipped == expected.skipped
 
 
+@pytest.mark.slow  # six frames through real workers
 def test_frames_split_over_workers_match_the_in_process_results(make_worker, frames, reference):
     pool = FakePool(make_worker, 2)
     explainer = explainer_over(pool)
@@ -218,6 +219,7 @@ def test_frames_split_over_workers_match_the_in_process_results(make_worker, fra
     assert explainer.stats.calls == 6 * 4 and explainer.stats.resubmitted == 0
 
 
+@pytest.mark.slow  # frames through real workers, twice
 def test_a_worker_that_dies_with_calls_in_flight_has_them_resent(make_worker, frames, reference):
     def kill_once(pool: FakePool, call: _Sent) -> None:
         if len(pool.calls) == 5 and pool.workers[0] is not None and pool.lives[0] == 1:
@@ -235,6 +237,7 @@ def test_a_worker_that_dies_with_calls_in_flight_has_them_resent(make_worker, fr
     assert {i for i, _ in pool.calls} == {0, 1}
 
 
+@pytest.mark.slow  # frames through real workers
 def test_a_restart_in_the_middle_of_a_frame_recomputes_its_base_pass(
     make_worker, frames, reference
 ):
@@ -253,6 +256,7 @@ def test_a_restart_in_the_middle_of_a_frame_recomputes_its_base_pass(
     assert (1, "shard") in pool.calls  # the restarted worker computed shards
 
 
+@pytest.mark.slow  # frames through real workers
 def test_a_slow_frame_holds_back_no_more_than_max_inflight_frames(make_worker, frames, reference):
     """While frame 0 is held up, the later frames that finish cannot be output: the explainer
     takes new frames only up to its in-flight bound, then waits, then completes every frame."""
@@ -263,6 +267,7 @@ def test_a_slow_frame_holds_back_no_more_than_max_inflight_frames(make_worker, f
     assert_same(out, reference)
 
 
+@pytest.mark.slow  # frames through real workers
 def test_pass_through_items_behind_a_slow_frame_are_bounded(make_worker, frames, reference):
     """Items without a task (``--every N``) behind a held-up frame: the input is read only as far
     as the explainer may hold items, then every item comes out in order."""
@@ -302,6 +307,7 @@ def test_all_workers_down_until_the_deadline_fails_every_run(make_worker, frames
     assert all(s.state is SlotState.RESTARTING and s.probes > 0 for s in pool.slots)
 
 
+@pytest.mark.slow  # frames through real workers
 def test_a_shard_that_fails_every_time_names_the_frame_and_shard(make_worker, frames):
     attempts = []
 
@@ -334,6 +340,7 @@ def test_a_user_mistake_in_a_worker_is_not_retried(make_worker, frames):
     assert [m for _, m in pool.calls] == [] and explainer.stats.retried == 0
 
 
+@pytest.mark.slow  # two runs through real workers
 def test_concurrent_runs_share_the_workers(make_worker, frames, reference):
     """Two runs (e.g. two videos) from two threads at once: each gets its own frames, in order."""
     pool = FakePool(make_worker, 2)

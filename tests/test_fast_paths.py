@@ -192,6 +192,7 @@ def test_worker_gives_the_same_result_for_uint8_and_float_frames(squeezenet):
     )
 
 
+@pytest.mark.slow  # whole runs
 def test_bf16_from_the_command_line_on_cpu(tmp_path):
     """--dtype bf16 runs on the CPU (autocast): close to fp32, and not fp32 itself."""
     clip = tmp_path / "clip.mp4"

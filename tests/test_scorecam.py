@@ -173,6 +173,7 @@ def test_matches_pytorch_grad_cam(tiny, images):
     np.testing.assert_allclose(ours.maps.numpy(), theirs, atol=1e-4)
 
 
+@pytest.mark.slow  # every channel of a real model on a real photo
 def test_matches_pytorch_grad_cam_on_a_real_photo():
     """The offline EfficientNet-Lite0 on a real 16:9 frame, at the issue's layer blocks.6."""
     import cv2
