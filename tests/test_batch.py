@@ -234,6 +234,7 @@ def assert_same_outputs(batch_out: Path, batch_maps: Path, single: dict[str, tup
             assert not diff.any(), f"{stem} frame {i}: max diff {diff.max()} at {where}"
 
 
+@pytest.mark.slow  # a batch and its single runs
 def test_videos_in_flight_share_one_model_and_match_single_runs(tmp_path):
     """In-process, two videos at once take turns on the one model: same outputs as alone."""
     clips = make_clips(tmp_path / "in", {"a.mp4": 3, "b.mp4": 5, "c.mp4": 4})

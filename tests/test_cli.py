@@ -95,6 +95,7 @@ def test_default_output_beside_input_and_overwrite_rule(clip, tmp_path):
     assert probe(str(out)).frame_count == 3
 
 
+@pytest.mark.slow  # a whole run
 def test_topk_every_and_records(clip, tmp_path):
     maps, records = tmp_path / "m.npz", tmp_path / "r.jsonl"
     args = ["--topk", 3, "--every", 4, "--save-maps", maps, "--jsonl", records]
@@ -305,6 +306,7 @@ def test_bad_config_file(tmp_path, clip, capsys):
     assert "unknown setting" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # a whole run
 def test_broken_stream_gives_the_decoded_frames(tmp_path, capsys):
     whole, cut = tmp_path / "whole.ts", tmp_path / "cut.ts"
     rng = np.random.default_rng(0)
@@ -339,6 +341,7 @@ def _fail_at_frame(monkeypatch, error: type[BaseException], at: int = 3) -> None
     monkeypatch.setattr(stages_module, "render_frame", render)
 
 
+@pytest.mark.slow  # whole runs
 @pytest.mark.parametrize(("error", "code"), [(KeyboardInterrupt, 130), (RuntimeError, None)])
 def test_failed_or_interrupted_run_leaves_nothing(error, code, clip, tmp_path, monkeypatch):
     out, maps, records = tmp_path / "o.mp4", tmp_path / "m.npz", tmp_path / "r.jsonl"
