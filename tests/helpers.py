@@ -73,6 +73,15 @@ def stop_session(process: subprocess.Popen) -> list[int]:
     return session_pids(process.pid)
 
 
+def raylet_of(process: subprocess.Popen) -> int:
+    """Return the pid of the raylet that a `ray start` process started."""
+    for pid in session_pids(process.pid):
+        program = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
+        if program.endswith(b"/raylet"):  # not a worker, whose arguments name the raylet
+            return pid
+    raise AssertionError("no raylet in the node's session")
+
+
 def unnamed_outputs(pid: int, directory: Path) -> list[Path]:
     """Return ``/proc/PID/fd/N`` of the unnamed files process ``pid`` writes in ``directory``.
 

@@ -25,7 +25,7 @@ from helpers import (
     BIN,
     assert_same_run,
     free_port,
-    session_pids,
+    raylet_of,
     single_run,
     stop_session,
     wait_for_records,
@@ -121,15 +121,6 @@ def cluster(tmp_path_factory) -> Iterator[Cluster]:
         yield cluster
     finally:
         cluster.close()
-
-
-def raylet_of(process: subprocess.Popen) -> int:
-    """Return the pid of the raylet that a `ray start` process started."""
-    for pid in session_pids(process.pid):
-        program = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
-        if program.endswith(b"/raylet"):  # not a worker, whose arguments name the raylet
-            return pid
-    raise AssertionError("no raylet in the node's session")
 
 
 def run_and_lose(
