@@ -5,12 +5,12 @@ Shared by the file pipeline and the live loop.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
 from .errors import ScoreCamError
-from .render import MapScaler
+from .render import MapScaler, ScaleMode
 from .video import Frame
 from .workers import FrameResult, ModelMeta
 
@@ -52,7 +52,7 @@ class MapDisplay:
 
     def __init__(self, smooth: float, scale: str) -> None:
         self._weight = smooth
-        self._scaler = MapScaler(scale)
+        self._scaler = MapScaler(cast(ScaleMode, scale))  # validated by the config
         self._smoothed: np.ndarray | None = None
         self._target = -1
 
@@ -61,7 +61,7 @@ class MapDisplay:
         first, target = result.maps[0], int(result.targets[0])
         a = self._weight
         fresh = self._smoothed is None or a == 0 or target != self._target
-        self._smoothed = first if fresh else a * self._smoothed + (1 - a) * first
+        self._smoothed = first if fresh else a * cast(np.ndarray, self._smoothed) + (1 - a) * first
         self._target = target
         return self._scaler(self._smoothed, key=target)
 

@@ -27,6 +27,8 @@ from .config import FIELDS, BatchConfig, Config, build_config
 from .errors import ScoreCamError, Terminated, first_line
 
 if TYPE_CHECKING:
+    from tqdm import tqdm
+
     from .batch import BatchProgress, VideoRecord
 
 PROG = "scorecam-video"
@@ -40,7 +42,7 @@ class _Parser(argparse.ArgumentParser):
         raise ScoreCamError(message)
 
 
-def _bool_flag(parser: argparse.ArgumentParser, name: str, help_text: str) -> None:
+def _bool_flag(parser: argparse._ActionsContainer, name: str, help_text: str) -> None:
     parser.add_argument(
         f"--{name}",
         dest=name.replace("-", "_"),
@@ -400,7 +402,7 @@ class _ProgressBar:
     """A tqdm bar on stderr, created at the first frame."""
 
     def __init__(self) -> None:
-        self._bar = None
+        self._bar: tqdm[Any] | None = None
 
     def __call__(self, done: int, total: int | None) -> None:
         if self._bar is None:

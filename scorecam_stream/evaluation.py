@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -53,7 +53,7 @@ class _Means:
             )
             if pair["pairs"]:  # the same target in both frames
                 self.pairs += 1
-                self.iou_sum += pair["iou"]
+                self.iou_sum += cast(float, pair["iou"])  # a float where there are pairs
             if pair["correlation"] is not None:
                 self.correlation_sum += pair["correlation"]
                 self.correlations += 1
@@ -117,7 +117,8 @@ class FrameScorer:
         base_map = self._gradcam(x[None], torch.tensor([target])).maps[0].cpu()
         ms = (time.perf_counter() - began) * 1000
         base_fields = {**self._score(x[None], base_map, target), "milliseconds": round(ms, 3)}
-        return FrameScores({**fields, self.baseline: base_fields}, base_map.numpy())
+        baseline = cast(str, self.baseline)  # set with the Grad-CAM it names
+        return FrameScores({**fields, baseline: base_fields}, base_map.numpy())
 
     def _score(self, x: torch.Tensor, map_: torch.Tensor, target: int) -> dict[str, float]:
         targets = torch.tensor([target])

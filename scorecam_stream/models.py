@@ -15,6 +15,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -218,7 +219,7 @@ def _rgb_triple(name: str, value: Sequence[float] | None) -> tuple[float, float,
         triple = ()
     if len(triple) != 3 or not all(np.isfinite(triple)):
         raise ScoreCamError(f"{name} must be three numbers R,G,B, got {value!r}")
-    return triple  # type: ignore[return-value]
+    return triple
 
 
 def _rounded(values: Sequence[float]) -> str:
@@ -229,7 +230,11 @@ def _own_preprocessing(model: nn.Module, family: str) -> dict:
     """Return the model's own mean, std, input_size (those it has) and where they came from."""
     cfg = getattr(model, "pretrained_cfg", None)  # every timm model has one
     if isinstance(cfg, dict) and cfg.get("mean") and cfg.get("std"):
-        own = {"mean": tuple(cfg["mean"]), "std": tuple(cfg["std"]), "source": "timm's config"}
+        own: dict[str, Any] = {
+            "mean": tuple(cfg["mean"]),
+            "std": tuple(cfg["std"]),
+            "source": "timm's config",
+        }
         if cfg.get("input_size"):
             own["input_size"] = int(cfg["input_size"][-1])
         return own

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlparse
 
 import numpy as np
@@ -387,7 +387,7 @@ def _process(
         for frame in decoded:
             explain = frame.index % every == 0
             x = model_input(frame.image, meta) if explain else None
-            yield frame, (FrameTask(frame.index, x, fixed) if explain else None)
+            yield frame, (FrameTask(frame.index, cast(torch.Tensor, x), fixed) if explain else None)
 
     drawn: Channel[DrawItem] = Channel()
     encoder = make_encoder(config, reader, drawn, outputs)
@@ -420,7 +420,8 @@ def _process(
         encoder.finish(reader.trailing_audio)
         if outputs.records is not None and (evaluator is not None or not reuse.exact):
             # The last line; the same {"summary": {...}} line as the live mode's.
-            summary = {"frames": done, "explained": explained, **tally.summary()}
+            summary: dict[str, Any] = {"frames": done, "explained": explained}
+            summary.update(tally.summary())
             summary.update(evaluator.summary() if evaluator is not None else {})
             outputs.records.add({"summary": summary})
         outputs.close()

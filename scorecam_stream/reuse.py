@@ -140,10 +140,14 @@ class Outcome:
 class Costed(Protocol):
     """What one explained frame cost: an :class:`Outcome`, or a FrameResult that carries it."""
 
-    passes: int
-    reused: int
-    keyframe: bool
-    fidelity: float | None
+    @property
+    def passes(self) -> int: ...
+    @property
+    def reused(self) -> int: ...
+    @property
+    def keyframe(self) -> bool: ...
+    @property
+    def fidelity(self) -> float | None: ...
 
 
 @dataclass

@@ -22,7 +22,7 @@ import itertools
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -41,8 +41,12 @@ EPS = 1e-5  # the article's term in the normalisation's denominator
 GRAD_CAM_MASK_EPS = 1e-8  # pytorch-grad-cam's term in the masks' normalisation
 GRAD_CAM_SCALE_EPS = 1e-7  # pytorch-grad-cam's term in the maps' min-max scaling
 # What pytorch-grad-cam's ScoreCAM fixes: target logit, softmax across channels, raw activations.
-GRAD_CAM_OPTIONS = {"score": "logit", "channel_softmax": True, "combine": "raw"}
-ARTICLE_OPTIONS = {"score": "softmax", "channel_softmax": False, "combine": "normalized"}
+GRAD_CAM_OPTIONS: dict[str, Any] = {"score": "logit", "channel_softmax": True, "combine": "raw"}
+ARTICLE_OPTIONS: dict[str, Any] = {
+    "score": "softmax",
+    "channel_softmax": False,
+    "combine": "normalized",
+}
 # With fixed-shape chunks, the batch sizes a forward may have: batch_size, /2, /4. A few shapes
 # compile a few times; one shape would pad a shard of 129 passes at batch 256 to 256.
 FIXED_SHAPES = 3
@@ -140,7 +144,7 @@ class BasePass:
         """Return this base pass with every tensor on ``device`` (pinned, async copies)."""
         values = [getattr(self, f) for f in self.__dataclass_fields__]
         if torch.device(device).type == "cpu":
-            return BasePass(*to_host(values))
+            return BasePass(*cast(list[torch.Tensor], to_host(values)))
         return BasePass(*(to_device(v, device) for v in values))
 
 
@@ -161,7 +165,7 @@ class ShardResult:
     norm: torch.Tensor | None = None  # (N, T) sum of exp(s_k - shift) (channel_softmax only)
     # pytorch-grad-cam variant: ``partial`` is (N, T, h, w) at the layer's resolution, and
     # combine_shards applies ReLU there, min-max scales, upsamples to this (S, S) and rescales.
-    size: tuple[int, int] | None = None
+    size: tuple[int, ...] | None = None
 
     def to(self, device: torch.device | str) -> ShardResult:
         """Return this shard result with every tensor on ``device`` (pinned, async copies)."""
@@ -205,13 +209,14 @@ def combine_shards(shards: Sequence[ShardResult]) -> torch.Tensor:
         for shard in shards[1:]:
             total += shard.partial
     else:
-        shift = torch.stack([s.shift for s in shards]).amax(dim=0)  # (N, T)
+        shifts = [cast(torch.Tensor, s.shift) for s in shards]  # all set, as the first one's
+        shift = torch.stack(shifts).amax(dim=0)  # (N, T)
         total = torch.zeros_like(shards[0].partial)
         norm = torch.zeros_like(shift)
         for shard in shards:
-            scale = torch.exp(shard.shift - shift)  # (N, T)
+            scale = torch.exp(cast(torch.Tensor, shard.shift) - shift)  # (N, T)
             total += scale[..., None, None] * shard.partial
-            norm += scale * shard.norm
+            norm += scale * cast(torch.Tensor, shard.norm)
         total /= norm[..., None, None]
     total.clamp_(min=0)
     if shards[0].size is None:
@@ -245,26 +250,40 @@ class Weighting:
     @classmethod
     def resolve(
         cls,
-        variant: Variant = "article",
-        score: Score | None = None,
+        variant: str = "article",
+        score: str | None = None,
         channel_softmax: bool | None = None,
-        combine: Combine | None = None,
+        combine: str | None = None,
     ) -> Weighting:
-        """Return the weighting of ``variant``, with the options given (None: the variant's)."""
+        """Return the weighting of ``variant``, with the options given (None: the variant's).
+
+        Raises ValueError for a value no variant has, or one that ``variant`` fixes otherwise.
+        """
         if variant not in ("article", "pytorch-grad-cam"):
             raise ValueError(f"variant must be article or pytorch-grad-cam, got '{variant}'")
         options = ARTICLE_OPTIONS if variant == "article" else GRAD_CAM_OPTIONS
-        given = {"score": score, "channel_softmax": channel_softmax, "combine": combine}
+        given: dict[str, Any] = {
+            "score": score,
+            "channel_softmax": channel_softmax,
+            "combine": combine,
+        }
         if variant != "article":
             clash = [f"{k}={v!r}" for k, v in given.items() if v is not None and v != options[k]]
             if clash:
                 raise ValueError(f"variant {variant} fixes {options}; got {', '.join(clash)}")
-        score, channel_softmax, combine = (options[k] if v is None else v for k, v in given.items())
-        if score not in ("softmax", "logit", "logit_delta"):
-            raise ValueError(f"score must be softmax, logit or logit_delta, got '{score}'")
-        if combine not in ("normalized", "raw"):
-            raise ValueError(f"combine must be normalized or raw, got '{combine}'")
-        return cls(score, bool(channel_softmax), combine, variant)
+        chosen = {k: options[k] if v is None else v for k, v in given.items()}
+        if chosen["score"] not in ("softmax", "logit", "logit_delta"):
+            raise ValueError(
+                f"score must be softmax, logit or logit_delta, got '{chosen['score']}'"
+            )
+        if chosen["combine"] not in ("normalized", "raw"):
+            raise ValueError(f"combine must be normalized or raw, got '{chosen['combine']}'")
+        return cls(
+            chosen["score"],
+            bool(chosen["channel_softmax"]),
+            chosen["combine"],
+            cast(Variant, variant),
+        )
 
     @property
     def mask_eps(self) -> float:

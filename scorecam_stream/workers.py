@@ -300,7 +300,7 @@ class Worker:
         seconds = time.perf_counter() - began
         return make_result(task.index, outcome.maps, targets, probs, skipped, seconds, 0, outcome)
 
-    def score(self, x: torch.Tensor, map_: np.ndarray, target: int) -> FrameScores:
+    def score(self, x: torch.Tensor, map_: np.ndarray, target: int | torch.Tensor) -> FrameScores:
         """Return the faithfulness scores of one frame's map (S, S) for ``target``."""
         if self.scorer is None:
             raise RuntimeError("this worker was started without metrics")

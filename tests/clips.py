@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from fractions import Fraction
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import numpy as np
 W, H, FPS = 64, 48, 12
 SAMPLE_RATE = 44100
 REPO = Path(__file__).resolve().parents[1]
+CLIP_FRAMES = 12  # frames of the shared `clip` fixture (conftest.py)
 
 # A real model kept cheap: the offline EfficientNet-Lite0 at 64 px, 8 channels per frame.
 FAST = [
@@ -167,39 +167,6 @@ def send_mpegts(
             sent += 1
         output.mux(stream.encode(None))
     return sent
-
-
-def unnamed_outputs(pid: int, directory: Path) -> list[Path]:
-    """Return ``/proc/PID/fd/N`` of the unnamed files process ``pid`` writes in ``directory``.
-
-    A run's outputs have no name until it succeeds (O_TMPFILE); this is how a test reads
-    them mid-run.
-    """
-    found = []
-    fds = Path(f"/proc/{pid}/fd")
-    try:
-        for fd in fds.iterdir():
-            try:
-                target = os.readlink(fd)
-            except OSError:
-                continue
-            if target.startswith(f"{directory}/") and target.endswith("(deleted)"):
-                found.append(fd)
-    except OSError:  # the process has ended
-        return []
-    return found
-
-
-def jsonl_lines_written(pid: int, directory: Path) -> int:
-    """Return how many JSON lines process ``pid`` wrote to an unnamed file in ``directory``."""
-    for fd in unnamed_outputs(pid, directory):
-        try:
-            data = fd.read_bytes()
-        except OSError:
-            continue
-        if data.startswith(b'{"'):
-            return data.count(b"\n")
-    return 0
 
 
 # --- inputs a user may give by mistake (the same builders for the reader and the CLI) --------

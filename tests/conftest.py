@@ -2,20 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
-import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from clips import make_clip
+from clips import CLIP_FRAMES, make_clip
 from torch import nn
-
-CLIP_FRAMES = 12  # frames of the shared `clip` fixture
 
 
 class TinyCNN(nn.Module):
@@ -81,52 +74,3 @@ def clip(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("clip") / "clip.mp4"
     make_clip(path, count=CLIP_FRAMES, audio="aac")
     return path
-
-
-# --- processes, read from /proc (Linux) ------------------------------------------------------
-
-
-def _stat_fields(stat: Path) -> list[str] | None:
-    """Return the fields after the command name of a /proc/<pid>/stat file (None if gone)."""
-    try:
-        return stat.read_text().rsplit(")", 1)[1].split()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-
-
-def process_alive(pid: int) -> bool:
-    """Return whether process ``pid`` exists and is not a zombie."""
-    fields = _stat_fields(Path(f"/proc/{pid}/stat"))
-    return fields is not None and fields[0] != "Z"
-
-
-def wait_gone(pids: list[int], timeout: float = 20.0) -> list[int]:
-    """Return the pids still alive after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and any(process_alive(p) for p in pids):
-        time.sleep(0.1)
-    return [p for p in pids if process_alive(p)]
-
-
-def session_pids(sid: int) -> list[int]:
-    """Return the live processes of session ``sid`` (the head and everything it started)."""
-    pids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        fields = _stat_fields(stat)
-        if fields is not None and int(fields[3]) == sid and fields[0] != "Z":
-            pids.append(int(stat.parent.name))
-    return pids
-
-
-def stop_session(process: subprocess.Popen) -> list[int]:
-    """Kill ``process`` and everything in its session (e.g. a `ray start --block` and all it
-    started; never `ray stop`, which stops every Ray instance on the machine); return the pids
-    still alive 30 s later."""
-    for pid in session_pids(process.pid):
-        with contextlib.suppress(ProcessLookupError):  # it may have ended meanwhile
-            os.kill(pid, signal.SIGKILL)
-    process.wait(timeout=30)
-    deadline = time.monotonic() + 30
-    while session_pids(process.pid) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    return session_pids(process.pid)

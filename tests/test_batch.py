@@ -234,6 +234,7 @@ def assert_same_outputs(batch_out: Path, batch_maps: Path, single: dict[str, tup
             assert not diff.any(), f"{stem} frame {i}: max diff {diff.max()} at {where}"
 
 
+@pytest.mark.slow  # a batch and its single runs
 def test_videos_in_flight_share_one_model_and_match_single_runs(tmp_path):
     """In-process, two videos at once take turns on the one model: same outputs as alone."""
     clips = make_clips(tmp_path / "in", {"a.mp4": 3, "b.mp4": 5, "c.mp4": 4})
@@ -264,6 +265,7 @@ def test_directory_glob_and_list_in_one_run(tmp_path, monkeypatch, capsys):
     assert {r["status"] for r in records} == {"done"}
 
 
+@pytest.mark.slow  # a batch in a process, then again
 def test_a_stopped_batch_resumes_where_it_stopped(tmp_path):
     """Ctrl-C after the first video: it is kept; the re-run skips it and makes the others."""
     first, middle, last = make_clips(tmp_path, {"a.mp4": 3, "b.mp4": 60, "c.mp4": 3})
@@ -321,6 +323,7 @@ def three_clips_and_single_runs(tmp_path_factory):
         pytest.param([], id="default"),
     ],
 )
+@pytest.mark.slow  # Ray workers
 def test_three_clips_on_two_workers_match_three_single_runs(
     inflight, three_clips_and_single_runs, tmp_path
 ):
@@ -336,6 +339,7 @@ def test_three_clips_on_two_workers_match_three_single_runs(
     assert_same_outputs(out, maps, single)
 
 
+@pytest.mark.slow  # Ray workers and tasks
 def test_video_tasks_run_each_video_in_a_ray_task(
     three_clips_and_single_runs, tmp_path, monkeypatch
 ):

@@ -7,7 +7,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from fractions import Fraction
 from pathlib import Path
 
@@ -18,17 +17,17 @@ import numpy as np
 import pytest
 import torch
 from clips import (
+    CLIP_FRAMES,
     FAST,
     FPS,
     REPO,
     H,
     W,
     audio_span,
-    jsonl_lines_written,
     make_clip,
     read_timing,
 )
-from conftest import CLIP_FRAMES
+from helpers import wait_for_records
 
 from scorecam_stream import ScoreCAM, load_model
 from scorecam_stream import stages as stages_module
@@ -49,6 +48,7 @@ def engine_maps(path: Path, **options) -> tuple[np.ndarray, np.ndarray]:
     return result.maps.numpy(), result.targets.numpy()
 
 
+@pytest.mark.slow  # a whole run
 def test_round_trip_keeps_frames_timing_size_and_audio(clip, tmp_path):
     out = tmp_path / "out.mp4"
     maps = tmp_path / "maps.npz"
@@ -69,6 +69,7 @@ def test_round_trip_keeps_frames_timing_size_and_audio(clip, tmp_path):
     np.testing.assert_allclose(saved["maps"], expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow  # a whole run
 def test_variable_frame_rate_is_kept(tmp_path):
     clip = tmp_path / "vfr.mp4"
     pts = [0, 1, 2, 5, 6, 10, 11, 12]
@@ -80,6 +81,7 @@ def test_variable_frame_rate_is_kept(tmp_path):
     assert [p * tb_out for p in pts_out] == [p * tb_in for p in pts_in]
 
 
+@pytest.mark.slow  # whole runs
 def test_default_output_beside_input_and_overwrite_rule(clip, tmp_path):
     local = tmp_path / "c.mp4"
     shutil.copy(clip, local)
@@ -93,6 +95,7 @@ def test_default_output_beside_input_and_overwrite_rule(clip, tmp_path):
     assert probe(str(out)).frame_count == 3
 
 
+@pytest.mark.slow  # a whole run
 def test_topk_every_and_records(clip, tmp_path):
     maps, records = tmp_path / "m.npz", tmp_path / "r.jsonl"
     args = ["--topk", 3, "--every", 4, "--save-maps", maps, "--jsonl", records]
@@ -112,6 +115,7 @@ def test_topk_every_and_records(clip, tmp_path):
     np.testing.assert_allclose(saved["maps"][1, 0], expected[4], rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.slow  # several whole runs
 def test_fixed_and_dominant_targets(clip, tmp_path):
     out = tmp_path / "o.mp4"
     for target, check in [
@@ -139,6 +143,7 @@ def test_fixed_and_dominant_targets(clip, tmp_path):
     assert dominant == np.bincount(top1).argmax()
 
 
+@pytest.mark.slow  # whole runs
 def test_layout_window_and_preview(clip, tmp_path):
     out, preview = tmp_path / "o.mp4", tmp_path / "p.png"
     args = ["--layout", "side-by-side", "--start", 0.25, "--end", 0.75, "--preview", preview]
@@ -301,6 +306,7 @@ def test_bad_config_file(tmp_path, clip, capsys):
     assert "unknown setting" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # a whole run
 def test_broken_stream_gives_the_decoded_frames(tmp_path, capsys):
     whole, cut = tmp_path / "whole.ts", tmp_path / "cut.ts"
     rng = np.random.default_rng(0)
@@ -335,6 +341,7 @@ def _fail_at_frame(monkeypatch, error: type[BaseException], at: int = 3) -> None
     monkeypatch.setattr(stages_module, "render_frame", render)
 
 
+@pytest.mark.slow  # whole runs
 @pytest.mark.parametrize(("error", "code"), [(KeyboardInterrupt, 130), (RuntimeError, None)])
 def test_failed_or_interrupted_run_leaves_nothing(error, code, clip, tmp_path, monkeypatch):
     out, maps, records = tmp_path / "o.mp4", tmp_path / "m.npz", tmp_path / "r.jsonl"
@@ -350,6 +357,7 @@ def test_failed_or_interrupted_run_leaves_nothing(error, code, clip, tmp_path, m
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o.mp4"]
 
 
+@pytest.mark.slow  # runs in a process
 def test_console_script(clip, tmp_path):
     script = Path(sys.executable).parent / "scorecam-video"
     version = subprocess.run([script, "--version"], capture_output=True, text=True)
@@ -367,6 +375,7 @@ def test_console_script(clip, tmp_path):
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1
 
 
+@pytest.mark.slow  # a run in a process
 def test_a_killed_run_leaves_no_file_behind(tmp_path):
     """SIGKILL (the OOM killer, Ray ending its driver): no clean-up runs, and nothing is left."""
     clip = tmp_path / "long.mp4"
@@ -375,12 +384,7 @@ def test_a_killed_run_leaves_no_file_behind(tmp_path):
     outputs = ["-o", "o.mp4", "--save-maps", "m.npz", "--jsonl", "r.jsonl", "--preview", "p.png"]
     run = subprocess.Popen([script, clip.name, *outputs, *FAST], cwd=tmp_path)
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and run.poll() is None:
-            if jsonl_lines_written(run.pid, tmp_path):
-                break  # mid-run: a frame is done, its record is in the still unnamed jsonl
-            time.sleep(0.05)
-        assert run.poll() is None, "the run ended before it could be killed"
+        wait_for_records(run, tmp_path)  # mid-run: a frame is done, the run is not
         run.kill()
         run.wait(timeout=30)
     finally:
@@ -389,6 +393,7 @@ def test_a_killed_run_leaves_no_file_behind(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["long.mp4"]
 
 
+@pytest.mark.slow  # whole runs
 @pytest.mark.parametrize("target", ["top1", "dominant"])
 def test_the_input_is_opened_once(clip, tmp_path, monkeypatch, target):
     """Info, frames and audio come from one session (a live source has no second chance)."""
@@ -437,6 +442,7 @@ def _expected_heats(maps: np.ndarray, targets: np.ndarray, smooth: float, scale:
     return out
 
 
+@pytest.mark.slow  # whole runs
 @pytest.mark.parametrize("scale", ["running", "frame"])
 def test_smooth_and_scale_give_the_drawn_maps(scale, clip, tmp_path, monkeypatch):
     heats = _drawn_heats(monkeypatch)
@@ -454,6 +460,7 @@ def test_smooth_and_scale_give_the_drawn_maps(scale, clip, tmp_path, monkeypatch
     assert max(float(np.abs(h - o).max()) for h, o in zip(heats, own, strict=True)) > 1e-3
 
 
+@pytest.mark.slow  # a whole run
 def test_target_change_restarts_the_average_and_uses_that_class_scale(tmp_path, monkeypatch):
     """Frames alternating between two pictures of different top-1 classes (as on a real clip)."""
     from skimage import data

@@ -14,7 +14,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,50 +22,30 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-import av
 import numpy as np
 import pytest
 import ray
-from clips import FAST, REPO, jsonl_lines_written
-from conftest import CLIP_FRAMES, session_pids, stop_session
+from clips import CLIP_FRAMES, FAST, REPO
+from helpers import (
+    BIN,
+    assert_same_run,
+    free_port,
+    raylet_of,
+    session_pids,
+    single_run,
+    stop_session,
+    wait_for_records,
+)
 
 from scorecam_stream.cli import main
 from scorecam_stream.video import probe
 
-BIN = Path(sys.executable).parent  # the venv's scripts: ray, scorecam-video
-
-
-def single_run(clip: Path, out: Path, options: list[str]) -> tuple[Path, Path]:
-    """Return (video, maps) of the single-process run of ``clip`` with ``options``."""
-    video, maps = out / "out.mp4", out / "maps.npz"
-    assert main([str(clip), "-o", str(video), "--save-maps", str(maps), *options]) == 0
-    return video, maps
+pytestmark = pytest.mark.slow  # every test starts Ray (a local instance, a head or nodes)
 
 
 @pytest.fixture(scope="module")
 def single(clip, tmp_path_factory) -> tuple[Path, Path]:
     return single_run(clip, tmp_path_factory.mktemp("single"), FAST)
-
-
-def decoded(path: Path) -> np.ndarray:
-    with av.open(str(path)) as container:
-        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
-
-
-def assert_same_run(video: Path, maps: Path, single: tuple[Path, Path], size: int = 64) -> None:
-    """The maps agree with the single-process ones, the targets and the frames are the same."""
-    ref_video, ref_maps = single
-    got, want = np.load(maps), np.load(ref_maps)
-    assert got["maps"].shape == want["maps"].shape and want["maps"].shape[-2:] == (size, size)
-    assert want["maps"].max() > 0
-    np.testing.assert_array_equal(got["targets"], want["targets"])
-    np.testing.assert_array_equal(got["pts_seconds"], want["pts_seconds"])
-    # Float rounding differs with the thread count (1 per worker here): relative to the scale.
-    atol = 1e-5 * float(want["maps"].max())
-    np.testing.assert_allclose(got["maps"], want["maps"], rtol=1e-5, atol=atol)
-    frames, ref_frames = decoded(video), decoded(ref_video)
-    assert frames.shape == ref_frames.shape and frames.shape[0] == CLIP_FRAMES
-    np.testing.assert_array_equal(frames, ref_frames)
 
 
 @pytest.mark.parametrize(
@@ -92,12 +71,6 @@ def test_workers_give_the_single_process_output(clip, single, tmp_path, options,
     assert main([*args, "--workers", "2", "--shards-per-frame", "3"]) == 0
     assert not ray.is_initialized()  # the local instance it started is shut down
     assert_same_run(video, maps, single)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -242,12 +215,7 @@ def test_signal_mid_run_stops_everything_and_writes_nothing(clip, tmp_path, sign
         start_new_session=True,  # its session holds it and the Ray instance it starts
     )
     try:
-        # Mid-run: the first record is out (in the still unnamed file), the last one is not.
-        deadline = time.monotonic() + 120
-        while not jsonl_lines_written(process.pid, tmp_path):
-            assert process.poll() is None, process.communicate()
-            assert time.monotonic() < deadline, "no frame was explained in 120 s"
-            time.sleep(0.2)
+        wait_for_records(process, tmp_path)  # mid-run: a frame is done, the run is not
         assert session_pids(process.pid)
         process.send_signal(signum)
         _, stderr = process.communicate(timeout=60)
@@ -265,7 +233,12 @@ def test_signal_mid_run_stops_everything_and_writes_nothing(clip, tmp_path, sign
 
 
 def test_local_ray_instance_lost_mid_run_leaves_nothing(clip, tmp_path):
-    """The local raylet killed (as the OOM killer would): Ray ends this process; no file stays."""
+    """The local raylet killed (as the OOM killer would): Ray ends this process; no file stays.
+
+    Ray's C++ core ends the driver (``_Exit``) at its first call that meets the dead raylet's
+    socket, which can come before any thread of the driver runs again: the one line comes from
+    the session's watcher process, which outlives the driver.
+    """
     out, records = tmp_path / "out.mp4", tmp_path / "records.jsonl"
     args = [str(clip), "-o", str(out), "--jsonl", str(records), "--save-maps", "m.npz"]
     args += ["--model", "efficientnet_lite0", "--input-size", "128", "--workers", "1"]
@@ -280,19 +253,8 @@ def test_local_ray_instance_lost_mid_run_leaves_nothing(clip, tmp_path):
         start_new_session=True,
     )
     try:
-        deadline = time.monotonic() + 120
-        while not jsonl_lines_written(process.pid, tmp_path):
-            assert process.poll() is None, process.communicate()
-            assert time.monotonic() < deadline, "no frame was explained in 120 s"
-            time.sleep(0.2)
-        raylets = [
-            pid
-            for pid in session_pids(process.pid)
-            if "raylet" in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
-        ]
-        assert raylets
-        for pid in raylets:
-            os.kill(pid, signal.SIGKILL)
+        wait_for_records(process, tmp_path)
+        os.kill(raylet_of(process), signal.SIGKILL)  # the raylet only, not what names it
         _, stderr = process.communicate(timeout=120)
     finally:
         if process.poll() is None:

@@ -8,6 +8,7 @@ keeps 16 channels), which costs a few milliseconds per frame.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import signal
 import threading
@@ -20,7 +21,8 @@ import pytest
 import ray
 import torch
 import torchvision
-from conftest import seeded_frames, wait_gone
+from conftest import seeded_frames
+from helpers import wait_gone
 from ray.exceptions import RayActorError
 
 from scorecam_stream import ScoreCamError
@@ -29,6 +31,8 @@ from scorecam_stream.distributed import RayExplainer
 from scorecam_stream.distributed.tasks import run_tasks
 from scorecam_stream.reuse import ReuseOptions
 from scorecam_stream.workers import FrameResult, FrameTask, LocalExplainer, Worker
+
+pytestmark = pytest.mark.slow  # the Ray layer: most tests start a Ray instance or a cluster
 
 ENGINE = EngineConfig(batch_size=8, max_channels=16)
 MARK = 7.25  # x[0, 0, 0] of the frame that the flaky worker fails on
@@ -452,3 +456,48 @@ def test_reusing_streams_on_ray_equal_in_process(ray_cluster, model):
             np.testing.assert_allclose(b.maps, a.maps, rtol=1e-5, atol=1e-6)
             assert (a.passes, a.reused, a.keyframe) == (b.passes, b.reused, b.keyframe)
         assert sum(r.reused for _, r in outs[n]) > 0  # something was reused
+
+
+# --- --workers-per-gpu on a Ray instance that declares one (logical) GPU: K actors share it.
+# There is no GPU here, so the actors run their model on the CPU (a Worker subclass), but Ray
+# places them by the planned fractional GPU resources exactly as on a GPU machine.
+
+
+def cpu_worker() -> type[Worker]:
+    """Return a worker class that Ray places on a GPU share but that computes on the CPU.
+
+    Defined in a function so that Ray's pickling sends the class itself to the actors (this
+    test module is not importable there).
+    """
+
+    class CpuWorker(Worker):
+        def __init__(self, config: ModelConfig, *args, **kwargs) -> None:
+            super().__init__(dataclasses.replace(config, device="cpu"), *args, **kwargs)
+
+        def gpu_ids(self) -> list[str]:
+            return [str(i) for i in ray.get_gpu_ids()]
+
+    return CpuWorker
+
+
+@pytest.fixture(scope="module")
+def one_gpu_ray():
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def test_two_workers_share_one_gpu_and_give_the_same_maps(one_gpu_ray, model, frames, reference):
+    gpu_model = dataclasses.replace(model, device="cuda")
+    dist = DistributedConfig(gpus=1, workers_per_gpu=2, startup_timeout=60)
+    with RayExplainer(gpu_model, ENGINE, dist, topk=2, worker_cls=cpu_worker()) as explainer:
+        assert len(explainer.actors) == 2
+        # both placed on the one GPU, half of it each: none of it is left
+        ids = ray.get([a.gpu_ids.remote() for a in explainer.actors])
+        assert ids == [["0"], ["0"]]
+        assert ray.available_resources().get("GPU", 0.0) == pytest.approx(0.0, abs=1e-3)
+        out = list(explainer.explain(make_items(frames)))
+        assert {info["device"] for info in explainer.worker_info()} == {"cpu"}
+    assert_same(out, reference)

@@ -96,12 +96,14 @@ def run_and_check(
     return last["summary"]
 
 
+@pytest.mark.slow  # a whole run with metrics and Grad-CAM
 def test_metrics_and_gradcam_baseline_write_keys_and_summary(clip, tmp_path, capsys):
     run_and_check(clip, tmp_path, 6)
     table = capsys.readouterr().out
     assert "AD %" in table and "scorecam" in table and "gradcam" in table
 
 
+@pytest.mark.slow  # a Ray worker
 def test_ray_workers_run_the_metric_passes(clip, tmp_path, monkeypatch):
     """With --workers the metric passes run on the workers: none runs in this process."""
 
@@ -114,6 +116,7 @@ def test_ray_workers_run_the_metric_passes(clip, tmp_path, monkeypatch):
     )
 
 
+@pytest.mark.slow  # a whole run with metrics
 def test_reused_frames_carry_their_maps_metrics(clip, tmp_path):
     jsonl = tmp_path / "r.jsonl"
     args = [str(clip), "-o", str(tmp_path / "o.mp4"), "--jsonl", str(jsonl), "--every", "2"]
@@ -128,6 +131,7 @@ def test_reused_frames_carry_their_maps_metrics(clip, tmp_path):
     assert summary["frames"] == 6 and "gradcam" not in summary
 
 
+@pytest.mark.slow  # two whole runs
 def test_without_metrics_nothing_changes(clip, tmp_path, capsys):
     jsonl = tmp_path / "r.jsonl"
     assert main([str(clip), "-o", str(tmp_path / "o.mp4"), "--jsonl", str(jsonl), *FAST]) == 0

@@ -8,7 +8,7 @@ it down, or let it come back; its clock is fake, so deadlines are reached withou
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +27,7 @@ from scorecam_stream.scheduler import (
     RetryPolicy,
     Slot,
     SlotState,
+    max_held_items,
     none_left,
     pick_slot,
     probes_due,
@@ -130,6 +131,32 @@ class FakePool:
                 self.back_in[i] = left - 1
 
 
+@dataclass(eq=False)
+class HoldingPool(FakePool):
+    """A FakePool whose first frame's calls come back only after ``hold`` polls (a straggler)."""
+
+    hold: int = 0
+    straggler: Any = None  # the first frame's cache key
+    sent_while_held: set[Any] = field(default_factory=set)  # frames given calls meanwhile
+
+    def submit(self, slot: Slot, tag: Any, method: str, *args: Any) -> None:
+        if self.straggler is None:
+            self.straggler = args[0]
+        if self.hold > 0:
+            self.sent_while_held.add(args[0])
+        super().submit(slot, tag, method, *args)
+
+    def poll(self, timeout: float) -> list[Reply]:
+        if self.hold <= 0:
+            return super().poll(timeout)
+        self.hold -= 1
+        held = [c for c in self.sent if c.args[0] == self.straggler]
+        self.sent = [c for c in self.sent if c.args[0] != self.straggler]
+        replies = super().poll(timeout)
+        self.sent = held + self.sent
+        return replies
+
+
 @pytest.fixture(scope="module")
 def make_worker() -> Callable[[], Worker]:
     return lambda: Worker(MODEL, ENGINE, cache_frames=8)
@@ -165,19 +192,22 @@ def explainer_over(pool: FakePool, retries: int = 2, inflight: int = 3) -> Shard
 
 
 def assert_same(out: list[tuple[str, FrameResult | None]], reference: dict) -> None:
-    """Every item in input order, with the in-process maps, targets and probabilities."""
-    assert [payload for payload, _ in out] == [p for p in reference if p in dict(out)]
+    """Every item came out, once, in input order, with the in-process maps, targets and
+    probabilities: a lost or repeated frame fails, as does a frame with another frame's map."""
+    assert [payload for payload, _ in out] == list(reference)
     for payload, result in out:
         expected = reference[payload]
         if expected is None:
             assert result is None
             continue
+        assert result is not None and result.index == expected.index
         np.testing.assert_array_equal(result.targets, expected.targets)
         np.testing.assert_allclose(result.maps, expected.maps, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(result.probs, expected.probs, rtol=1e-5)
         assert result.skipped == expected.skipped
 
 
+@pytest.mark.slow  # six frames through real workers
 def test_frames_split_over_workers_match_the_in_process_results(make_worker, frames, reference):
     pool = FakePool(make_worker, 2)
     explainer = explainer_over(pool)
@@ -190,6 +220,7 @@ def test_frames_split_over_workers_match_the_in_process_results(make_worker, fra
     assert explainer.stats.calls == 6 * 4 and explainer.stats.resubmitted == 0
 
 
+@pytest.mark.slow  # frames through real workers, twice
 def test_a_worker_that_dies_with_calls_in_flight_has_them_resent(make_worker, frames, reference):
     def kill_once(pool: FakePool, call: _Sent) -> None:
         if len(pool.calls) == 5 and pool.workers[0] is not None and pool.lives[0] == 1:
@@ -207,6 +238,7 @@ def test_a_worker_that_dies_with_calls_in_flight_has_them_resent(make_worker, fr
     assert {i for i, _ in pool.calls} == {0, 1}
 
 
+@pytest.mark.slow  # frames through real workers
 def test_a_restart_in_the_middle_of_a_frame_recomputes_its_base_pass(
     make_worker, frames, reference
 ):
@@ -225,6 +257,43 @@ def test_a_restart_in_the_middle_of_a_frame_recomputes_its_base_pass(
     assert (1, "shard") in pool.calls  # the restarted worker computed shards
 
 
+@pytest.mark.slow  # frames through real workers
+def test_a_slow_frame_holds_back_no_more_than_max_inflight_frames(make_worker, frames, reference):
+    """While frame 0 is held up, the later frames that finish cannot be output: the explainer
+    takes new frames only up to its in-flight bound, then waits, then completes every frame."""
+    pool = HoldingPool(make_worker, 2, hold=30)
+    explainer = explainer_over(pool, inflight=3)
+    out = list(explainer.explain(items_of(frames)))
+    assert len(pool.sent_while_held) == 3  # frame 0 and the two after it, not all six
+    assert_same(out, reference)
+
+
+@pytest.mark.slow  # frames through real workers
+def test_pass_through_items_behind_a_slow_frame_are_bounded(make_worker, frames, reference):
+    """Items without a task (``--every N``) behind a held-up frame: the input is read only as far
+    as the explainer may hold items, then every item comes out in order."""
+    pulled = []
+    outputs_when_pulled = []
+    items = items_of(frames)
+    many = [items[0], *[(f"pass{i}", None) for i in range(200)], *items[1:]]
+
+    def counted() -> Iterator[tuple[str, FrameTask | None]]:
+        for item in many:
+            pulled.append(item[0])
+            outputs_when_pulled.append(len(out))
+            yield item
+
+    pool = HoldingPool(make_worker, 2, hold=30)
+    explainer = explainer_over(pool, inflight=3)
+    out: list[tuple[str, FrameResult | None]] = []
+    for item in explainer.explain(counted()):
+        out.append(item)
+    before_first = outputs_when_pulled.count(0)  # items read before frame 0 came out
+    assert before_first == max_held_items(3) < len(many)
+    expected = {name: reference.get(name) for name, _ in many}
+    assert_same(out, expected)
+
+
 def test_all_workers_down_until_the_deadline_fails_every_run(make_worker, frames):
     def kill_all(pool: FakePool, call: _Sent) -> None:
         if len(pool.calls) == 3:
@@ -239,6 +308,7 @@ def test_all_workers_down_until_the_deadline_fails_every_run(make_worker, frames
     assert all(s.state is SlotState.RESTARTING and s.probes > 0 for s in pool.slots)
 
 
+@pytest.mark.slow  # frames through real workers
 def test_a_shard_that_fails_every_time_names_the_frame_and_shard(make_worker, frames):
     attempts = []
 
@@ -271,6 +341,7 @@ def test_a_user_mistake_in_a_worker_is_not_retried(make_worker, frames):
     assert [m for _, m in pool.calls] == [] and explainer.stats.retried == 0
 
 
+@pytest.mark.slow  # two runs through real workers
 def test_concurrent_runs_share_the_workers(make_worker, frames, reference):
     """Two runs (e.g. two videos) from two threads at once: each gets its own frames, in order."""
     pool = FakePool(make_worker, 2)
@@ -291,9 +362,7 @@ def test_concurrent_runs_share_the_workers(make_worker, frames, reference):
         t.join(timeout=120)
     assert not errors and not any(t.is_alive() for t in threads)
     for marks in ("a:", "b:"):
-        out = [(p.removeprefix(marks), r) for p, r in outs[marks]]
-        assert [p for p, _ in out] == list(reference)
-        assert_same(out, reference)
+        assert_same([(p.removeprefix(marks), r) for p, r in outs[marks]], reference)
     logits = explainer.classify(frames[:2])
     torch.testing.assert_close(logits, make_worker().classify_batch(frames[:2]))
 

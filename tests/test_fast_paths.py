@@ -9,8 +9,8 @@ import torch
 import torchvision
 from clips import FAST, make_clip
 from conftest import make_tiny
+from helpers import VARIANTS, assert_maps_close, reference_map
 from skimage import data
-from test_scorecam import VARIANTS, assert_maps_close, reference_map
 
 from scorecam_stream import ScoreCAM, combine_shards
 from scorecam_stream.cli import main, parse_config
@@ -92,6 +92,7 @@ def test_padded_chunks_run_the_padded_rows_and_drop_them(tiny, images):
         assert_maps_close(result.maps[i], ref)
 
 
+@pytest.mark.slow  # torch.compile from a cold cache
 def test_compiled_engine_equals_eager():
     """torch.compile on CPU (inductor, C++): same maps as eager, padded chunks included."""
     torch._dynamo.reset()
@@ -191,6 +192,7 @@ def test_worker_gives_the_same_result_for_uint8_and_float_frames(squeezenet):
     )
 
 
+@pytest.mark.slow  # whole runs
 def test_bf16_from_the_command_line_on_cpu(tmp_path):
     """--dtype bf16 runs on the CPU (autocast): close to fp32, and not fp32 itself."""
     clip = tmp_path / "clip.mp4"

@@ -15,6 +15,7 @@ from scorecam_stream import load_model
 from scorecam_stream.gradcam import GradCAM
 
 
+@pytest.mark.slow  # a real model on real photos
 def test_matches_pytorch_grad_cam_on_real_photos():
     loaded = load_model("efficientnet_lite0", input_size=160)
     x = torch.stack([loaded.preprocess(data.chelsea()), loaded.preprocess(data.coffee())])

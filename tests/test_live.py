@@ -23,6 +23,7 @@ import av
 import numpy as np
 import pytest
 from clips import free_udp_port, send_mpegts
+from helpers import wait_for_records
 
 from scorecam_stream.cli import main
 from scorecam_stream.live_source import LiveSource
@@ -74,6 +75,7 @@ def video_pts(path: Path) -> tuple[Fraction, list[int]]:
         return stream.time_base, [frame.pts for frame in container.decode(stream)]
 
 
+@pytest.mark.slow  # a 4 s live source
 def test_live_udp_source_gives_a_real_time_copy_with_the_newest_maps(tmp_path):
     out, jsonl = tmp_path / "live.mp4", tmp_path / "live.jsonl"
     with udp_source(4.0) as (url, _, sent):
@@ -94,13 +96,12 @@ def test_live_udp_source_gives_a_real_time_copy_with_the_newest_maps(tmp_path):
     assert indices == sorted(set(indices))
     assert sum(r["skipped_frames"] + 1 for r in explained) == indices[-1] + 1
     assert explained[0]["skipped_frames"] == explained[0]["index"]
-    # Latency: one explanation, plus waiting at most for the frame to be the newest.
-    slowest = max(r["milliseconds"] for r in explained)
+    # Latency: from the frame's arrival, so it includes the frame's own explanation.
     assert all(r["latency_ms"] >= r["milliseconds"] for r in explained)
-    assert summary["latency_p95_ms"] < slowest + 1000
     assert summary["stopped_by"] == "read timeout"
 
 
+@pytest.mark.slow  # a 5 s live source
 def test_duration_stops_after_that_much_source_and_metrics_score_live_maps(tmp_path):
     out = tmp_path / "short.mp4"
     jsonl = tmp_path / "short.jsonl"
@@ -116,6 +117,7 @@ def test_duration_stops_after_that_much_source_and_metrics_score_live_maps(tmp_p
     assert summary["frames_written"] == probe(str(out)).frame_count == FPS
 
 
+@pytest.mark.slow  # a live source and a whole run
 def test_no_live_reads_a_udp_source_like_a_file(tmp_path):
     out, jsonl = tmp_path / "all.mp4", tmp_path / "all.jsonl"
     fast = [*SLOW[:5], "8", *SLOW[6:]]  # 8 channels: keeps up with most of the stream
@@ -129,6 +131,7 @@ def test_no_live_reads_a_udp_source_like_a_file(tmp_path):
     assert all(r["map_of_frame"] == r["index"] for r in lines)  # every frame explained
 
 
+@pytest.mark.slow  # a 3 s live source
 def test_hls_output_is_closed_and_its_segments_decode(tmp_path):
     playlist = tmp_path / "hls" / "live.m3u8"
     playlist.parent.mkdir()
@@ -152,6 +155,7 @@ def test_hls_output_is_closed_and_its_segments_decode(tmp_path):
     assert main([str(clip), "-o", str(playlist), *SLOW]) == 2
 
 
+@pytest.mark.slow  # a live run in a process
 def test_standard_input_is_read_live(tmp_path):
     source = tmp_path / "in.ts"
     frames = send_mpegts(str(source), 2.0, FPS, realtime=False)
@@ -177,15 +181,7 @@ def _rss_kib(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
-def wait_for_records(jsonl: Path, count: int, deadline: float) -> None:
-    """Wait until a live run's jsonl (written as it goes) holds ``count`` records."""
-    while time.monotonic() < deadline:
-        if jsonl.exists() and jsonl.read_bytes().count(b"\n") >= count:
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"fewer than {count} records in time")
-
-
+@pytest.mark.slow  # a 30 s live source
 def test_sigint_finishes_the_output_and_memory_stays_flat(tmp_path):
     out, jsonl = tmp_path / "stopped.mp4", tmp_path / "stopped.jsonl"
     with udp_source(30.0) as (url, stop, _sent):
@@ -196,9 +192,9 @@ def test_sigint_finishes_the_output_and_memory_stays_flat(tmp_path):
             text=True,
         )
         try:
-            wait_for_records(jsonl, 2, time.monotonic() + 90)
+            wait_for_records(process, tmp_path, count=2, timeout=90, live_jsonl=jsonl)
             early = _rss_kib(process.pid)
-            wait_for_records(jsonl, 6, time.monotonic() + 60)
+            wait_for_records(process, tmp_path, count=6, timeout=60, live_jsonl=jsonl)
             late = _rss_kib(process.pid)
             process.send_signal(signal.SIGINT)
             _, err = process.communicate(timeout=60)
@@ -239,6 +235,7 @@ def test_bad_live_options_are_one_line_errors(tmp_path, capsys, monkeypatch, arg
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.ts"]
 
 
+@pytest.mark.slow  # Ray workers
 def test_live_with_ray_workers_splits_each_frame(tmp_path):
     out, jsonl = tmp_path / "ray.mp4", tmp_path / "ray.jsonl"
     with udp_source(6.0) as (url, _, sent):
@@ -253,6 +250,7 @@ def test_live_with_ray_workers_splits_each_frame(tmp_path):
     assert all(r["latency_ms"] >= r["milliseconds"] for r in explained)
 
 
+@pytest.mark.slow  # a live source and a receiver
 def test_udp_output_is_a_stream_a_receiver_can_decode(tmp_path):
     clip = tmp_path / "in.ts"
     sent = send_mpegts(str(clip), 1.0, FPS, realtime=False)
@@ -276,6 +274,7 @@ def test_udp_output_is_a_stream_a_receiver_can_decode(tmp_path):
     assert len(received) == sent
 
 
+@pytest.mark.slow  # a live run in a process
 def test_a_receiver_that_goes_away_is_one_line_and_exit_2(tmp_path):
     clip = tmp_path / "in.ts"
     send_mpegts(str(clip), 4.0, FPS, realtime=False)

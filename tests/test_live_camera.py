@@ -24,7 +24,8 @@ import av
 import numpy as np
 import pytest
 from clips import free_udp_port, picture, send_mpegts
-from test_live import FPS, SCRIPT, SLOW, records, udp_source, video_pts, wait_for_records
+from helpers import wait_for_records
+from test_live import FPS, SCRIPT, SLOW, records, udp_source, video_pts
 
 from scorecam_stream import video
 from scorecam_stream.cli import main
@@ -88,7 +89,7 @@ def test_a_killed_live_run_keeps_the_records_it_made(tmp_path):
             text=True,
         )
         try:
-            wait_for_records(jsonl, 2, time.monotonic() + 90)  # named, mid-run
+            wait_for_records(process, tmp_path, count=2, timeout=90, live_jsonl=jsonl)
             seen = jsonl.read_text().splitlines()[:2]
             process.send_signal(signal.SIGKILL)
             process.wait(timeout=30)

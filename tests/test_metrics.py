@@ -147,6 +147,7 @@ def scene():
     return loaded.model, x, photo, target
 
 
+@pytest.mark.slow  # a real model on real photos
 def test_map_on_the_evidence_beats_its_inverse(scene):
     model, x, photo, target = scene
     both = torch.cat([photo, 1 - photo])

@@ -33,6 +33,7 @@ def test_offline_model_classifies_real_photos(lite0):
         assert float(p[cls]) > 0.5
 
 
+@pytest.mark.slow  # a real photo through the model, many times
 def test_pointing_game_on_pasted_photo():
     """The cat pasted into a plain canvas: the map's peak and most of its energy are on it."""
     from skimage import data

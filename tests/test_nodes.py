@@ -21,9 +21,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from clips import jsonl_lines_written
-from conftest import session_pids, stop_session
-from test_cluster import BIN, assert_same_run, free_port, single_run
+from helpers import (
+    BIN,
+    assert_same_run,
+    free_port,
+    raylet_of,
+    single_run,
+    stop_session,
+    wait_for_records,
+)
+
+pytestmark = pytest.mark.slow  # every test starts Ray (a local instance, a head or nodes)
 
 # Slow enough that the kill lands mid-run (about 256 passes per frame), cheap enough for CI.
 OPTIONS = ["--model", "efficientnet_lite0", "--input-size", "96", "--max-channels", "256"]
@@ -115,15 +123,6 @@ def cluster(tmp_path_factory) -> Iterator[Cluster]:
         cluster.close()
 
 
-def raylet_of(process: subprocess.Popen) -> int:
-    """Return the pid of the raylet that a `ray start` process started."""
-    for pid in session_pids(process.pid):
-        program = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
-        if program.endswith(b"/raylet"):  # not a worker, whose arguments name the raylet
-            return pid
-    raise AssertionError("no raylet in the node's session")
-
-
 def run_and_lose(
     cluster: Cluster, clip: Path, out: Path, lose: list[subprocess.Popen]
 ) -> subprocess.CompletedProcess:
@@ -138,11 +137,7 @@ def run_and_lose(
         start_new_session=True,
     )  # fmt: skip
     try:
-        deadline = time.monotonic() + 180
-        while not jsonl_lines_written(process.pid, out):
-            assert process.poll() is None, process.communicate()
-            assert time.monotonic() < deadline, "no frame was explained in 180 s"
-            time.sleep(0.1)
+        wait_for_records(process, out, timeout=180)
         for node in lose:
             os.kill(raylet_of(node), signal.SIGKILL)
         stdout, stderr = process.communicate(timeout=240)

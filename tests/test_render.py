@@ -8,7 +8,6 @@ import pytest
 
 from scorecam_stream.errors import ScoreCamError
 from scorecam_stream.render import (
-    COLORMAPS,
     MapScaler,
     RenderOptions,
     preview_sheet,
@@ -29,11 +28,24 @@ def hot_square_map(size: int = 56) -> np.ndarray:
     return heat
 
 
-def test_colormaps_cover_opencv() -> None:
-    names = {"jet", "turbo", "inferno", "viridis", "magma", "hot"}
-    assert names <= set(COLORMAPS)
-    assert COLORMAPS["jet"] == cv2.COLORMAP_JET
-    assert len(COLORMAPS) == sum(n.startswith("COLORMAP_") for n in dir(cv2))
+# OpenCV's colormaps as its documentation lists them (cv::ColormapTypes), written out here so
+# the test does not repeat render.py's own lookup.
+OPENCV_COLORMAPS = (
+    "autumn", "bone", "jet", "winter", "rainbow", "ocean", "summer", "spring", "cool", "hsv",
+    "pink", "hot", "parula", "magma", "inferno", "plasma", "viridis", "cividis", "twilight",
+    "twilight_shifted", "turbo", "deepgreen",
+)  # fmt: skip
+
+
+def test_every_opencv_colormap_is_accepted_and_each_draws_its_own_colours() -> None:
+    levels = np.arange(256, dtype=np.float32).reshape(16, 16) / 255.0
+    drawn = {}
+    for name in OPENCV_COLORMAPS:
+        options = RenderOptions(colormap=name, alpha=1.0, **PLAIN)
+        drawn[name] = render_frame(noise_frame(16, 16), levels, None, options).tobytes()
+    assert len(set(drawn.values())) == len(OPENCV_COLORMAPS)  # no two names share a table
+    with pytest.raises(ScoreCamError, match="unknown colormap 'jett'"):
+        RenderOptions(colormap="jett")
 
 
 def test_overlay_is_red_where_the_map_is_hot() -> None:

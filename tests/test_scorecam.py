@@ -5,61 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from conftest import TinyCNN, make_tiny
+from helpers import VARIANTS, assert_maps_close, reference_map
 
 from scorecam_stream import ScoreCAM, combine_shards
-
-VARIANTS = [
-    dict(score="softmax", channel_softmax=False, combine="normalized"),  # the article
-    dict(score="logit", channel_softmax=False, combine="normalized"),
-    dict(score="logit_delta", channel_softmax=False, combine="raw"),
-    dict(score="softmax", channel_softmax=True, combine="normalized"),
-    dict(score="logit", channel_softmax=True, combine="raw"),  # pytorch-grad-cam
-]
-
-
-def reference_map(
-    model,
-    layer,
-    x,
-    target,
-    score="softmax",
-    channel_softmax=False,
-    combine="normalized",
-    channels=None,
-):
-    """Score-CAM of one image (3, S, S), one channel at a time, as the article writes it."""
-    acts = []
-    handle = layer.register_forward_hook(lambda _m, _i, o: acts.append(o.detach().clone()))
-    with torch.no_grad():
-        base_logits = model(x[None])[0]
-    handle.remove()
-    a = acts[0][0]  # (K, h, w)
-    size = x.shape[-2:]
-    weights, values = [], []
-    for k in channels if channels is not None else range(a.shape[0]):
-        up = F.interpolate(a[k][None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
-        norm = (up - up.min()) / (up.max() - up.min() + 1e-5)
-        with torch.no_grad():
-            logits = model((x * norm)[None])[0]
-        if score == "softmax":
-            s = logits.softmax(0)[target]
-        elif score == "logit":
-            s = logits[target]
-        else:
-            s = logits[target] - base_logits[target]
-        weights.append(s)
-        values.append(norm if combine == "normalized" else up)
-    w = torch.stack(weights)
-    if channel_softmax:
-        w = w.softmax(0)
-    return torch.relu(sum(wk * v for wk, v in zip(w, values, strict=True)))
-
-
-def assert_maps_close(ours, ref, rtol=1e-5):
-    scale = max(float(ref.abs().max()), 1e-6)
-    assert float((ours - ref).abs().max()) <= rtol * scale + 1e-7
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "-".join(map(str, v.values())))
@@ -224,6 +173,7 @@ def test_matches_pytorch_grad_cam(tiny, images):
     np.testing.assert_allclose(ours.maps.numpy(), theirs, atol=1e-4)
 
 
+@pytest.mark.slow  # every channel of a real model on a real photo
 def test_matches_pytorch_grad_cam_on_a_real_photo():
     """The offline EfficientNet-Lite0 on a real 16:9 frame, at the issue's layer blocks.6."""
     import cv2

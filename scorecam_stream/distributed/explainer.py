@@ -35,7 +35,7 @@ import time
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import torch
 
@@ -341,7 +341,7 @@ class ShardedExplainer:
             prefer, call.prefer = call.prefer, None
             slot = self.pool.free(prefer)
             if slot is prefer:
-                self._send(call, slot)
+                self._send(call, cast(Slot, slot))  # a preferred call has a worker
             else:  # its worker is busy or down: any worker will do
                 self._queue(call)
         while self._pending:
@@ -422,7 +422,7 @@ class ShardedExplainer:
             message = f"{call.describe()} failed: {failure.cause}"
         call.run.error = ScoreCamError(message)
 
-    def _classified(self, call: _Call, slot: Slot, value: tuple[torch.Tensor, ...]) -> None:
+    def _classified(self, call: _Call, slot: Slot, value: tuple[Any, ...]) -> None:
         frame = call.frame
         assert frame is not None
         frame.targets, frame.probs, work = value

@@ -16,7 +16,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import ray
 from ray.exceptions import (
@@ -51,7 +51,7 @@ class Reply:
 def _located(worker_cls: type) -> type:
     """Return ``worker_cls`` with a ``where`` method: its info plus the Ray node it runs on."""
 
-    class Located(worker_cls):  # type: ignore[misc, valid-type]
+    class Located(worker_cls):
         def where(self) -> dict[str, object]:
             return {**self.info(), "node": ray.get_runtime_context().get_node_id()}
 
@@ -225,7 +225,7 @@ class ActorPool:
         """Return ``slot``'s node as "ADDRESS (ID)" if Ray has marked it dead, else None."""
         node = self.nodes[slot.index]
         address, alive = node_table().get(node, ("", True)) if node else ("", True)
-        return None if alive else f"{address} ({node[:8]})"
+        return None if alive else f"{address} ({cast(str, node)[:8]})"  # alive if no node
 
     def _send_due_probes(self) -> float | None:
         """Send the probes that are due; return seconds until the next one (None: none)."""

@@ -13,6 +13,8 @@ import os
 import select
 import signal
 import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -40,6 +42,8 @@ class RaySession:
     def __init__(self, dist: DistributedConfig) -> None:
         self.owned = False  # this object called ray.init, so close() calls ray.shutdown
         self.closed = False
+        self._raylet: int | None = None  # the local raylet's pidfd, while watched
+        self._watcher: subprocess.Popen[bytes] | None = None
         if ray.is_initialized():
             log.info("using the Ray instance this process already initialised")
             return
@@ -85,30 +89,32 @@ class RaySession:
         self._watch_local_raylet()
 
     def _watch_local_raylet(self) -> None:
-        """Say in one line when the local instance's raylet dies (e.g. the OOM killer).
+        """Have one line said when the local instance's raylet dies (e.g. the OOM killer).
 
-        Ray then ends this process itself, from a C++ thread, with only its own messages and
-        no Python clean-up (the outputs, having no name yet, vanish with it). A thread woken
-        by the raylet's pidfd gets the line out first.
+        Ray then ends this process itself: the first call that meets the raylet's closed socket
+        (a ``ray.put``, a ``ray.wait``) calls ``_Exit`` from C++, with only Ray's own messages
+        and no Python clean-up (the outputs, having no name yet, vanish with it). That socket
+        closes before the raylet's exit can be seen, so no thread of this process can be sure
+        to say anything first: a small watcher process, sharing this one's stderr, says it. It
+        stays silent when this process closes the session first (it is sent a byte before
+        Ray's shutdown stops the raylet) or dies first (its pipe ends while the raylet lives).
         """
         try:
             node = ray._private.worker.global_worker.node
             pid = node.all_processes["raylet"][0].process.pid
-            pidfd = os.pidfd_open(pid)
+            self._raylet = os.pidfd_open(pid)
         except (AttributeError, KeyError, IndexError, OSError) as err:  # private API, Linux only
             log.debug("not watching the local raylet: %s", err)
             return
-
-        def watch() -> None:
-            select.select([pidfd], [], [])
-            if not self.closed:
-                log.error(
-                    "the local Ray instance was lost (its raylet, pid %d, died); no output written",
-                    pid,
-                )
-            os.close(pidfd)
-
-        threading.Thread(target=watch, daemon=True, name="raylet-watch").start()
+        message = (
+            f"the local Ray instance was lost (its raylet, pid {pid}, died); no output written"
+        )
+        self._watcher = subprocess.Popen(
+            [sys.executable, "-I", "-S", "-c", _WATCHER, str(self._raylet), _stderr_line(message)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            pass_fds=(self._raylet,),  # the pidfd itself: no race with the raylet's exit
+        )
 
     def resources(self) -> tuple[int, int]:
         """Return the cluster's (CPUs, GPUs)."""
@@ -120,8 +126,45 @@ class RaySession:
         if self.closed:
             return
         self.closed = True
+        if (
+            self._watcher is not None
+            and self._watcher.stdin is not None
+            and self._raylet is not None
+        ):
+            lost = select.select([self._raylet], [], [], 0)[0]  # died before the session closed
+            with contextlib.suppress(OSError):  # the watcher already left
+                if not lost:
+                    self._watcher.stdin.write(b"c")
+                self._watcher.stdin.close()
+            self._watcher.wait()
+            os.close(self._raylet)
         if self.owned and ray.is_initialized():
             ray.shutdown()
+
+
+# The raylet watcher: a process of its own, so that it outlives this one. Woken by the raylet's
+# exit or by its stdin (a byte: the session closed; end of file: this process is gone), it says
+# its line when the raylet is gone and the session was not closed.
+_WATCHER = """
+import os, select, sys
+raylet = int(sys.argv[1])  # the raylet's pidfd
+select.select([raylet, 0], [], [])
+closed = select.select([0], [], [], 0)[0] and os.read(0, 1) == b"c"
+if select.select([raylet], [], [], 0)[0] and not closed:
+    os.write(2, sys.argv[2].encode())
+"""
+
+
+def _stderr_line(message: str) -> str:
+    """Return ``message`` as this module's logger would write it to stderr as an error."""
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, message, (), None)
+    logger: logging.Logger | None = log
+    while logger is not None:
+        for handler in logger.handlers:
+            if isinstance(handler, logging.StreamHandler) and handler.stream is sys.stderr:
+                return handler.format(record) + "\n"
+        logger = logger.parent if logger.propagate else None
+    return message + "\n"
 
 
 def node_table() -> dict[str, tuple[str, bool]]:

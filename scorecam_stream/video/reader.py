@@ -14,7 +14,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Iterator, Mapping
+from collections.abc import Generator, Iterator, Mapping
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -354,7 +354,7 @@ class VideoReader:
                     break
         self.trailing_audio, self._audio = tuple(self._audio), []
 
-    def _av_frames(self) -> Iterator[av.VideoFrame]:
+    def _av_frames(self) -> Generator[av.VideoFrame, None, None]:
         """Yield decoded video frames, keeping audio packets in ``self._audio``; warn at the end.
 
         Like the ffmpeg tool, a packet that fails to decode is skipped (after MAX_BAD_PACKETS in
