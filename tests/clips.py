@@ -126,6 +126,15 @@ def free_udp_port() -> int:
         return sock.getsockname()[1]
 
 
+def free_tcp_port() -> int:
+    """Return a TCP port on 127.0.0.1 that nothing listens on right now."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def send_mpegts(
     url: str,
     seconds: float,

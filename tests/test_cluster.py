@@ -14,7 +14,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,7 +26,7 @@ import av
 import numpy as np
 import pytest
 import ray
-from clips import FAST, REPO, jsonl_lines_written
+from clips import FAST, REPO, free_tcp_port, jsonl_lines_written
 from conftest import CLIP_FRAMES, session_pids, stop_session
 
 from scorecam_stream.cli import main
@@ -94,17 +93,11 @@ def test_workers_give_the_single_process_output(clip, single, tmp_path, options,
     assert_same_run(video, maps, single)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def head(tmp_path_factory) -> Iterator[tuple[str, dict[str, str]]]:
     """Start a token-auth head node; yield (dashboard address, environment for the CLI)."""
     temp = Path(f"/tmp/scs-ray-{secrets.token_hex(3)}")  # short: socket paths are limited
-    dashboard = free_port()
+    dashboard = free_tcp_port()
     env = dict(os.environ)
     env.pop("RAY_ADDRESS", None)
     env |= {
@@ -116,10 +109,10 @@ def head(tmp_path_factory) -> Iterator[tuple[str, dict[str, str]]]:
     command = [
         str(BIN / "ray"), "start", "--head", "--block", "--disable-usage-stats",
         "--num-cpus", "2", "--num-gpus", "0", "--temp-dir", str(temp),
-        "--port", str(free_port()), "--dashboard-host", "127.0.0.1",
+        "--port", str(free_tcp_port()), "--dashboard-host", "127.0.0.1",
         "--dashboard-port", str(dashboard), "--include-dashboard", "true",
-        "--ray-client-server-port", str(free_port()),
-        "--dashboard-agent-listen-port", str(free_port()),
+        "--ray-client-server-port", str(free_tcp_port()),
+        "--dashboard-agent-listen-port", str(free_tcp_port()),
     ]
     # fmt: on
     log = tmp_path_factory.mktemp("head") / "head.log"
