@@ -72,8 +72,10 @@ def last_scrape(monkeypatch) -> list[dict]:
     close = monitoring.MetricsServer.close
 
     def scrape_then_close(server: monitoring.MetricsServer) -> None:
-        seen.append(scrape(server.port))
-        close(server)
+        try:
+            seen.append(scrape(server.port))
+        finally:
+            close(server)
 
     monkeypatch.setattr(monitoring.MetricsServer, "close", scrape_then_close)
     return seen
