@@ -113,6 +113,20 @@ def test_a_live_run_serves_its_counts_and_they_end_as_its_summary(tmp_path, last
         scrape(port)
 
 
+def test_with_ray_workers_the_gauge_counts_them(tmp_path, last_scrape):
+    jsonl = tmp_path / "ray.jsonl"
+    port = free_tcp_port()
+    with udp_source(4.0) as (url, _, _sent):
+        args = [url, "-o", str(tmp_path / "ray.mp4"), "--jsonl", str(jsonl), "--workers", "2"]
+        metrics = ["--prometheus-port", str(port), "--prometheus-addr", "127.0.0.1"]
+        assert main([*args, "--read-timeout", "3", "--reconnect", "0", *metrics, *SLOW]) == 0
+    _, summary = records(jsonl)
+    (final,) = last_scrape
+    assert value(final, "scorecam_workers_alive", url) == 2
+    for name in COUNTERS:
+        assert value(final, f"scorecam_{name}_total", url) == summary[name], name
+
+
 def test_the_stream_label_leaves_out_a_urls_credentials():
     label = monitoring.stream_label
     assert label("rtsp://admin:secret@cam.local:554/s1") == "rtsp://cam.local:554/s1"
