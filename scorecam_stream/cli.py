@@ -193,6 +193,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--baseline", help="gradcam: also its maps and metrics, side by side")
     g.add_argument("--metric-steps", type=int, help="insertion/deletion steps (default 28)")
+    g = p.add_argument_group("monitoring")
+    g.add_argument(
+        "--prometheus-port",
+        type=int,
+        metavar="PORT",
+        help="live runs: serve Prometheus metrics at http://ADDR:PORT/metrics while running",
+    )
+    g.add_argument(
+        "--prometheus-addr",
+        metavar="ADDR",
+        help="the address the metrics are served on (default 0.0.0.0: every interface)",
+    )
     g = p.add_argument_group("distributed (Ray)")
     g.add_argument("--gpus", type=int, help="N Ray workers, one GPU each")
     g.add_argument(

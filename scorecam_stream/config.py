@@ -391,6 +391,33 @@ class EvaluationConfig:
 
 
 @dataclass(frozen=True)
+class MonitoringConfig:
+    """Prometheus metrics of a live run: served at ``http://ADDR:PORT/metrics`` while it runs.
+
+    ``prometheus_port``: None serves none. ``prometheus_addr``: the address to listen on
+    (all of this host's by default: a monitoring port is scraped from another host).
+    """
+
+    prometheus_port: int | None = None
+    prometheus_addr: str = "0.0.0.0"
+
+    def __post_init__(self) -> None:
+        _check(
+            self.prometheus_port is None
+            or (
+                isinstance(self.prometheus_port, int)
+                and not isinstance(self.prometheus_port, bool)
+                and 1 <= self.prometheus_port <= 65535
+            ),
+            f"--prometheus-port must be a TCP port, 1 to 65535, got {self.prometheus_port}",
+        )
+        _check(
+            isinstance(self.prometheus_addr, str) and bool(self.prometheus_addr.strip()),
+            f"--prometheus-addr must be an address to listen on, got {self.prometheus_addr!r}",
+        )
+
+
+@dataclass(frozen=True)
 class Config:
     """Everything one run needs."""
 
@@ -403,6 +430,7 @@ class Config:
     window: WindowConfig = field(default_factory=WindowConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
     quiet: bool = False
 
     def __post_init__(self) -> None:
@@ -468,6 +496,7 @@ _SECTIONS = {
     "window": WindowConfig,
     "distributed": DistributedConfig,
     "evaluation": EvaluationConfig,
+    "monitoring": MonitoringConfig,
 }
 FIELDS: dict[str, tuple[str, str]] = {
     ("model" if f.name == "spec" else f.name): (section, f.name)  # --model sets the spec

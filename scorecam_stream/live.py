@@ -32,6 +32,7 @@ from .config import RECONNECT_MAX_DELAY_S, Config
 from .errors import ScoreCamError
 from .evaluation import format_table, make_evaluator
 from .live_source import LiveSource
+from .monitoring import RunCounts, RunMetrics
 from .pipeline import (
     Outputs,
     Progress,
@@ -89,8 +90,12 @@ def run_live(
     outputs: Outputs,
     progress: Progress | None,
     stack: contextlib.ExitStack,
+    metrics: RunMetrics | None = None,
 ) -> RunSummary:
-    """Explain a live source until it ends or is stopped; return the summary (output unset)."""
+    """Explain a live source until it ends or is stopped; return the summary (output unset).
+
+    ``metrics``: the run's Prometheus metrics, read from the same counts as the summary.
+    """
     w = config.window
     if config.distributed.distributed:
         # Importing Ray holds the interpreter for seconds: do it before the reader thread runs,
@@ -121,6 +126,14 @@ def run_live(
         on_behind=behind.set,  # the encoder takes a faster preset, before frames are dropped
     )
     stack.callback(_stop_reader, source, live_input)
+    if metrics is not None:  # frames come in while the model loads: no workers up yet
+        metrics.track(
+            lambda: RunCounts(
+                frames_in=source.frames_in,
+                frames_dropped=source.dropped,
+                reconnects=live_input.reconnects,
+            )
+        )
     explainer = make_explainer()
     stack.callback(explainer.close)
     meta = explainer.meta
@@ -155,6 +168,19 @@ def run_live(
     latencies: list[float] = []
     previous = -1
     tally = ReuseTally()
+
+    def counts() -> RunCounts:
+        return RunCounts(
+            frames_in=source.frames_in,
+            frames_written=encoder.frames,
+            frames_explained=len(latencies),
+            frames_dropped=source.dropped,
+            reconnects=live_input.reconnects,
+            workers_alive=explainer.workers_up(),
+        )
+
+    if metrics is not None:
+        metrics.track(counts)
     try:
         with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C, SIGTERM: the normal stop
             for frame, result in explainer.explain(tasks(), reuse_options(config, live=True)):
@@ -162,6 +188,8 @@ def run_live(
                 tally.add(result)
                 latency_ms = (time.monotonic() - frame.arrival) * 1000
                 latest.append(_Map(display(result), result, frame))
+                if metrics is not None:
+                    metrics.observe_latency(latency_ms / 1000)
                 latencies.append(latency_ms)
                 add_maps(config, outputs, result, frame)
                 scores = evaluator.add(result) if evaluator is not None else {}
@@ -199,7 +227,7 @@ def run_live(
         if latencies
         else (None, None)
     )
-    metrics = evaluator.summary() if evaluator is not None else None
+    faithfulness = evaluator.summary() if evaluator is not None else None
     summary = RunSummary(
         output=str(outputs.video),
         frames=encoder.frames,
@@ -210,13 +238,17 @@ def run_live(
         stopped_by=reason,
         latency_p50_ms=p50,
         latency_p95_ms=p95,
-        metrics=metrics,
-        metrics_table=format_table(metrics) if metrics else None,
+        metrics=faithfulness,
+        metrics_table=format_table(faithfulness) if faithfulness else None,
         cost=tally.summary(),
     )
+    final = counts()
+    if metrics is not None:
+        # The reader may still be stuck in a read; what the summary says is what is served.
+        metrics.track(lambda: final)
     if outputs.records is not None:
-        record = _summary_record(summary, source, timeline, live_input)
-        outputs.records.add({"summary": {**record, **tally.summary(), **(metrics or {})}})
+        record = _summary_record(summary, final, len(timeline.discontinuities))
+        outputs.records.add({"summary": {**record, **tally.summary(), **(faithfulness or {})}})
     return summary
 
 
@@ -227,22 +259,19 @@ def _broken(timeline: video.Timeline, previous: int, index: int) -> bool:
 
 
 def _summary_record(
-    summary: RunSummary,
-    source: LiveSource,
-    timeline: video.Timeline,
-    live_input: video.ReconnectingInput,
+    summary: RunSummary, counts: RunCounts, discontinuities: int
 ) -> dict[str, object]:
     def ms(value: float | None) -> float | None:
         return None if value is None else round(value, 3)
 
     return {
         "live": True,
-        "frames_in": source.frames_in,
-        "frames_written": summary.frames,
-        "frames_explained": summary.explained,
-        "frames_dropped": source.dropped,
-        "discontinuities": len(timeline.discontinuities),
-        "reconnects": live_input.reconnects,
+        "frames_in": counts.frames_in,
+        "frames_written": counts.frames_written,
+        "frames_explained": counts.frames_explained,
+        "frames_dropped": counts.frames_dropped,
+        "discontinuities": discontinuities,
+        "reconnects": counts.reconnects,
         "latency_p50_ms": ms(summary.latency_p50_ms),
         "latency_p95_ms": ms(summary.latency_p95_ms),
         "stopped_by": summary.stopped_by,

@@ -30,6 +30,7 @@ from .config import Config
 from .errors import ScoreCamError
 from .evaluation import Evaluator, format_table, make_evaluator
 from .models import resize_frame
+from .monitoring import RunMetrics, serve_metrics, stream_label
 from .outputs import MapsWriter, PreviewSampler, RecordsWriter
 from .render import RenderOptions
 from .reuse import ReuseOptions, ReuseTally
@@ -145,10 +146,12 @@ def run(
     # Before the input opens, the model loads or Ray starts: a bad output path fails at once.
     # A live run makes its outputs' missing directories (-o live/cam.m3u8).
     video.check_output_dirs(config.output.paths, create=live)
-    reader = video.VideoReader(
-        config.input, source.input_format, source.options, _read_timeout(config, live)
-    )
     with contextlib.ExitStack() as stack:
+        # Listening first too: a port in use fails at once, and the run is watched from start.
+        metrics = _serve_metrics(config, live, stack)
+        reader = video.VideoReader(
+            config.input, source.input_format, source.options, _read_timeout(config, live)
+        )
         stack.callback(reader.close)
         info = reader.info
         out = config.output
@@ -197,7 +200,13 @@ def run(
                 )
             live_config = config
             summary = run_live(
-                config, reader, lambda: explainer_factory(live_config), outputs, progress, stack
+                config,
+                reader,
+                lambda: explainer_factory(live_config),
+                outputs,
+                progress,
+                stack,
+                metrics,
             )
             return dataclasses.replace(summary, output=target, seconds=time.perf_counter() - began)
         explainer = explainer_factory(config)
@@ -208,7 +217,7 @@ def run(
         frames, explained = _process(
             config, reader, explainer, fixed, outputs, progress, evaluator, tally
         )
-    metrics = evaluator.summary() if evaluator is not None else None
+    faithfulness = evaluator.summary() if evaluator is not None else None
     log.info("wrote %s: %d frames (%d explained; %s)", target, frames, explained, tally.summary())
     return RunSummary(
         output=Path(target),
@@ -216,10 +225,23 @@ def run(
         explained=explained,
         seconds=time.perf_counter() - began,
         target=description,
-        metrics=metrics,
-        metrics_table=format_table(metrics) if metrics else None,
+        metrics=faithfulness,
+        metrics_table=format_table(faithfulness) if faithfulness else None,
         cost=tally.summary(),
     )
+
+
+def _serve_metrics(config: Config, live: bool, stack: contextlib.ExitStack) -> RunMetrics | None:
+    """Return the run's Prometheus metrics, served until ``stack`` closes (live runs only)."""
+    monitoring = config.monitoring
+    if monitoring.prometheus_port is None:
+        return None
+    if not live:
+        log.warning("--prometheus-port: metrics are served for live runs only; none for this one")
+        return None
+    metrics, server = serve_metrics(monitoring, stream_label(config.input))
+    stack.callback(server.close)
+    return metrics
 
 
 def _output_kind(target: str, is_image: bool) -> str:

@@ -338,6 +338,10 @@ class Explainer(Protocol):
         """
         ...
 
+    def workers_up(self) -> int:
+        """Return how many workers take calls now (called from any thread; cheap)."""
+        ...
+
     def close(self) -> None:
         """Release workers."""
         ...
@@ -375,6 +379,10 @@ class LocalExplainer:
     def explain_frame(self, task: FrameTask, state: StreamState | None) -> FrameResult:
         """Return one frame's result, reusing what ``state`` (its stream's) holds."""
         return self.worker.explain(task, self.topk, state)
+
+    def workers_up(self) -> int:
+        """Return 1: the one worker in this process."""
+        return 1
 
     def close(self) -> None:
         """Nothing to release."""

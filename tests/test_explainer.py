@@ -370,6 +370,15 @@ def test_concurrent_runs_share_the_workers(make_worker, frames, reference):
 # ---------------------------------------------------------------------- the pure policy
 
 
+def test_workers_up_counts_the_workers_taking_calls(make_worker):
+    """What ``scorecam_workers_alive`` shows: neither restarting nor gone."""
+    pool = FakePool(make_worker, 3)
+    explainer = explainer_over(pool)
+    assert explainer.workers_up() == 3
+    pool.slots[0].state, pool.slots[2].state = SlotState.RESTARTING, SlotState.GONE
+    assert explainer.workers_up() == 1
+
+
 def test_slot_probe_back_off_then_gone_after_repeated_dead_probes():
     slot = Slot(0)
     assert slot.lost(10.0) and not slot.lost(11.0)  # only the first death counts

@@ -81,6 +81,10 @@ class SharedExplainer:
                 result = self.inner.explain_frame(task, state)
             yield payload, result
 
+    def workers_up(self) -> int:
+        """Return how many workers of the shared explainer take calls now."""
+        return self.inner.workers_up()
+
     def close(self) -> None:
         """Leave the explainer open for the next video (the batch closes it at the end)."""
 

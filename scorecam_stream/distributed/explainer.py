@@ -48,6 +48,7 @@ from ..scheduler import (
     ReorderBuffer,
     RetryPolicy,
     Slot,
+    SlotState,
     balanced_ranges,
     max_held_items,
 )
@@ -246,6 +247,10 @@ class ShardedExplainer:
             )
         finally:
             self._close_run(run)
+
+    def workers_up(self) -> int:
+        """Return how many workers of the pool take calls now (not dead nor restarting)."""
+        return sum(slot.state is SlotState.UP for slot in list(self.pool.slots))
 
     def close(self) -> None:
         """Stop taking calls. Idempotent; subclasses release their workers."""
