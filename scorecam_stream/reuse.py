@@ -289,6 +289,14 @@ class StreamState:
             reuse[plan.selection] = current[plan.selection]
             fidelity = correlation(maps[0], maps_of(self.weighting, view, reuse, targets)[0])
             self._control(fidelity)
+        elif not plan.keyframe and channels.numel() and self._logits is not None:
+            # A free early warning: if the channels just recomputed moved the map by more than
+            # the allowed error, the reused ones have likely moved too: measure next frame.
+            stale = cached.clone()
+            stale[~live] = view.zero_logits
+            drift = correlation(maps[0], maps_of(self.weighting, view, stale, targets)[0])
+            if drift < self.options.fidelity:
+                self._since_key = self.interval
         self._store(view, current, channels, plan.keyframe)
         outcome = Outcome(
             maps=maps,
@@ -384,4 +392,4 @@ class StreamState:
             self._known &= live  # a channel that went constant has no live result to keep
         self._logits = logits
         self._previous = view.activations.flatten(1).mean(dim=1)
-        self._since_key = 0 if keyframe else self._since_key + 1
+        self._since_key = 0 if keyframe else max(self._since_key, 0) + 1

@@ -222,3 +222,14 @@ def test_records_and_summary_say_what_reuse_did(clip, tmp_path):
         assert summary["fidelity_min"] == round(min(measured), 5)
     else:
         assert summary["fidelity_min"] is None
+
+
+def test_a_refresh_that_moves_the_map_brings_the_next_keyframe_forward(worker, monkeypatch):
+    frames = drifting(4)
+    options = ReuseOptions(fidelity=0.99, keyframe_interval=16)
+    monkeypatch.setattr(reuse, "correlation", lambda a, b: 0.999)  # refreshes barely move it
+    calm = explain(worker, frames, options)
+    assert [r.keyframe for r in calm] == [True, False, False, False]  # every 4th at first
+    monkeypatch.setattr(reuse, "correlation", lambda a, b: 0.9)  # each refresh moves the map
+    moved = explain(worker, frames, options)
+    assert [r.keyframe for r in moved] == [True, False, True, False]
