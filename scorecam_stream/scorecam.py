@@ -256,8 +256,12 @@ class ScoreCAM:
       while the engine lives (call :meth:`clear_cache` if they do).
     - ``max_channels``: Faster Score-CAM; only the N channels of highest activation variance
       of each frame are scored. Off (None) by default.
-    - ``dtype``: autocast dtype for the forwards (``"bf16"``, ``"fp16"``; None = fp32).
-      Scores, masks and maps stay float32.
+    - ``dtype``: autocast dtype of the masked passes (``"bf16"``, ``"fp16"``; None = fp32).
+      Everything else stays float32: the base pass (activations, masks, logits, targets) and
+      :meth:`classify` run in fp32 whatever ``dtype`` is (one forward per frame against K
+      masked ones; it keeps the masks exact, see docs/precision.md), the masked inputs are
+      built in fp32 and cast inside the model, and scores, softmax and sums are fp32. A masked
+      pass whose logits are not finite (fp16 overflow) is recomputed in fp32, never kept.
     - ``channels_last``: run the forwards in channels-last memory format (None, the default:
       on when the model is on CPU, where it is faster for every model measured). The model's 4-D
       weights are converted on entry to each call and the caller's own tensors put back on exit
@@ -358,7 +362,8 @@ class ScoreCAM:
     def classify(self, x: torch.Tensor) -> torch.Tensor:
         """Return the logits (N, C) float32 of the unmasked batch (no hooks)."""
         with self._model_state(), torch.inference_mode():
-            return self._forward(x.to(self._device())).float()
+            # fp32 whatever the dtype: the same logits, hence targets, as the base pass.
+            return self._forward(x.to(self._device()), reduced=False).float()
 
     @staticmethod
     def resolve_targets(
@@ -397,8 +402,11 @@ class ScoreCAM:
             # A clone: a later in-place op (ReLU(inplace), +=) must not change what we keep.
             captured.append(output.detach().float().clone())
 
+        # Always fp32: the masks and targets of every masked pass come from here, and reduced
+        # precision here moved bf16 maps further from fp32's (docs/precision.md); one forward
+        # per frame against K masked ones.
         with self._model_state(), torch.inference_mode(), forward_hook(self.layer, keep):
-            logits = self._forward(x).float()
+            logits = self._forward(x, reduced=False).float()
         if len(captured) != 1 or captured[0].dim() != 4:
             shape = tuple(captured[-1].shape) if captured else None
             raise ValueError(f"target layer must run once with a 4-D output, got {shape}")
@@ -511,6 +519,9 @@ class ScoreCAM:
             pass_acts = torch.cat([pass_acts, pass_acts[:1].expand(padding, -1, -1)])
             pass_lows = torch.cat([pass_lows, pass_lows[:1].expand(padding)])
             pass_spans = torch.cat([pass_spans, pass_spans[:1].expand(padding)])
+        # Reduced precision: which passes gave non-finite logits (fp16 overflow), checked once
+        # after the loop (one host sync per call) and recomputed in fp32.
+        nonfinite = None if self.dtype is None else torch.zeros_like(frames, dtype=torch.bool)
         self._buffer = None
         with self._model_state(), torch.inference_mode():
             i = 0
@@ -523,7 +534,24 @@ class ScoreCAM:
                 # Slices with host-known bounds: no device sync inside the loop.
                 f, c = f[:rows], chans[chunk][:rows]
                 scores[f, :, c] = self._target_scores(logits[:rows], targets[f], base, f)
+                if nonfinite is not None:
+                    nonfinite[i : i + rows] = ~torch.isfinite(logits[:rows]).all(dim=1)
                 i += padded
+            if nonfinite is not None and bool(nonfinite.any()):
+                redo = nonfinite.nonzero().flatten()  # (Q,) passes to run again in fp32
+                log.warning(
+                    "%d of %d masked passes overflowed in %s: recomputed in fp32",
+                    redo.numel(),
+                    sum(rows for rows, _ in plan),
+                    self.dtype,
+                )
+                for j in range(0, redo.numel(), self.batch_size):
+                    q = redo[j : j + self.batch_size]
+                    f, c = frames[q], chans[q]
+                    logits = self._masked_eager(
+                        base.x, f, pass_acts[q], pass_lows[q], pass_spans[q], reduced=False
+                    )  # (B, C)
+                    scores[f, :, c] = self._target_scores(logits, targets[f], base, f)
         self._buffer = None
         return scores
 
@@ -534,15 +562,19 @@ class ScoreCAM:
         channels: torch.Tensor,
         lows: torch.Tensor,
         spans: torch.Tensor,
+        reduced: bool = True,
     ) -> torch.Tensor:
-        """Return the logits (B, C) float32 of ``x[frames]`` masked by the channels' M_k."""
+        """Return the logits (B, C) float32 of ``x[frames]`` masked by the channels' M_k.
+
+        ``reduced=False`` runs the model in fp32 whatever the engine's dtype.
+        """
         b = frames.numel()
         size = x.shape[-2:]
         mask = _normalised_masks(channels, lows, spans, size, self._align_corners)  # (B,1,S,S)
         if self._buffer is None or self._buffer.shape[0] < b:
             self._buffer = torch.empty(b, *x.shape[1:], device=x.device)
         masked = torch.mul(x[frames], mask, out=self._buffer[:b])  # (B, 3, S, S)
-        return self._forward(masked).float()
+        return self._forward(masked, reduced).float()
 
     def _compiled_masked_logits(self) -> MaskedLogits:
         """Return :meth:`_masked_eager` compiled: masks, masking and model in one graph."""
@@ -626,18 +658,22 @@ class ScoreCAM:
         return lows, highs
 
     def _zero_image_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Return the logits (C,) of the all-zero input, cached per shape, device and dtype."""
-        key = (tuple(x.shape[1:]), x.device, self.dtype)
+        """Return the logits (C,) float32 of the all-zero input, cached per shape and device.
+
+        Computed once per shape, so in fp32 whatever the dtype (it costs nothing).
+        """
+        key = (tuple(x.shape[1:]), x.device)
         if key not in self._zero_logits:
             with self._model_state(), torch.inference_mode():
                 zero = torch.zeros(1, *x.shape[1:], device=x.device)
-                self._zero_logits[key] = self._forward(zero).float()[0]
+                self._zero_logits[key] = self._forward(zero, reduced=False).float()[0]
         return self._zero_logits[key]
 
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor, reduced: bool = True) -> torch.Tensor:
+        """Return the model's output for ``x``: autocast to the dtype when ``reduced``."""
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        if self.dtype is None:
+        if self.dtype is None or not reduced:
             return self.model(x)
         with torch.autocast(x.device.type, dtype=self.dtype):
             return self.model(x)
