@@ -9,7 +9,9 @@ target layer the fp32 maps are the reference and each dtype's maps (same frames,
 get, per frame, their Pearson correlation with fp32's and their difference as a fraction of
 fp32's norm (:func:`scorecam_stream.metrics.map_agreement`). ``--reduced-base`` adds a row per
 dtype with the base pass in that dtype too (the engine before issue 20), to show what the fp32
-base pass is worth. Prints a Markdown table; ``--out`` writes the rows as JSON.
+base pass is worth; ``--fp32-modules conv_stem classifier`` runs those modules in fp32 inside the
+reduced-precision passes (autocast off, inputs cast up), to find where precision is lost.
+Prints a Markdown table; ``--out`` writes the rows as JSON.
 On a CPU without native fp16 (most), fp16 autocast is ~10x slower than fp32: use
 ``--max-channels`` (Faster Score-CAM, the same channels for every dtype) to keep it short.
 """
@@ -17,9 +19,11 @@ On a CPU without native fp16 (most), fp16 autocast is ~10x slower than fp32: use
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,7 +41,8 @@ from scorecam_stream.metrics import (  # noqa: E402
 
 # Real colour photos with distinct ImageNet classes (data.cat() is chelsea again).
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")
-COLUMNS = ("layer", "max_channels", "dtype", "base", "corr_min", "corr_mean", "error_max")
+COLUMNS = ("layer", "max_channels", "dtype", "base", "fp32_modules", "corr_min", "corr_mean")
+COLUMNS += ("error_max",)
 COLUMNS += ("error_mean", "ok", "seconds")
 
 
@@ -48,6 +53,29 @@ class ReducedBase(ScoreCAM):
         return super()._forward(x, reduced=True)
 
 
+@contextlib.contextmanager
+def fp32_modules(model: torch.nn.Module, names: Sequence[str]) -> Iterator[None]:
+    """Run the named modules of ``model`` in fp32 (autocast off, float inputs) while held."""
+    modules = dict(model.named_modules())
+    originals = {name: modules[name].forward for name in names}
+
+    def in_fp32(forward):
+        def run(*args, **kwargs):
+            args = [a.float() if torch.is_tensor(a) else a for a in args]
+            with torch.autocast(args[0].device.type, enabled=False):
+                return forward(*args, **kwargs)
+
+        return run
+
+    for name, forward in originals.items():
+        modules[name].forward = in_fp32(forward)
+    try:
+        yield
+    finally:
+        for name in originals:
+            del modules[name].forward  # back to the class's own method
+
+
 def agreement_rows(
     model: torch.nn.Module,
     layer: torch.nn.Module,
@@ -56,6 +84,7 @@ def agreement_rows(
     batch_size: int = 64,
     max_channels: int | None = None,
     reduced_base: bool = False,
+    fp32_names: Sequence[str] = (),
 ) -> list[dict[str, object]]:
     """Return one row per dtype: worst and mean correlation and error against fp32, seconds."""
     options = dict(batch_size=batch_size, max_channels=max_channels)
@@ -69,13 +98,16 @@ def agreement_rows(
         variants += [(d, ReducedBase, d) for d in dtypes]
     for dtype, engine_class, base in variants:
         began = time.perf_counter()
-        maps = engine_class(model, layer, dtype=dtype, **options)(x, targets=fp32.targets).maps
+        with fp32_modules(model, fp32_names):
+            engine = engine_class(model, layer, dtype=dtype, **options)
+            maps = engine(x, targets=fp32.targets).maps
         seconds = time.perf_counter() - began
         corr, error = map_agreement(maps, fp32.maps)
         rows.append(
             {
                 "dtype": dtype,
                 "base": base,
+                "fp32_modules": " ".join(fp32_names),
                 "corr_min": float(corr.min()),
                 "corr_mean": float(corr.mean()),
                 "error_max": float(error.max()),
@@ -96,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-channels", type=int, help="Faster Score-CAM: top-N channels")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--reduced-base", action="store_true", help="also the old base pass")
+    parser.add_argument("--fp32-modules", nargs="*", default=[], help="modules kept in fp32")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--out", type=Path, help="write the rows as JSON")
     args = parser.parse_args(argv)
@@ -116,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             args.batch_size,
             args.max_channels,
             args.reduced_base,
+            args.fp32_modules,
         )
         for row in rows:
             row = {"layer": layer_name, "max_channels": args.max_channels, **row}
