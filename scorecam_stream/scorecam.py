@@ -402,9 +402,9 @@ class ScoreCAM:
             # A clone: a later in-place op (ReLU(inplace), +=) must not change what we keep.
             captured.append(output.detach().float().clone())
 
-        # Always fp32: the masks and targets of every masked pass come from here, and reduced
-        # precision here moved bf16 maps further from fp32's (docs/precision.md); one forward
-        # per frame against K masked ones.
+        # Always fp32: the masks and targets of every masked pass come from here. With this
+        # pass in fp16, fp16 maps missed r 0.999 of fp32's; in fp32 they keep it
+        # (docs/precision.md). One forward per frame against K masked ones.
         with self._model_state(), torch.inference_mode(), forward_hook(self.layer, keep):
             logits = self._forward(x, reduced=False).float()
         if len(captured) != 1 or captured[0].dim() != 4:
