@@ -126,9 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, help="masked inputs per forward (default 32)")
     g.add_argument(
         "--dtype",
-        help="masked passes in fp32 (default, exact), fp16 (the GPU preset; maps measured within "
-        "r 0.999 and 2 %% of fp32's) or bf16 (maps move by up to 13-39 %% of their norm: not "
-        "exact); see docs/precision.md",
+        help="masked passes in fp32 (default, exact), fp16 (the GPU preset: Lite0 maps measured "
+        "within r 0.999 and 2 %% of fp32's) or bf16 (not exact: maps 10-39 %% of their norm "
+        "away from fp32's); see docs/precision.md",
     )
     g.add_argument(
         "--variant", help="article (default) or pytorch-grad-cam (that library's ScoreCAM)"
