@@ -127,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--dtype",
         help="masked passes in fp32 (default, exact), fp16 (the GPU preset: Lite0 maps measured "
-        "within r 0.999 and 2 %% of fp32's) or bf16 (not exact: maps 10-39 %% of their norm "
+        "within r 0.999 and 2 %% of fp32's) or bf16 (not exact: maps 5-39 %% of their norm "
         "away from fp32's); see docs/precision.md",
     )
     g.add_argument(
