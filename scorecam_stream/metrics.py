@@ -12,6 +12,8 @@ Pure torch, batched, on whatever device the model is on. ``x`` is the preprocess
   map value are deleted (set to 0) from ``x``, or inserted into a blurred ``x``, ``step``
   pixels at a time; the area under the score curve.
 - Stability: how alike the maps of consecutive frames with the same target are.
+- Agreement: how alike two computations of the same frames' maps are (reduced precision
+  against fp32: :func:`map_agreement`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,10 @@ from torch import nn
 BLUR_KERNEL = 11  # RISE's insertion baseline: Gaussian blur, kernel 11, sigma 5
 BLUR_SIGMA = 5.0
 HOT_FRACTION = 0.1  # stability's IoU compares the hottest 10 % of pixels
+# What a reduced precision must keep to be used by default (issue 20, DESIGN.md): each frame's
+# map correlates >= 0.999 with fp32's and differs from it by <= 2 % of its norm.
+AGREEMENT_CORRELATION = 0.999
+AGREEMENT_ERROR = 0.02
 
 
 def average_drop_increase(
@@ -109,11 +115,8 @@ def stability(maps: torch.Tensor, targets: torch.Tensor) -> dict[str, float | in
     if same.numel() == 0:
         return {"pairs": 0, "correlation": None, "iou": None}
     flat = maps.flatten(1).double()
-    a, b = flat[same], flat[same + 1]  # (P, S*S)
-    a_c, b_c = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
-    denom = a_c.norm(dim=1) * b_c.norm(dim=1)
-    defined = denom > 0
-    corr = (a_c * b_c).sum(1)[defined] / denom[defined]
+    corr = _correlations(flat[same], flat[same + 1])
+    corr = corr[~corr.isnan()]
     hot = max(1, round(HOT_FRACTION * flat.shape[1]))
     ranks = pixel_ranks(maps)
     hot_a, hot_b = ranks[same] < hot, ranks[same + 1] < hot
@@ -123,6 +126,28 @@ def stability(maps: torch.Tensor, targets: torch.Tensor) -> dict[str, float | in
         "correlation": float(corr.mean()) if corr.numel() else None,
         "iou": float(iou.mean()),
     }
+
+
+def map_agreement(maps: torch.Tensor, reference: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (correlation, relative error), each (N,) float64 on CPU, of maps against reference.
+
+    Both are (N, ...) maps of the same frames; the correlation is Pearson's over each frame's
+    pixels (NaN where a map is constant), the error ``|map - ref| / |ref|`` in the L2 norm.
+    """
+    a = torch.as_tensor(maps).detach().cpu().flatten(1).double()
+    b = torch.as_tensor(reference).detach().cpu().flatten(1).double()
+    if a.shape != b.shape:
+        raise ValueError(f"maps {tuple(a.shape)} and reference {tuple(b.shape)} differ")
+    error = (a - b).norm(dim=1) / b.norm(dim=1)
+    return _correlations(a, b), error
+
+
+def _correlations(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Return the Pearson correlation (P,) of each row pair of a, b (P, D); NaN if undefined."""
+    a_c, b_c = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
+    denom = a_c.norm(dim=1) * b_c.norm(dim=1)
+    corr = (a_c * b_c).sum(1) / denom
+    return torch.where(denom > 0, corr, torch.full_like(corr, math.nan))
 
 
 def pixel_ranks(maps: torch.Tensor) -> torch.Tensor:

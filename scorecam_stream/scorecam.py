@@ -399,8 +399,12 @@ class ScoreCAM:
       while the engine lives (call :meth:`clear_cache` if they do).
     - ``max_channels``: Faster Score-CAM; only the N channels of highest activation variance
       of each frame are scored. Off (None) by default.
-    - ``dtype``: autocast dtype for the forwards (``"bf16"``, ``"fp16"``; None = fp32).
-      Scores, masks and maps stay float32.
+    - ``dtype``: autocast dtype of the masked passes (``"bf16"``, ``"fp16"``; None = fp32).
+      Everything else stays float32: the base pass (activations, masks, logits, targets) and
+      :meth:`classify` run in fp32 whatever ``dtype`` is (one forward per frame against K
+      masked ones; it keeps the masks exact, see docs/precision.md), the masked inputs are
+      built in fp32 and cast inside the model, and scores, softmax and sums are fp32. A masked
+      pass whose logits are not finite (fp16 overflow) is recomputed in fp32, never kept.
     - ``channels_last``: run the forwards in channels-last memory format (None, the default:
       on when the model is on CPU, where it is faster for every model measured). The model's 4-D
       weights are converted on entry to each call and the caller's own tensors put back on exit
@@ -488,7 +492,8 @@ class ScoreCAM:
     def classify(self, x: torch.Tensor) -> torch.Tensor:
         """Return the logits (N, C) float32 of the unmasked batch (no hooks)."""
         with self._model_state(), torch.inference_mode():
-            return self._forward(x.to(self._device())).float()
+            # fp32 whatever the dtype: the same logits, hence targets, as the base pass.
+            return self._forward(x.to(self._device()), reduced=False).float()
 
     @staticmethod
     def resolve_targets(
@@ -527,8 +532,11 @@ class ScoreCAM:
             # A clone: a later in-place op (ReLU(inplace), +=) must not change what we keep.
             captured.append(output.detach().float().clone())
 
+        # Always fp32: the masks and targets of every masked pass come from here. With this
+        # pass in fp16, fp16 maps missed r 0.999 of fp32's; in fp32 they keep it
+        # (docs/precision.md). One forward per frame against K masked ones.
         with self._model_state(), torch.inference_mode(), forward_hook(self.layer, keep):
-            logits = self._forward(x).float()
+            logits = self._forward(x, reduced=False).float()
         if len(captured) != 1 or captured[0].dim() != 4:
             shape = tuple(captured[-1].shape) if captured else None
             raise ValueError(f"target layer must run once with a 4-D output, got {shape}")
@@ -588,13 +596,11 @@ class ScoreCAM:
         channels = channels.to(device=base.x.device, dtype=torch.int64)
         frames = torch.zeros_like(channels)
         out = torch.empty(channels.numel(), base.logits.shape[1], device=base.x.device)
-        i = 0
         passes = self._masked_passes(
             base, base.activations, base.lows, base.highs, frames, channels
         )
-        for _f, _c, logits in passes:  # in order, so rows land where they belong
-            out[i : i + logits.shape[0]] = logits
-            i += logits.shape[0]
+        for rows, _f, _c, logits in passes:
+            out[rows] = logits
         return out
 
     def zero_logits(self, base: BasePass) -> torch.Tensor:
@@ -629,7 +635,7 @@ class ScoreCAM:
             zero_scores = self.weighting.target_scores(zero, targets, base.logits)  # (N, T)
             scores.copy_(zero_scores[..., None].expand_as(scores))
         frames, chans = (~constant).nonzero(as_tuple=True)  # masked passes to run (one sync)
-        for f, c, logits in self._masked_passes(base, acts, lows, highs, frames, chans):
+        for _rows, f, c, logits in self._masked_passes(base, acts, lows, highs, frames, chans):
             scores[f, :, c] = self.weighting.target_scores(logits, targets[f], base.logits[f])
         return scores
 
@@ -641,11 +647,13 @@ class ScoreCAM:
         highs: torch.Tensor,
         frames: torch.Tensor,
         chans: torch.Tensor,
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Yield (frames (B,), channels (B,), logits (B, C)) of the masked passes, by chunk.
+    ) -> Iterator[tuple[slice | torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Yield (passes, frames (B,), channels (B,), logits (B, C)) of the masked passes.
 
         Pass p masks frame ``frames[p]`` of ``base.x`` with channel ``chans[p]`` of ``acts``
-        (N, R, h, w), whose upsampled range is ``lows``/``highs`` (N, R).
+        (N, R, h, w), whose upsampled range is ``lows``/``highs`` (N, R); ``passes`` says which
+        p each row is. In chunks, in order; then, with reduced precision, the passes whose
+        logits were not finite (fp16 overflow) again in fp32, which replace them.
         """
         plan = chunk_plan(frames.numel(), self.batch_size, self.fixed_chunks)
         if not plan:
@@ -661,6 +669,9 @@ class ScoreCAM:
             pass_acts = torch.cat([pass_acts, pass_acts[:1].expand(padding, -1, -1)])
             pass_lows = torch.cat([pass_lows, pass_lows[:1].expand(padding)])
             pass_spans = torch.cat([pass_spans, pass_spans[:1].expand(padding)])
+        # Reduced precision: which passes gave non-finite logits (fp16 overflow), checked once
+        # after the loop (one host sync per call) and recomputed in fp32.
+        nonfinite = None if self.dtype is None else torch.zeros_like(frames, dtype=torch.bool)
         self._buffer = None
         try:
             with self._model_state(), torch.inference_mode():
@@ -671,9 +682,26 @@ class ScoreCAM:
                     logits = self._masked_logits(
                         base.x, f, pass_acts[chunk], pass_lows[chunk], pass_spans[chunk]
                     )  # (B, C)
+                    if nonfinite is not None:
+                        nonfinite[i : i + rows] = ~torch.isfinite(logits[:rows]).all(dim=1)
                     # Slices with host-known bounds: no device sync inside the loop.
-                    yield f[:rows], chans[chunk][:rows], logits[:rows]
+                    yield slice(i, i + rows), f[:rows], chans[chunk][:rows], logits[:rows]
                     i += padded
+                if nonfinite is None or not bool(nonfinite.any()):
+                    return
+                redo = nonfinite.nonzero().flatten()  # (Q,) passes to run again in fp32
+                log.warning(
+                    "%d of %d masked passes overflowed in %s: recomputed in fp32",
+                    redo.numel(),
+                    sum(rows for rows, _ in plan),
+                    self.dtype,
+                )
+                for j in range(0, redo.numel(), self.batch_size):
+                    q = redo[j : j + self.batch_size]
+                    logits = self._masked_eager(
+                        base.x, frames[q], pass_acts[q], pass_lows[q], pass_spans[q], reduced=False
+                    )  # (B, C)
+                    yield q, frames[q], chans[q], logits  # they replace what those rows gave
         finally:
             self._buffer = None
 
@@ -684,15 +712,19 @@ class ScoreCAM:
         channels: torch.Tensor,
         lows: torch.Tensor,
         spans: torch.Tensor,
+        reduced: bool = True,
     ) -> torch.Tensor:
-        """Return the logits (B, C) float32 of ``x[frames]`` masked by the channels' M_k."""
+        """Return the logits (B, C) float32 of ``x[frames]`` masked by the channels' M_k.
+
+        ``reduced=False`` runs the model in fp32 whatever the engine's dtype.
+        """
         b = frames.numel()
         size = x.shape[-2:]
         mask = _normalised_masks(channels, lows, spans, size, self._align_corners)  # (B,1,S,S)
         if self._buffer is None or self._buffer.shape[0] < b:
             self._buffer = torch.empty(b, *x.shape[1:], device=x.device)
         masked = torch.mul(x[frames], mask, out=self._buffer[:b])  # (B, 3, S, S)
-        return self._forward(masked).float()
+        return self._forward(masked, reduced).float()
 
     def _compiled_masked_logits(self) -> MaskedLogits:
         """Return :meth:`_masked_eager` compiled: masks, masking and model in one graph."""
@@ -733,18 +765,22 @@ class ScoreCAM:
         return lows, highs
 
     def _zero_image_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Return the logits (C,) of the all-zero input, cached per shape, device and dtype."""
-        key = (tuple(x.shape[1:]), x.device, self.dtype)
+        """Return the logits (C,) float32 of the all-zero input, cached per shape and device.
+
+        Computed once per shape, so in fp32 whatever the dtype (it costs nothing).
+        """
+        key = (tuple(x.shape[1:]), x.device)
         if key not in self._zero_logits:
             with self._model_state(), torch.inference_mode():
                 zero = torch.zeros(1, *x.shape[1:], device=x.device)
-                self._zero_logits[key] = self._forward(zero).float()[0]
+                self._zero_logits[key] = self._forward(zero, reduced=False).float()[0]
         return self._zero_logits[key]
 
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor, reduced: bool = True) -> torch.Tensor:
+        """Return the model's output for ``x``: autocast to the dtype when ``reduced``."""
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        if self.dtype is None:
+        if self.dtype is None or not reduced:
             return self.model(x)
         with torch.autocast(x.device.type, dtype=self.dtype):
             return self.model(x)
