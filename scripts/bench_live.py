@@ -95,6 +95,7 @@ def run_live(frames: list[np.ndarray], fps: int, options: list[str], scratch: Pa
         "latency_p50_ms": float(np.percentile(latencies, 50)),
         "latency_p95_ms": float(np.percentile(latencies, 95)),
         "output_fps": summary["frames_written"] / (len(frames) / fps),
+        "dropped": summary["frames_dropped"],
         "passes_per_map": summary.get("passes_per_frame"),
         "fidelity_min": summary.get("fidelity_min"),
     }
@@ -142,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         f"{'run':<28} {'startup s':>9} {'explained':>9} {'maps/s':>7} "
-        f"{'p50 ms':>8} {'p95 ms':>8} {'out fps':>8} {'passes/map':>10} {'min r':>6}"
+        f"{'p50 ms':>8} {'p95 ms':>8} {'out fps':>8} {'dropped':>7} {'passes/map':>10} "
+        f"{'min r':>6}"
     )
     with tempfile.TemporaryDirectory() as scratch:
         for name, options in rows.items():
@@ -150,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"{name:<28} {r['startup_s']:>9.1f} {r['explained_fraction']:>9.1%} "
                 f"{r['maps_per_s']:>7.2f} {r['latency_p50_ms']:>8.0f} {r['latency_p95_ms']:>8.0f} "
-                f"{r['output_fps']:>8.2f} {r['passes_per_map'] or float('nan'):>10.1f} "
+                f"{r['output_fps']:>8.2f} {r['dropped']:>7d} "
+                f"{r['passes_per_map'] or float('nan'):>10.1f} "
                 f"{r['fidelity_min'] if r['fidelity_min'] is not None else float('nan'):>6.3f}"
             )
             sys.stdout.flush()
