@@ -115,6 +115,16 @@ def jsonl_lines_written(pid: int, directory: Path) -> int:
     return 0
 
 
+def sigint_as_ctrl_c() -> None:
+    """Let a child process take SIGINT as Ctrl-C (a ``preexec_fn``).
+
+    A shell that runs a job in the background (``cmd &``, as CI scripts may) starts it with
+    SIGINT ignored, and Python then never turns SIGINT into KeyboardInterrupt: a test that
+    sends SIGINT must not depend on how its own runner was started.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def wait_for_records(
     process: subprocess.Popen,
     directory: Path,

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from clips import FAST, REPO, picture, text_file, write_frames
+from helpers import sigint_as_ctrl_c
 
 from scorecam_stream.batch import (
     SummaryWriter,
@@ -273,7 +274,9 @@ def test_a_stopped_batch_resumes_where_it_stopped(tmp_path):
     argv = [first, middle, last, "-o", f"{out}/", "--summary", summary, *FAST]
     command = [sys.executable, "-m", "scorecam_stream.cli", *map(str, argv)]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    run = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
+    run = subprocess.Popen(
+        command, env=env, stderr=subprocess.PIPE, text=True, preexec_fn=sigint_as_ctrl_c
+    )
     try:
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline and run.poll() is None:

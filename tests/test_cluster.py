@@ -32,6 +32,7 @@ from helpers import (
     free_port,
     raylet_of,
     session_pids,
+    sigint_as_ctrl_c,
     single_run,
     stop_session,
     wait_for_records,
@@ -213,6 +214,7 @@ def test_signal_mid_run_stops_everything_and_writes_nothing(clip, tmp_path, sign
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,  # its session holds it and the Ray instance it starts
+        preexec_fn=sigint_as_ctrl_c,
     )
     try:
         wait_for_records(process, tmp_path)  # mid-run: a frame is done, the run is not

@@ -23,7 +23,7 @@ import av
 import numpy as np
 import pytest
 from clips import free_udp_port, send_mpegts
-from helpers import wait_for_records
+from helpers import sigint_as_ctrl_c, wait_for_records
 
 from scorecam_stream.cli import main
 from scorecam_stream.live_source import LiveSource
@@ -190,6 +190,7 @@ def test_sigint_finishes_the_output_and_memory_stays_flat(tmp_path):
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            preexec_fn=sigint_as_ctrl_c,
         )
         try:
             wait_for_records(process, tmp_path, count=2, timeout=90, live_jsonl=jsonl)

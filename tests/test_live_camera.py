@@ -140,8 +140,11 @@ def _run_through_restart(tmp_path: Path, second_size: tuple[int, int]) -> tuple[
     # Every frame of the second run arrives (the reader was listening): the break is there.
     restart = summary["frames_in"] - sent[1]
     after = [r["index"] for r in explained if r["index"] >= restart]
-    # The first record after the restart says so; no other does.
-    assert [r["index"] for r in explained if r["discontinuity"]] == after[:1]
+    # One record says so, the first explained after the restart. ``restart`` counts every frame
+    # of the second run as arrived; UDP may lose some under load, which only moves the real
+    # restart later: one flag, at or after it, and none before.
+    flagged = [r["index"] for r in explained if r["discontinuity"]]
+    assert len(flagged) == 1 and flagged[0] >= restart and after
     return explained, summary, out
 
 
