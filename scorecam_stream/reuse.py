@@ -4,12 +4,12 @@ Consecutive frames are nearly the same, so most channels' masks, and so most of 
 passes' results, barely move. :class:`StreamState` belongs to one stream (one video, one live
 source) and keeps, for every channel, the logits of its latest masked pass (all classes: a new
 target class costs no pass) and the masked input's *probe* it was computed on (the normalised
-mask times the model input, pooled to the layer's grid). Each frame:
+mask times the model input, both at PROBE_GRID x PROBE_GRID). Each frame:
 
 1. the base pass runs as always (exact activations, masks, logits, targets);
 2. :meth:`StreamState.plan` picks the channels to recompute: the ``budget`` share of the live
    (non-constant) channels whose probe moved most since their result, times how much they weigh
-   in the map (their score, their mask's mass); plus those never computed and, among those that
+   in the map (their cached score); plus those never computed and, among those that
    moved, any older than ``max_age`` frames. A channel whose probe did not move at all is
    never recomputed (its pass would give the same logits), so a still video costs no masked
    pass after its first frame and its maps are exact;
@@ -18,12 +18,13 @@ mask times the model input, pooled to the layer's grid). Each frame:
    results and the cached ones (the same :class:`~scorecam_stream.scorecam.Weighting` as the
    exact engine).
 
-Keyframes (every ``keyframe_interval`` frames while anything moved, and after a scene cut)
-recompute every live channel. Their map is exact, and it measures what reuse would have given
-on that frame (the budget's selection over the cache as it was): the Pearson correlation of the
-two maps. A controller keeps it at or above ``fidelity``: the budget doubles when it falls
-short and shrinks when it is comfortably above. ``fidelity`` 1.0 means no reuse at all: the
-explainers then run the exact engine untouched.
+Keyframes (every 4 frames at first, up to every ``keyframe_interval`` while anything moved;
+after a scene cut; and on the next frame when a refresh moved the map by more than the allowed
+error) recompute every live channel. Their map is exact, and it measures what reuse would have
+given on that frame (the budget's selection over the cache as it was): the Pearson correlation
+of the two maps. A controller keeps it at or above ``fidelity``: the budget doubles and
+keyframes come twice as often when it falls short; both relax when it is comfortably above.
+``fidelity`` 1.0 means no reuse at all: the explainers then run the exact engine untouched.
 """
 
 from __future__ import annotations
@@ -240,7 +241,7 @@ class StreamState:
         self.budget = options.initial_budget
         self.interval = min(_FIRST_INTERVAL, options.keyframe_interval)  # frames to a keyframe
         self._logits: torch.Tensor | None = None  # (K, C) latest masked-pass logits
-        self._probes: torch.Tensor | None = None  # (K, 3, h, w) probe each result was run on
+        self._probes: torch.Tensor | None = None  # (K, 3, G, G) probe each result was run on
         self._known: torch.Tensor | None = None  # (K,) bool: a live result is cached
         self._age: torch.Tensor | None = None  # (K,) frames since each result was computed
         self._previous: torch.Tensor | None = None  # (K,) the last frame's mean activations
