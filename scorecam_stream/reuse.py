@@ -123,6 +123,7 @@ class Plan:
 
     channels: torch.Tensor  # (R,) int64, ascending: the channels to recompute
     keyframe: bool  # every live channel is recomputed
+    probes: torch.Tensor  # (K, 3, G, G) this frame's probes (kept with the fresh results)
     selection: torch.Tensor | None = None  # keyframes: what the budget alone would have picked
     measure: bool = False  # keyframes: compare the reuse map with the exact one
 
@@ -255,20 +256,20 @@ class StreamState:
         probes = self._probe(view)
         every = live.nonzero().flatten()
         if self._logits is None or self._probes is None or self._logits.shape[0] != len(live):
-            return Plan(every, keyframe=True)  # the first frame (or a new layer size)
+            return Plan(every, True, probes)  # the first frame (or a new layer size)
         assert self._known is not None and self._age is not None
         if self._is_cut(view):
             log.debug("scene cut: recomputing every channel")
-            return Plan(every, keyframe=True)
+            return Plan(every, True, probes)
         change = (probes - self._probes).abs().flatten(1).mean(dim=1)  # (K,)
         forced = live & ~self._known
         moved = live & self._known & (change > 0)
         if not bool(forced.any() | moved.any()):
-            return Plan(every[:0], keyframe=False)  # nothing moved: every result still holds
+            return Plan(every[:0], False, probes)  # nothing moved: every result still holds
         selection = self._select(view, targets, live, change, forced, moved)
         if self._since_key + 1 >= self.interval:
-            return Plan(every, keyframe=True, selection=selection, measure=True)
-        return Plan(selection, keyframe=False)
+            return Plan(every, True, probes, selection=selection, measure=True)
+        return Plan(selection, False, probes)
 
     def finish(
         self, view: FrameView, plan: Plan, logits: torch.Tensor, targets: torch.Tensor
@@ -298,7 +299,7 @@ class StreamState:
             drift = correlation(maps[0], maps_of(self.weighting, view, stale, targets)[0])
             if drift < self.options.fidelity:
                 self._since_key = self.interval
-        self._store(view, current, channels, plan.keyframe)
+        self._store(view, plan, current, channels)
         outcome = Outcome(
             maps=maps,
             passes=int(channels.numel()),
@@ -375,10 +376,10 @@ class StreamState:
         )
 
     def _store(
-        self, view: FrameView, logits: torch.Tensor, channels: torch.Tensor, keyframe: bool
+        self, view: FrameView, plan: Plan, logits: torch.Tensor, channels: torch.Tensor
     ) -> None:
         """Keep this frame's results: fresh ones with their probes, the rest a frame older."""
-        probes = self._probe(view)
+        probes, keyframe = plan.probes, plan.keyframe
         live = view.live
         if self._probes is None or self._probes.shape != probes.shape or keyframe:
             self._probes = probes.clone()
