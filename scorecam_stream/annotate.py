@@ -1,6 +1,6 @@
 """What each frame's output says: the class explained, its label and record, the map drawn.
 
-Shared by the file pipeline and the live loop.
+Shared by the file loop and the live loop.
 """
 
 from __future__ import annotations
@@ -9,38 +9,11 @@ from typing import Any, cast
 
 import numpy as np
 
-from .errors import ScoreCamError
+from .models import ModelMeta
+from .records import FrameResult
 from .render import MapScaler, ScaleMode
+from .targets import class_name
 from .video import Frame
-from .workers import FrameResult, ModelMeta
-
-
-def fixed_target(wanted: str, names: tuple[str, ...]) -> tuple[str, tuple[int, ...] | None]:
-    """Return (description, (class,)) for a class id or name; (wanted, None) for top1/dominant."""
-    if wanted in ("top1", "dominant"):
-        return wanted, None
-    if wanted.lstrip("-").isdigit():
-        index = int(wanted)
-        classes = len(names) if names else None
-        if index < 0 or (classes is not None and index >= classes):
-            raise ScoreCamError(
-                f"--target {index} is not a class id of the model (0..{(classes or 1) - 1})"
-            )
-        return class_name(names, index), (index,)
-    lowered = [n.lower() for n in names]
-    if wanted.lower() in lowered:
-        index = lowered.index(wanted.lower())
-        return names[index], (index,)
-    close = [n for n in names if wanted.lower() in n.lower()][:4]
-    hint = f" (did you mean {', '.join(close)}?)" if close else ""
-    raise ScoreCamError(
-        f"--target '{wanted}' is not top1, dominant, a class id or a class name{hint}"
-    )
-
-
-def class_name(names: tuple[str, ...], index: int) -> str:
-    """Return the name of class ``index`` (the id itself when the model has no names)."""
-    return names[index] if 0 <= index < len(names) else str(index)
 
 
 class MapDisplay:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -21,9 +21,7 @@ from torch import nn
 from .config import Config
 from .gradcam import GradCAM
 from .metrics import average_drop_increase, insertion_deletion, stability
-
-if TYPE_CHECKING:  # workers imports this module: the type only, for hints
-    from .workers import FrameResult
+from .records import FrameResult, FrameScores
 
 BASELINES = ("gradcam",)
 METRIC_KEYS = ("average_drop", "increase", "insertion", "deletion")
@@ -72,14 +70,6 @@ class _Means:
             "stability_iou": _mean(self.iou_sum, self.pairs),
             "milliseconds_per_frame": round(self.milliseconds / n, 3),
         }
-
-
-@dataclass(frozen=True, eq=False)
-class FrameScores:
-    """One frame's metrics: its record fields, and the baseline's map for the stability."""
-
-    fields: dict[str, Any]  # the four METRIC_KEYS; with a baseline, {name: {keys, milliseconds}}
-    baseline_map: np.ndarray | None = None  # (S, S) float32
 
 
 class FrameScorer:

@@ -26,25 +26,17 @@ from importlib import import_module
 import numpy as np
 import torch
 
-from . import video
-from .annotate import MapDisplay, fixed_target, frame_label, frame_record
+from . import targets, video
+from .annotate import frame_label
 from .config import RECONNECT_MAX_DELAY_S, Config
 from .errors import ScoreCamError
-from .evaluation import format_table, make_evaluator
+from .frame_loop import FrameSink, model_input, reuse_options
 from .live_source import LiveSource
 from .monitoring import RunCounts, RunMetrics
-from .pipeline import (
-    Outputs,
-    Progress,
-    RunSummary,
-    add_maps,
-    make_encoder,
-    model_input,
-    reuse_options,
-)
-from .reuse import ReuseTally
-from .stages import DrawItem
-from .workers import Explainer, FrameResult, FrameTask
+from .outputs import Outputs
+from .records import FrameResult, FrameTask, Progress, RunSummary
+from .stages import DrawItem, make_encoder
+from .workers import Explainer
 
 log = logging.getLogger(__name__)
 
@@ -65,16 +57,11 @@ class _RunningDominant:
 
     def __init__(self, explainer: Explainer) -> None:
         self._explainer = explainer
-        self._counts: np.ndarray | None = None
+        self._counts = targets.TopCounts()
 
     def __call__(self, x: torch.Tensor) -> tuple[int, ...]:
-        top = int(self._explainer.classify(x[None])[0].argmax())
-        if self._counts is None:
-            self._counts = np.zeros(top + 1, np.int64)
-        if top >= len(self._counts):
-            self._counts = np.pad(self._counts, (0, top + 1 - len(self._counts)))
-        self._counts[top] += 1
-        return (int(np.argmax(self._counts)),)
+        self._counts.add(self._explainer.classify(x[None]))
+        return (self._counts.dominant(),)
 
 
 def _backlog(info: video.VideoInfo) -> int:
@@ -135,9 +122,8 @@ def run_live(
             )
         )
     explainer = make_explainer()
-    stack.callback(explainer.close)
     meta = explainer.meta
-    description, fixed = fixed_target(config.explain.target, meta.class_names)
+    description, fixed = targets.parse(config.explain.target, meta.class_names)
     dominant = _RunningDominant(explainer) if config.explain.target == "dominant" else None
     every = config.explain.every
     latest: list[_Map] = []  # the encoder thread reads the last one; appending is atomic
@@ -159,15 +145,13 @@ def run_live(
         while (frame := source.newest_after(wanted)) is not None:
             wanted = frame.index + every
             x = model_input(frame.image, meta)
-            targets = dominant(x) if dominant is not None else fixed
-            yield frame, FrameTask(frame.index, x, targets)
+            wanted_classes = dominant(x) if dominant is not None else fixed
+            yield frame, FrameTask(frame.index, x, wanted_classes)
 
     encoder = make_encoder(config, reader, draw_items(), outputs, speed_up=behind)
-    evaluator = make_evaluator(config)
-    display = MapDisplay(config.explain.smooth, config.output.scale)
+    sink = FrameSink(config, meta, outputs)
     latencies: list[float] = []
     previous = -1
-    tally = ReuseTally()
 
     def counts() -> RunCounts:
         return RunCounts(
@@ -185,20 +169,18 @@ def run_live(
         with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C, SIGTERM: the normal stop
             for frame, result in explainer.explain(tasks(), reuse_options(config, live=True)):
                 assert result is not None
-                tally.add(result)
                 latency_ms = (time.monotonic() - frame.arrival) * 1000
-                latest.append(_Map(display(result), result, frame))
+                heat, scores = sink.add(result, frame)
+                latest.append(_Map(heat, result, frame))
                 if metrics is not None:
                     metrics.observe_latency(latency_ms / 1000)
                 latencies.append(latency_ms)
-                add_maps(config, outputs, result, frame)
-                scores = evaluator.add(result) if evaluator is not None else {}
-                if outputs.records is not None:
-                    record = frame_record(meta, result, frame, reused=False)
-                    record["latency_ms"] = round(latency_ms, 3)
-                    record["skipped_frames"] = frame.index - previous - 1
-                    record["discontinuity"] = _broken(timeline, previous, frame.index)
-                    outputs.records.add({**record, **scores})
+                arrival = {
+                    "latency_ms": round(latency_ms, 3),
+                    "skipped_frames": frame.index - previous - 1,
+                    "discontinuity": _broken(timeline, previous, frame.index),
+                }
+                sink.record(result, frame, reused=False, fields={**arrival, **scores})
                 previous = frame.index
                 if progress is not None:
                     progress(len(latencies), None)
@@ -227,7 +209,6 @@ def run_live(
         if latencies
         else (None, None)
     )
-    faithfulness = evaluator.summary() if evaluator is not None else None
     summary = RunSummary(
         output=str(outputs.video),
         frames=encoder.frames,
@@ -238,9 +219,7 @@ def run_live(
         stopped_by=reason,
         latency_p50_ms=p50,
         latency_p95_ms=p95,
-        metrics=faithfulness,
-        metrics_table=format_table(faithfulness) if faithfulness else None,
-        cost=tally.summary(),
+        **sink.summary_parts(),
     )
     final = counts()
     if metrics is not None:
@@ -248,7 +227,7 @@ def run_live(
         metrics.track(lambda: final)
     if outputs.records is not None:
         record = _summary_record(summary, final, len(timeline.discontinuities))
-        outputs.records.add({"summary": {**record, **tally.summary(), **(faithfulness or {})}})
+        outputs.records.add({"summary": {**record, **sink.summary_fields()}})
     return summary
 
 

@@ -10,14 +10,16 @@ import json
 import shutil
 import tempfile
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 import cv2
 import numpy as np
 
+from .records import FrameResult
 from .render import preview_sheet
-from .video import write_image
+from .video import Frame, write_image
 
 
 class MapsWriter:
@@ -119,3 +121,37 @@ class PreviewSampler:
         width = chosen[0].shape[1] if chosen else self.tile_width
         sheet = preview_sheet(chosen, columns=4, tile_width=width)
         write_image(str(path), sheet, name=name)
+
+
+@dataclass
+class Outputs:
+    """Where one run writes: the claimed temporary paths and the side-output writers."""
+
+    video: Path | str | None  # a temporary file, an HLS playlist or a stream URL; None: none
+    video_name: str  # the video output's real name (``video`` may be a temporary)
+    image: bool  # the input is a still image: the output is one PNG/JPEG
+    maps: MapsWriter | None
+    records: RecordsWriter | None
+    preview: PreviewSampler | None
+    preview_path: Path | None
+    preview_name: str | None
+
+    def add_maps(self, result: FrameResult, frame: Frame, every_target: bool) -> None:
+        """Append an explained frame's maps (its first, or ``every_target``'s) to the npz."""
+        if self.maps is None:
+            return
+        maps = result.maps if every_target else result.maps[0]
+        targets = result.targets if every_target else result.targets[0]
+        self.maps.add(maps, targets, frame.seconds)
+
+    def abort(self) -> None:
+        """Drop what was not finished."""
+        if self.maps is not None:
+            self.maps.abort()
+
+    def close(self) -> None:
+        """Write the maps archive and the preview sheet."""
+        if self.maps is not None:
+            self.maps.close()
+        if self.preview is not None and self.preview_path is not None:
+            self.preview.write(self.preview_path, self.preview_name)

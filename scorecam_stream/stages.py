@@ -17,10 +17,11 @@ from typing import Generic, TypeVar
 import av
 import numpy as np
 
+from .config import Config
 from .fit import fit_to
-from .outputs import PreviewSampler
+from .outputs import Outputs, PreviewSampler
 from .render import RenderOptions, render_frame
-from .video import Frame, VideoWriter, write_image
+from .video import Frame, VideoReader, VideoWriter, write_image
 
 log = logging.getLogger(__name__)
 
@@ -29,10 +30,10 @@ QUEUE_FRAMES = 8  # decoded frames waiting for the explainer, rendered frames fo
 _POLL_S = 0.1  # how often a blocked hand-over looks whether the other side stopped or failed
 
 
-class Channel(Generic[T]):
+class Handoff(Generic[T]):
     """A bounded queue between two threads that either side can close; errors travel along.
 
-    ``put`` blocks while full (returns False once the channel is closed); iterating yields
+    ``put`` blocks while full (returns False once the hand-over is closed); iterating yields
     items until the producer calls :meth:`end` (or either side :meth:`close` s it), and raises
     the producer's error if it sent one.
     """
@@ -45,7 +46,7 @@ class Channel(Generic[T]):
         self.producer: threading.Thread | None = None  # joined by close()
 
     def put(self, item: T) -> bool:
-        """Hand ``item`` over; return False if the consumer closed the channel."""
+        """Hand ``item`` over; return False if the consumer closed the hand-over."""
         while not self._closed.is_set():
             try:
                 self._queue.put(item, timeout=_POLL_S)
@@ -79,22 +80,22 @@ class Channel(Generic[T]):
             yield item
 
 
-def produce(source: Iterable[T], name: str, size: int = QUEUE_FRAMES) -> Channel[T]:
-    """Return a channel fed from ``source`` by a daemon thread (its errors re-raised on read)."""
-    channel: Channel[T] = Channel(size)
+def produce(source: Iterable[T], name: str, size: int = QUEUE_FRAMES) -> Handoff[T]:
+    """Return a hand-over fed from ``source`` by a daemon thread (its errors re-raised on read)."""
+    handoff: Handoff[T] = Handoff(size)
 
     def run() -> None:
         try:
             for item in source:
-                if not channel.put(item):
+                if not handoff.put(item):
                     return
-            channel.end()
+            handoff.end()
         except BaseException as err:  # handed to the consumer, raised there
-            channel.end(err)
+            handoff.end(err)
 
-    channel.producer = threading.Thread(target=run, daemon=True, name=name)
-    channel.producer.start()
-    return channel
+    handoff.producer = threading.Thread(target=run, daemon=True, name=name)
+    handoff.producer.start()
+    return handoff
 
 
 @dataclass(frozen=True)
@@ -155,7 +156,7 @@ class Encoder:
                 self._write(item)
         except BaseException as err:
             self._error = err
-            if isinstance(self._items, Channel):
+            if isinstance(self._items, Handoff):
                 self._items.close()  # the producer's next put returns False instead of blocking
 
     def _picture(self, picture: np.ndarray) -> np.ndarray:
@@ -230,3 +231,65 @@ class Encoder:
         if self._writer is not None:
             with contextlib.suppress(Exception):
                 self._writer.abort()
+
+
+def render_options(config: Config) -> RenderOptions:
+    """Return how maps are drawn in this run."""
+    out = config.output
+    return RenderOptions(
+        layout=out.layout, colormap=out.colormap, alpha=out.alpha, fit=config.model.fit
+    )
+
+
+def open_writer(
+    config: Config, reader: VideoReader, path: Path | str, name: str
+) -> Callable[[np.ndarray], VideoWriter]:
+    """Return a function that opens the video writer for the first rendered image."""
+    info, w, out = reader.info, config.window, config.output
+
+    def opener(image: np.ndarray) -> VideoWriter:
+        audio_end = w.end
+        if w.max_frames is not None:
+            # Audio stops with the last frame: the window's start plus max_frames at the rate.
+            cap = (w.start or info.start_time) + w.max_frames / info.fps
+            audio_end = cap if audio_end is None else min(audio_end, cap)
+        return VideoWriter(
+            str(path),
+            image.shape[1],
+            image.shape[0],
+            info.time_base,
+            info.fps,
+            crf=out.crf,
+            audio=reader.audio_stream,
+            audio_start=w.start,
+            audio_end=audio_end,
+            time_offset=w.start or 0.0,
+            hls_time=out.hls_time,
+            hls_list_size=out.hls_list_size,
+            name=name,
+        )
+
+    return opener
+
+
+def make_encoder(
+    config: Config,
+    reader: VideoReader,
+    items: Handoff[DrawItem] | Iterator[DrawItem],
+    outputs: Outputs,
+    speed_up: threading.Event | None = None,
+) -> Encoder:
+    """Return the render -> encode thread of a run, writing to ``outputs.video``.
+
+    ``speed_up``: set when the encoder falls behind a live source (see :class:`Encoder`).
+    """
+    path, name = outputs.video, outputs.video_name
+    return Encoder(
+        items,
+        render_options(config),
+        open_writer(config, reader, path, name) if path is not None and not outputs.image else None,
+        image=(Path(path), name) if path is not None and outputs.image else None,
+        preview=outputs.preview,
+        size=config.output.output_size,
+        speed_up=speed_up,
+    )

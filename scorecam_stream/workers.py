@@ -16,18 +16,18 @@ import sys
 import time
 from collections import OrderedDict
 from collections.abc import Hashable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
 import numpy as np
 import torch
 
 from .config import EngineConfig, EvaluationConfig, ModelConfig
-from .errors import ScoreCamError
-from .evaluation import FrameScorer, FrameScores
+from .evaluation import FrameScorer
 from .models import ModelMeta, load_model
-from .reuse import FrameView, Outcome, ReuseOptions, StreamState
+from .records import FrameResult, FrameScores, FrameTask, make_result
+from .reuse import FrameView, ReuseOptions, StreamState
 from .scorecam import BasePass, ScoreCAM, ShardResult, combine_shards
+from .targets import for_frame, probabilities
 from .transfer import normalize_on_device, to_device
 
 log = logging.getLogger(__name__)
@@ -66,83 +66,6 @@ def keep_freed_memory() -> bool:
     _malloc_tuned = done
     log.debug("glibc malloc keeps freed blocks: %s", done)
     return done
-
-
-@dataclass(frozen=True)
-class FrameTask:
-    """One frame to explain: its model input and, if fixed, the classes to explain."""
-
-    index: int  # unique in a run; the workers' activation cache is keyed by it
-    # The frame resized to the model input, (S, S, 3) uint8 (normalised by the worker, on its
-    # device), or the model input (3, S, S) float32; never the full-resolution frame.
-    x: torch.Tensor
-    targets: tuple[int, ...] | None = None  # None: the frame's top-k classes
-
-
-@dataclass(frozen=True, eq=False)
-class FrameResult:
-    """The Score-CAM maps of one frame."""
-
-    index: int
-    maps: np.ndarray  # (T, S, S) float32, ReLU applied, not rescaled
-    targets: np.ndarray  # (T,) int64
-    probs: np.ndarray  # (T,) float32 softmax probability of each target, unmasked input
-    skipped: int  # constant channels whose masked pass was skipped
-    seconds: float  # time spent computing this frame
-    scores: FrameScores | None = None  # --metrics: the first map's faithfulness (evaluation.py)
-    passes: int = 0  # masked passes run for this frame
-    reused: int = 0  # channels whose cached result was reused (--fidelity below 1)
-    keyframe: bool = False  # every channel recomputed, and the reuse measured (--fidelity)
-    fidelity: float | None = None  # keyframes: correlation of the reuse map with the exact one
-
-
-def targets_for(logits: torch.Tensor, fixed: Sequence[int] | None, topk: int) -> torch.Tensor:
-    """Return the classes (T,) to explain for a frame with ``logits`` (C,).
-
-    Raises ScoreCamError when a fixed class or ``topk`` does not fit the model's classes.
-    """
-    classes = logits.shape[0]
-    if fixed is None and not 1 <= topk <= classes:
-        raise ScoreCamError(f"--topk {topk} is more than the model's {classes} classes")
-    bad = [t for t in fixed or () if not 0 <= t < classes]
-    if bad:
-        raise ScoreCamError(f"target class {bad[0]} is not in [0, {classes})")
-    # One rule for targets: the engine's (fixed classes as given, else the top-k).
-    wanted = None if fixed is None else [list(fixed)]
-    return ScoreCAM.resolve_targets(logits[None], wanted, topk)[0][0]
-
-
-def target_probs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Return the softmax probability (T,) of each target class, from logits (C,)."""
-    return logits.float().softmax(0)[targets.to(logits.device)]
-
-
-def make_result(
-    index: int,
-    maps: torch.Tensor,
-    targets: torch.Tensor,
-    probs: torch.Tensor,
-    skipped: int,
-    seconds: float,
-    passes: int,
-    outcome: Outcome | None = None,
-) -> FrameResult:
-    """Return a FrameResult from one frame's maps (T, S, S), targets (T,) and their probs (T,).
-
-    ``outcome``: what reuse did for the frame (``--fidelity`` below 1); its passes count.
-    """
-    return FrameResult(
-        index=index,
-        maps=maps.detach().cpu().numpy().astype(np.float32, copy=False),
-        targets=targets.cpu().numpy().astype(np.int64),
-        probs=probs.cpu().numpy().astype(np.float32),
-        skipped=int(skipped),
-        seconds=seconds,
-        passes=passes if outcome is None else outcome.passes,
-        reused=0 if outcome is None else outcome.reused,
-        keyframe=False if outcome is None else outcome.keyframe,
-        fidelity=None if outcome is None else outcome.fidelity,
-    )
 
 
 class Worker:
@@ -226,8 +149,8 @@ class Worker:
         """
         base = self.base(index, x)
         logits = base.logits[0]
-        targets = targets_for(logits, fixed, topk)
-        probs = target_probs(logits, targets)
+        targets = for_frame(logits, fixed, topk)
+        probs = probabilities(logits, targets)
         return targets.cpu(), probs.cpu(), self.engine.passes(base)[0].cpu()
 
     def shard(
@@ -250,9 +173,9 @@ class Worker:
         """
         base = self.base(index, x)
         logits = base.logits[0]
-        targets = targets_for(logits, fixed, topk)
+        targets = for_frame(logits, fixed, topk)
         view = FrameView.of(base, self.engine.zero_logits(base))
-        return targets.cpu(), target_probs(logits, targets).cpu(), view
+        return targets.cpu(), probabilities(logits, targets).cpu(), view
 
     def channel_logits(
         self, index: Hashable, x: torch.Tensor, channels: torch.Tensor
@@ -273,13 +196,13 @@ class Worker:
         else:
             base = self.base(task.index, task.x)
             logits = base.logits[0]
-            targets = targets_for(logits, task.targets, topk)
+            targets = for_frame(logits, task.targets, topk)
             shard = self.engine.shard(
                 base, targets.to(self.device)[None], 0, base.num_channels, keep_scores=False
             )
             maps = combine_shards([shard])[0]
             skipped = int(shard.skipped[0])
-            probs = target_probs(logits, targets)
+            probs = probabilities(logits, targets)
             seconds = time.perf_counter() - began
             passes = base.num_channels - skipped
             result = make_result(task.index, maps, targets, probs, skipped, seconds, passes)
@@ -341,6 +264,10 @@ class Explainer(Protocol):
     def workers_up(self) -> int:
         """Return how many workers take calls now (called from any thread; cheap)."""
         ...
+
+
+class OwnedExplainer(Explainer, Protocol):
+    """An explainer with workers to release: whoever made it closes it."""
 
     def close(self) -> None:
         """Release workers."""

@@ -34,6 +34,7 @@ from skimage import data
 from scorecam_stream.config import EngineConfig, ModelConfig
 from scorecam_stream.metrics import insertion_deletion
 from scorecam_stream.models import resize_frame
+from scorecam_stream.records import FrameTask
 from scorecam_stream.reuse import (
     PROBE_GRID,
     FrameView,
@@ -42,7 +43,7 @@ from scorecam_stream.reuse import (
     correlation,
     maps_of,
 )
-from scorecam_stream.workers import FrameTask, LocalExplainer, Worker
+from scorecam_stream.workers import LocalExplainer, Worker
 
 W, H = 320, 240
 

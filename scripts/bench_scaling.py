@@ -34,23 +34,10 @@ from scorecam_stream import pipeline, video
 from scorecam_stream.cli import parse_config
 from scorecam_stream.config import Config
 from scorecam_stream.distributed import RayExplainer
-from scorecam_stream.workers import Explainer, FrameTask, LocalExplainer, Worker
+from scorecam_stream.records import FrameTask
+from scorecam_stream.workers import Explainer, LocalExplainer, Worker
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-class _Kept:
-    """The explainer as the pipeline sees it: its close() is a no-op, so that stopping the
-    workers is not timed; the benchmark closes the real one after the clock stops."""
-
-    def __init__(self, inner: Explainer) -> None:
-        self.inner = inner
-
-    def __getattr__(self, name: str):
-        return getattr(self.inner, name)
-
-    def close(self) -> None:
-        pass
 
 
 def warm_up(explainer: Explainer, config: Config, worker: Worker, count: int) -> None:
@@ -67,7 +54,7 @@ def timed(config: Config, make: Callable[[], Explainer], worker: Worker, warm: i
     try:
         warm_up(explainer, config, worker, warm)
         began = time.perf_counter()
-        summary = pipeline.run(config, explainer_factory=lambda _config: _Kept(explainer))
+        summary = pipeline.run(config, explainer=explainer)  # lent: closed below, not timed
         return summary.frames / (time.perf_counter() - began)
     finally:
         explainer.close()

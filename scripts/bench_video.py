@@ -22,7 +22,8 @@ from make_sample_video import make_sample_video  # scripts/ is on sys.path
 
 from scorecam_stream import pipeline, video
 from scorecam_stream.cli import parse_config
-from scorecam_stream.workers import FrameTask, LocalExplainer, Worker
+from scorecam_stream.records import FrameTask
+from scorecam_stream.workers import LocalExplainer, Worker
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -74,7 +75,7 @@ def main() -> None:
     print(f"engine only    {engine_rate:7.3f} frames/s")
 
     began = time.perf_counter()
-    summary = pipeline.run(config, explainer_factory=lambda _config: explainer)
+    summary = pipeline.run(config, explainer=explainer)
     e2e_rate = summary.frames / (time.perf_counter() - began)
     print(f"end to end     {e2e_rate:7.3f} frames/s  ({summary.frames} frames written to {out})")
     print(f"ratio          {e2e_rate / engine_rate:7.3f}")

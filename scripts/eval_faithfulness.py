@@ -25,6 +25,7 @@ import torch
 from scorecam_stream import ScoreCAM, load_model
 from scorecam_stream.gradcam import GradCAM
 from scorecam_stream.metrics import average_drop_increase, insertion_deletion, stability
+from scorecam_stream.targets import TopCounts
 from scorecam_stream.video import read_frames
 from scorecam_stream.workers import keep_freed_memory
 
@@ -76,7 +77,9 @@ def main() -> None:
         logits = model(x)
     targets = logits.argmax(1)  # (N,) the same targets for every method
     if args.target == "dominant":  # the clip's most frequent top-1 class, in every frame
-        targets = targets.mode().values.expand(len(x)).clone()
+        counts = TopCounts()
+        counts.add(logits)
+        targets = torch.full_like(targets, counts.dominant())
     names = sorted({loaded.class_name(int(t)) for t in targets})
     pairs = int((targets[1:] == targets[:-1]).sum())  # stability's consecutive pairs
     print(

@@ -25,7 +25,8 @@ from skimage import data
 from scorecam_stream import pipeline, video
 from scorecam_stream.cli import parse_config
 from scorecam_stream.models import resize_frame
-from scorecam_stream.workers import Explainer, FrameTask, LocalExplainer, Worker
+from scorecam_stream.records import FrameTask
+from scorecam_stream.workers import Explainer, LocalExplainer, Worker
 
 Row = dict[str, object]
 
@@ -127,9 +128,10 @@ def run_in_process(
     sync(device)
     busy = BusySampler(device)
     try:
-        summary = pipeline.run(config, explainer_factory=lambda _config: explainer)
+        summary = pipeline.run(config, explainer=explainer)
     finally:
         fraction = busy.close()
+        explainer.close()
     return {"frames_per_s": summary.frames / summary.seconds, "gpu_busy": fraction}, maps
 
 

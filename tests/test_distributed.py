@@ -29,8 +29,9 @@ from scorecam_stream import ScoreCamError
 from scorecam_stream.config import DistributedConfig, EngineConfig, ModelConfig
 from scorecam_stream.distributed import RayExplainer
 from scorecam_stream.distributed.tasks import run_tasks
+from scorecam_stream.records import FrameResult, FrameTask
 from scorecam_stream.reuse import ReuseOptions
-from scorecam_stream.workers import FrameResult, FrameTask, LocalExplainer, Worker
+from scorecam_stream.workers import LocalExplainer, Worker
 
 pytestmark = pytest.mark.slow  # the Ray layer: most tests start a Ray instance or a cluster
 

@@ -17,8 +17,8 @@ from scorecam_stream.cli import main
 from scorecam_stream.evaluation import METRIC_KEYS, Evaluator, FrameScorer
 from scorecam_stream.gradcam import GradCAM
 from scorecam_stream.metrics import average_drop_increase, insertion_deletion, stability
+from scorecam_stream.records import FrameResult
 from scorecam_stream.video import read_frames
-from scorecam_stream.workers import FrameResult
 
 STEPS = 6
 

@@ -21,6 +21,7 @@ from scorecam_stream import ScoreCamError
 from scorecam_stream.config import EngineConfig, ModelConfig
 from scorecam_stream.distributed.explainer import ShardedExplainer
 from scorecam_stream.distributed.pool import Reply
+from scorecam_stream.records import FrameResult, FrameTask
 from scorecam_stream.reuse import ReuseOptions
 from scorecam_stream.scheduler import (
     Failure,
@@ -32,7 +33,7 @@ from scorecam_stream.scheduler import (
     pick_slot,
     probes_due,
 )
-from scorecam_stream.workers import FrameResult, FrameTask, LocalExplainer, Worker
+from scorecam_stream.workers import LocalExplainer, Worker
 
 MODEL = ModelConfig(spec="efficientnet_lite0", input_size=48)
 ENGINE = EngineConfig(batch_size=8, max_channels=16)

@@ -14,8 +14,9 @@ from scorecam_stream import reuse
 from scorecam_stream.cli import main
 from scorecam_stream.config import EngineConfig, ModelConfig
 from scorecam_stream.models import resize_frame
+from scorecam_stream.records import FrameResult, FrameTask
 from scorecam_stream.reuse import ReuseOptions, StreamState, correlation
-from scorecam_stream.workers import FrameResult, FrameTask, LocalExplainer, Worker
+from scorecam_stream.workers import LocalExplainer, Worker
 
 # An inner layer of the offline model: 40 channels at 6 x 6, so a frame is 40 passes.
 MODEL = ModelConfig(spec="efficientnet_lite0", input_size=48, layer="blocks.2")

@@ -14,8 +14,9 @@ import torch
 from scorecam_stream import ScoreCamError
 from scorecam_stream.config import EngineConfig, ModelConfig
 from scorecam_stream.outputs import PreviewSampler
+from scorecam_stream.records import FrameTask
 from scorecam_stream.scorecam import combine_shards
-from scorecam_stream.workers import FrameTask, LocalExplainer, Worker
+from scorecam_stream.workers import LocalExplainer, Worker
 
 PROBE = """
 import resource, torch

@@ -13,12 +13,13 @@ from typing import Any, TypeVar
 
 import torch
 
-from ..annotate import fixed_target
 from ..config import BatchConfig, Config
 from ..errors import ScoreCamError, first_line
 from ..pipeline import make_explainer, run
+from ..records import FrameResult, FrameTask
 from ..reuse import ReuseOptions
-from ..workers import Explainer, FrameResult, FrameTask, LocalExplainer
+from ..targets import parse as parse_target
+from ..workers import Explainer, LocalExplainer, OwnedExplainer
 from .jobs import (
     Job,
     absolute_job,
@@ -44,7 +45,7 @@ P = TypeVar("P")
 
 
 class SharedExplainer:
-    """The batch's one explainer, lent to each video's run: its :meth:`close` does nothing.
+    """The batch's one explainer, lent to each video's run (the batch closes it at the end).
 
     ``serialize``: one call at a time, frame by frame, for an explainer whose worker is not
     thread-safe (the in-process :class:`~scorecam_stream.workers.LocalExplainer`); videos then
@@ -85,16 +86,13 @@ class SharedExplainer:
         """Return how many workers of the shared explainer take calls now."""
         return self.inner.workers_up()
 
-    def close(self) -> None:
-        """Leave the explainer open for the next video (the batch closes it at the end)."""
-
 
 def run_batch(
     base: Config,
     batch: BatchConfig,
     on_progress: Callable[[BatchProgress], None] | None = None,
     on_record: Callable[[VideoRecord, BatchProgress], None] | None = None,
-    explainer_factory: Callable[[Config], Explainer] = make_explainer,
+    explainer_factory: Callable[[Config], OwnedExplainer] = make_explainer,
 ) -> BatchResult:
     """Explain every input of ``batch`` with the settings of ``base``; return every record.
 
@@ -117,7 +115,7 @@ def run_batch(
     explainer = explainer_factory(base) if todo else None
     try:
         if explainer is not None:
-            fixed_target(base.explain.target, explainer.meta.class_names)  # a bad name stops all
+            parse_target(base.explain.target, explainer.meta.class_names)  # a bad name stops all
         for directory in (batch.output_dir, batch.maps_dir, batch.jsonl_dir, batch.preview_dir):
             if directory:
                 Path(directory).mkdir(parents=True, exist_ok=True)
@@ -270,9 +268,7 @@ def run_job(
     """
     began = time.perf_counter()
     try:
-        result = run(
-            config_for(base, job), progress=progress, explainer_factory=lambda _c: explainer
-        )
+        result = run(config_for(base, job), progress=progress, explainer=explainer)
     except ScoreCamError as err:
         log.debug("%s failed: %s", job.input, err)
         seconds = time.perf_counter() - began

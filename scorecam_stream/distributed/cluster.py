@@ -15,6 +15,7 @@ from typing import Any
 
 from ..config import DistributedConfig, EngineConfig, EvaluationConfig, ModelConfig
 from ..errors import ScoreCamError
+from ..models import ModelMeta
 from ..scheduler import (
     RetryPolicy,
     default_max_inflight,
@@ -22,7 +23,7 @@ from ..scheduler import (
     plan_actor_resources,
 )
 from ..scorecam import Weighting
-from ..workers import ModelMeta, Worker
+from ..workers import Worker
 from .explainer import ShardedExplainer
 from .pool import ActorPool, start_actors
 from .session import RaySession, describe_options

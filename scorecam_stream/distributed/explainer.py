@@ -40,7 +40,8 @@ from typing import Any, Protocol, cast
 import torch
 
 from ..errors import ScoreCamError
-from ..evaluation import FrameScores
+from ..models import ModelMeta
+from ..records import FrameResult, FrameScores, FrameTask, make_result
 from ..reuse import ReuseOptions, StreamState
 from ..scheduler import (
     FrameState,
@@ -53,7 +54,7 @@ from ..scheduler import (
     max_held_items,
 )
 from ..scorecam import ShardResult, Weighting, combine_shards
-from ..workers import FrameResult, FrameTask, ModelMeta, P, make_result
+from ..workers import P
 
 log = logging.getLogger(__name__)
 
