@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from fractions import Fraction
 from pathlib import Path
 
@@ -9,6 +12,7 @@ import av
 import numpy as np
 
 W, H, FPS = 64, 48, 12
+LIVE_FPS = 25  # the live sources' rate (send_mpegts, udp_source)
 SAMPLE_RATE = 44100
 REPO = Path(__file__).resolve().parents[1]
 CLIP_FRAMES = 12  # frames of the shared `clip` fixture (conftest.py)
@@ -21,6 +25,19 @@ FAST = [
     "64",
     "--max-channels",
     "8",
+    "--batch-size",
+    "8",
+    "--quiet",
+]
+
+# EfficientNet-Lite0 at 64 px with 48 channels' passes: several live frame intervals per map.
+SLOW = [
+    "--model",
+    "efficientnet_lite0",
+    "--input-size",
+    "64",
+    "--max-channels",
+    "48",
     "--batch-size",
     "8",
     "--quiet",
@@ -129,7 +146,7 @@ def free_udp_port() -> int:
 def send_mpegts(
     url: str,
     seconds: float,
-    fps: int = 25,
+    fps: int = LIVE_FPS,
     size: tuple[int, int] = (128, 96),
     stop: object | None = None,
     realtime: bool = True,
@@ -167,6 +184,23 @@ def send_mpegts(
             sent += 1
         output.mux(stream.encode(None))
     return sent
+
+
+@contextmanager
+def udp_source(seconds: float) -> Iterator[tuple[str, threading.Event, list[int]]]:
+    """Send a clip to a free UDP port in a thread; yield (url, stop event, [frames sent])."""
+    url = f"udp://127.0.0.1:{free_udp_port()}"
+    stop = threading.Event()
+    sent: list[int] = []
+    thread = threading.Thread(
+        target=lambda: sent.append(send_mpegts(url, seconds, LIVE_FPS, stop=stop)), daemon=True
+    )
+    thread.start()
+    try:
+        yield url, stop, sent
+    finally:
+        stop.set()
+        thread.join(timeout=30)
 
 
 # --- inputs a user may give by mistake (the same builders for the reader and the CLI) --------

@@ -8,6 +8,7 @@ distributed one is compared with; the per-channel Score-CAM the engine is compar
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -25,6 +26,14 @@ from clips import CLIP_FRAMES
 from scorecam_stream.cli import main
 
 BIN = Path(sys.executable).parent  # the venv's scripts: ray, scorecam-video
+SCRIPT = BIN / "scorecam-video"
+
+
+def records(path: Path) -> tuple[list[dict], dict]:
+    """Return (per-frame records, summary) of a jsonl output that ends with its summary."""
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert "summary" in lines[-1] and all("summary" not in r for r in lines[:-1])
+    return lines[:-1], lines[-1]["summary"]
 
 
 def _stat_fields(stat: Path) -> list[str] | None:

@@ -11,68 +11,21 @@ import itertools
 import json
 import signal
 import subprocess
-import sys
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from fractions import Fraction
 from pathlib import Path
 
 import av
 import numpy as np
 import pytest
-from clips import free_udp_port, send_mpegts
-from helpers import sigint_as_ctrl_c, wait_for_records
+from clips import LIVE_FPS as FPS
+from clips import SLOW, free_udp_port, read_timing, send_mpegts, udp_source
+from helpers import SCRIPT, records, sigint_as_ctrl_c, wait_for_records
 
 from scorecam_stream.cli import main
 from scorecam_stream.live_source import LiveSource
 from scorecam_stream.video import Frame, probe
-
-FPS = 25
-# EfficientNet-Lite0 at 64 px with 48 channels' passes: several frame intervals per map here.
-SLOW = [
-    "--model",
-    "efficientnet_lite0",
-    "--input-size",
-    "64",
-    "--max-channels",
-    "48",
-    "--batch-size",
-    "8",
-    "--quiet",
-]
-SCRIPT = Path(sys.executable).parent / "scorecam-video"
-
-
-@contextmanager
-def udp_source(seconds: float) -> Iterator[tuple[str, threading.Event, list[int]]]:
-    """Send a clip to a free UDP port in a thread; yield (url, stop event, [frames sent])."""
-    url = f"udp://127.0.0.1:{free_udp_port()}"
-    stop = threading.Event()
-    sent: list[int] = []
-    thread = threading.Thread(
-        target=lambda: sent.append(send_mpegts(url, seconds, FPS, stop=stop)), daemon=True
-    )
-    thread.start()
-    try:
-        yield url, stop, sent
-    finally:
-        stop.set()
-        thread.join(timeout=30)
-
-
-def records(path: Path) -> tuple[list[dict], dict]:
-    """Return (per-frame records, summary) of a jsonl output."""
-    lines = [json.loads(line) for line in path.read_text().splitlines()]
-    assert "summary" in lines[-1] and all("summary" not in r for r in lines[:-1])
-    return lines[:-1], lines[-1]["summary"]
-
-
-def video_pts(path: Path) -> tuple[Fraction, list[int]]:
-    with av.open(str(path)) as container:
-        stream = container.streams.video[0]
-        return stream.time_base, [frame.pts for frame in container.decode(stream)]
 
 
 @pytest.mark.slow  # a 4 s live source
@@ -83,7 +36,7 @@ def test_live_udp_source_gives_a_real_time_copy_with_the_newest_maps(tmp_path):
         code = main([*args, "--reconnect", "0", *SLOW])
     assert code == 0
     explained, summary = records(jsonl)
-    time_base, pts = video_pts(out)
+    time_base, pts = read_timing(out)
     # Every frame that arrived is written (the first ones, before the stream's first keyframe
     # reached the reader, never arrive), with its own timestamp: a continuous real-time copy.
     assert summary["frames_in"] == summary["frames_written"] == len(pts)

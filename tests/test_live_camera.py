@@ -23,9 +23,9 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
-from clips import free_udp_port, picture, send_mpegts
-from helpers import wait_for_records
-from test_live import FPS, SCRIPT, SLOW, records, udp_source, video_pts
+from clips import LIVE_FPS as FPS
+from clips import SLOW, free_udp_port, picture, read_timing, send_mpegts, udp_source
+from helpers import SCRIPT, records, wait_for_records
 
 from scorecam_stream import video
 from scorecam_stream.cli import main
@@ -150,7 +150,7 @@ def _run_through_restart(tmp_path: Path, second_size: tuple[int, int]) -> tuple[
 
 def test_a_source_restart_is_a_discontinuity_the_output_plays_through(tmp_path):
     _explained, summary, out = _run_through_restart(tmp_path, (128, 96))
-    time_base, pts = video_pts(out)
+    time_base, pts = read_timing(out)
     assert summary["frames_written"] == summary["frames_in"] == len(pts) > 2 * FPS
     # Strictly increasing, one frame interval apart across the restart too: nothing squeezed
     # (and no frame lost).
@@ -245,7 +245,7 @@ def test_a_tcp_source_that_drops_is_reconnected_and_the_output_goes_on(tmp_path)
     assert summary["reconnects"] == 1 and summary["discontinuities"] == 1
     assert summary["stopped_by"] == "reconnect failed"  # after the second drop, nobody answers
     # TCP loses nothing: every frame of both connections is written, one interval apart.
-    time_base, pts = video_pts(out)
+    time_base, pts = read_timing(out)
     assert summary["frames_written"] == len(pts) == sent
     steps = {round((b - a) * time_base * FPS, 6) for a, b in itertools.pairwise(pts)}
     assert steps == {1.0}
@@ -288,7 +288,7 @@ def test_a_udp_source_that_falls_silent_and_comes_back_goes_on(tmp_path):
     assert summary["reconnects"] == 1 and summary["stopped_by"] == "reconnect failed"
     # The same stream went on: no discontinuity, the silence kept as the gap it was.
     assert summary["discontinuities"] == 0
-    time_base, pts = video_pts(out)
+    time_base, pts = read_timing(out)
     gaps = [float((b - a) * time_base) for a, b in itertools.pairwise(pts)]
     assert min(gaps) > 0 and max(gaps) >= 2.5
     assert summary["frames_written"] == len(pts) > 1.5 * FPS  # frames of both sides of it

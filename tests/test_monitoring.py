@@ -15,10 +15,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import pytest
-from clips import FAST
-from helpers import free_port
+from clips import FAST, SLOW, udp_source
+from helpers import free_port, records
 from prometheus_client.parser import text_string_to_metric_families
-from test_live import SLOW, records, udp_source
 
 from scorecam_stream import monitoring, video
 from scorecam_stream.cli import main
