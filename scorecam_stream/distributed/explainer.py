@@ -42,16 +42,9 @@ import torch
 from ..errors import ScoreCamError
 from ..evaluation import FrameScores
 from ..reuse import ReuseOptions, StreamState
-from ..scheduler import (
-    FrameState,
-    InflightTracker,
-    ReorderBuffer,
-    RetryPolicy,
-    Slot,
-    SlotState,
-    balanced_ranges,
-    max_held_items,
-)
+from ..scheduler.health import RetryPolicy, Slot, SlotState
+from ..scheduler.inflight import FrameState, InflightTracker, ReorderBuffer
+from ..scheduler.planning import balanced_ranges, max_held_items
 from ..scorecam import ShardResult, Weighting, combine_shards
 from ..workers import FrameResult, FrameTask, ModelMeta, P, make_result
 
