@@ -1,6 +1,6 @@
 """How a frame of any shape becomes the square model input, and how its map goes back.
 
-numpy and OpenCV only; shared by preprocessing (models.py) and drawing (render.py).
+numpy and OpenCV only; shared by preprocessing (models/meta.py) and drawing (render.py).
 
 - ``squash``: the whole frame resized to S x S; a 16:9 frame is squeezed horizontally.
 - ``pad``: the frame scaled into a black square of side max(H, W), centred; nothing cut,

@@ -23,16 +23,16 @@ from scorecam_stream.distributed.explainer import ShardedExplainer
 from scorecam_stream.distributed.pool import Reply
 from scorecam_stream.records import FrameResult, FrameTask
 from scorecam_stream.reuse import ReuseOptions
-from scorecam_stream.scheduler import (
+from scorecam_stream.scheduler.health import (
     Failure,
     RetryPolicy,
     Slot,
     SlotState,
-    max_held_items,
     none_left,
     pick_slot,
     probes_due,
 )
+from scorecam_stream.scheduler.planning import max_held_items
 from scorecam_stream.workers import LocalExplainer, Worker
 
 MODEL = ModelConfig(spec="efficientnet_lite0", input_size=48)

@@ -10,7 +10,8 @@ import torch
 import torchvision
 
 from scorecam_stream import ScoreCAM, ScoreCamError, load_model
-from scorecam_stream.models import detect_layer, preprocess_frame
+from scorecam_stream.models import preprocess_frame
+from scorecam_stream.models.layers import detect_layer
 
 
 @pytest.fixture(scope="module")

@@ -7,10 +7,9 @@ import random
 
 import pytest
 
-from scorecam_stream.scheduler import (
+from scorecam_stream.scheduler.inflight import InflightTracker, ReorderBuffer
+from scorecam_stream.scheduler.planning import (
     MAX_INFLIGHT_FRAMES,
-    InflightTracker,
-    ReorderBuffer,
     balanced_ranges,
     default_max_inflight,
     default_shards_per_frame,

@@ -16,8 +16,8 @@ from typing import Any
 from ..config import DistributedConfig, EngineConfig, EvaluationConfig, ModelConfig
 from ..errors import ScoreCamError
 from ..models import ModelMeta
-from ..scheduler import (
-    RetryPolicy,
+from ..scheduler.health import RetryPolicy
+from ..scheduler.planning import (
     default_max_inflight,
     default_shards_per_frame,
     plan_actor_resources,

@@ -43,16 +43,9 @@ from ..errors import ScoreCamError
 from ..models import ModelMeta
 from ..records import FrameResult, FrameScores, FrameTask, make_result
 from ..reuse import ReuseOptions, StreamState
-from ..scheduler import (
-    FrameState,
-    InflightTracker,
-    ReorderBuffer,
-    RetryPolicy,
-    Slot,
-    SlotState,
-    balanced_ranges,
-    max_held_items,
-)
+from ..scheduler.health import RetryPolicy, Slot, SlotState
+from ..scheduler.inflight import FrameState, InflightTracker, ReorderBuffer
+from ..scheduler.planning import balanced_ranges, max_held_items
 from ..scorecam import ShardResult, Weighting, combine_shards
 from ..workers import P
 

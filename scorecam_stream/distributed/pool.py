@@ -29,7 +29,7 @@ from ray.exceptions import (
 )
 
 from ..errors import ScoreCamError, first_line
-from ..scheduler import Failure, Slot, none_left, pick_slot, probes_due
+from ..scheduler.health import Failure, Slot, none_left, pick_slot, probes_due
 from .session import node_table
 
 log = logging.getLogger(__name__)

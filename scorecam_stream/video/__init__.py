@@ -1,8 +1,9 @@
 """Video input and output with PyAV: one reading session per input, H.264 files and streams.
 
-- :mod:`.reader`: :class:`VideoReader` opens an input once (files, URLs, ``-``, devices) and
-  gives its info, its frames and their audio packets; :func:`probe` and :func:`read_frames`
-  are one-call shortcuts.
+- :mod:`.inputs`: what an input is (file, URL, ``-``, device), opened with one-line errors.
+- :mod:`.records`: :class:`VideoInfo` and :class:`Frame`, what reading gives.
+- :mod:`.reader`: :class:`VideoReader` opens an input once and gives its info, its frames and
+  their audio packets; :func:`probe` and :func:`read_frames` are one-call shortcuts.
 - :mod:`.audio`: the input's audio packets into the output, copied or re-encoded.
 - :mod:`.writer`: :class:`VideoWriter` to files, HLS playlists and live streams.
 - :mod:`.files`: still images and :func:`atomic_output`.
@@ -18,20 +19,10 @@ from .files import (
     visible_output,
     write_image,
 )
-from .reader import (
-    LIVE_READ_TIMEOUT_S,
-    STDIN,
-    Frame,
-    VideoInfo,
-    VideoReader,
-    is_glob,
-    is_live_source,
-    is_url,
-    probe,
-    read_frames,
-    rotate_upright,
-)
+from .inputs import STDIN, is_glob, is_live_source, is_url
+from .reader import LIVE_READ_TIMEOUT_S, VideoReader, probe, read_frames, rotate_upright
 from .reconnect import ReconnectingInput, reconnect_attempts
+from .records import Frame, VideoInfo
 from .timeline import Timeline
 from .writer import HLS_SUFFIX, OUTPUT_FORMATS, VideoWriter, output_kind
 

@@ -15,7 +15,7 @@ import av
 import numpy as np
 
 from ..errors import ScoreCamError
-from .reader import STDIN, is_url, reason
+from .inputs import STDIN, is_url, reason
 
 log = logging.getLogger("scorecam_stream.video")
 

@@ -3,9 +3,8 @@
 Timing is never rebuilt from frame indices: every decoded :class:`Frame` carries its ``pts`` and
 ``time_base``. Audio packets come from the same demux as the frames and travel with the frame
 they were read before (:attr:`Frame.audio`), so a live source is read in one session and the
-output's sound matches its pictures. Mistakes a user can cause (missing or unreadable input)
-raise :class:`~scorecam_stream.errors.ScoreCamError` with a one-line message; a stream that
-breaks off part-way is read up to the break with a logged warning.
+output's sound matches its pictures. Opening (and its one-line errors) is :mod:`.inputs`'s; a
+stream that breaks off part-way is read up to the break with a logged warning.
 """
 
 from __future__ import annotations
@@ -15,10 +14,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Generator, Iterator, Mapping
-from dataclasses import dataclass
 from fractions import Fraction
-from pathlib import Path
-from urllib.parse import urlparse
 
 import av
 import av.container
@@ -26,120 +22,14 @@ import numpy as np
 
 from ..config import check_window
 from ..errors import ScoreCamError
+from .inputs import URL_TIMEOUT_S, is_live_source, open_input, reason
+from .records import Frame, VideoInfo
 
 log = logging.getLogger("scorecam_stream.video")
 
 DEFAULT_FPS = 25.0  # assumed when a container states no frame rate at all
-URL_TIMEOUT_S = 30.0  # open and read timeout for network inputs, so a dead stream cannot hang
 LIVE_READ_TIMEOUT_S = 10.0  # no data for this long: a live source has ended
 MAX_BAD_PACKETS = 25  # consecutive undecodable packets after which reading gives up
-STDIN = "-"
-# Schemes read as live sources by default: network streams. Plain files and file:// are not.
-_FILE_SCHEMES = frozenset({"", "file"})
-
-
-@dataclass(frozen=True)
-class VideoInfo:
-    """What the reader learns about an input's first video stream when it opens it."""
-
-    path: str  # as given (file path, URL, "-")
-    width: int  # display width after rotation
-    height: int  # display height after rotation
-    rotation: int  # counter-clockwise degrees (0/90/180/270) that turn a decoded picture upright
-    fps: float  # average frame rate (DEFAULT_FPS if the container lacks one)
-    time_base: Fraction  # video stream time base
-    frame_count: int | None  # from the container; None when unknown (streams, mkv)
-    duration: float | None  # seconds; None when unknown
-    has_audio: bool
-    is_image: bool  # a still image (jpg/png/bmp/webp...), a single frame
-    start_time: float = 0.0  # seconds of the stream's first timestamp (MPEG-TS often > 0)
-
-
-@dataclass(frozen=True, eq=False)
-class Frame:
-    """One decoded picture, upright, with the timing it was decoded with."""
-
-    index: int  # 0-based among frames yielded
-    image: np.ndarray  # (H, W, 3) uint8 RGB, already rotated upright
-    pts: int | None  # presentation timestamp in time_base units, as decoded
-    time_base: Fraction
-    seconds: float  # pts * time_base; (position in the stream) / fps when pts is None
-    audio: tuple[av.Packet, ...] = ()  # audio packets demuxed since the previous frame
-    arrival: float = 0.0  # time.monotonic() when the frame was decoded
-
-
-def is_url(path: str) -> bool:
-    """Return whether ``path`` is a URL (``scheme://...``) rather than a file path."""
-    return "://" in path
-
-
-def is_glob(item: str) -> bool:
-    """Return whether ``item`` is a glob pattern (``*``, ``?`` or ``[...]``)."""
-    return any(c in item for c in "*?[")
-
-
-def is_live_source(path: str, input_format: str | None = None) -> bool:
-    """Return whether ``path`` is read live by default: a network URL, stdin or a device."""
-    if path == STDIN or input_format is not None:
-        return True
-    return is_url(path) and urlparse(path).scheme.lower() not in _FILE_SCHEMES
-
-
-def one_line(text: object) -> str:
-    """Return ``text`` on one line (runs of whitespace, newlines included, become one space)."""
-    return " ".join(str(text).split())
-
-
-def reason(exc: BaseException) -> str:
-    """Return FFmpeg's or the OS's one-line reason for ``exc``, without the errno."""
-    return one_line(getattr(exc, "strerror", None) or exc)
-
-
-def _open_error(path: str, exc: Exception) -> ScoreCamError:
-    """Return a one-line ScoreCamError for a failed ``av.open`` of ``path``."""
-    if isinstance(exc, av.error.InvalidDataError):
-        why = "not a video or image FFmpeg can read, or the file is truncated or corrupt"
-    elif isinstance(exc, av.error.ExitError):
-        why = "no data arrived before the timeout"
-    else:
-        why = reason(exc)
-    return ScoreCamError(f"cannot read {path}: {why}")
-
-
-def open_input(
-    path: str,
-    input_format: str | None = None,
-    options: Mapping[str, str] | None = None,
-    timeout: float | None = None,
-) -> av.container.InputContainer:
-    """Return an open input container; files are checked first, URLs go to FFmpeg as they are.
-
-    ``-`` is standard input. ``timeout`` bounds the open and each read (default: 30 s for URLs
-    and pipes, none for files).
-    """
-    source = "pipe:0" if path == STDIN else path
-    if not is_url(path) and path != STDIN and input_format is None:
-        file = Path(path)
-        if not file.exists():
-            raise ScoreCamError(f"input not found: {path}")
-        if not file.is_file():
-            raise ScoreCamError(f"input is not a file: {path}")
-        if file.stat().st_size == 0:
-            raise ScoreCamError(f"input is empty (0 bytes): {path}")
-    elif timeout is None:
-        timeout = URL_TIMEOUT_S
-    try:
-        return av.open(
-            source,
-            mode="r",
-            format=input_format,
-            options=dict(options or {}),
-            timeout=timeout,
-        )
-    except (av.FFmpegError, OSError) as exc:
-        raise _open_error(path, exc) from exc
-    except ValueError as exc:  # an unknown --input-format
-        raise ScoreCamError(f"cannot read {path}: {one_line(exc)}") from exc
 
 
 def _is_image(container: av.container.InputContainer) -> bool:

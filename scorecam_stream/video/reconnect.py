@@ -17,7 +17,9 @@ from urllib.parse import urlparse
 
 from ..config import RECONNECT_ATTEMPTS
 from ..errors import ScoreCamError
-from .reader import Frame, VideoReader, is_url
+from .inputs import is_url
+from .reader import VideoReader
+from .records import Frame
 from .timeline import Timeline
 
 log = logging.getLogger("scorecam_stream.video")

@@ -15,7 +15,7 @@ from collections import deque
 from collections.abc import Iterable, Iterator
 from fractions import Fraction
 
-from .reader import Frame
+from .records import Frame
 
 log = logging.getLogger("scorecam_stream.video")
 

@@ -23,7 +23,7 @@ from av.codec.context import Flags
 
 from ..errors import ScoreCamError
 from .audio import AudioTrack
-from .reader import STDIN, is_url, reason
+from .inputs import STDIN, is_url, reason
 
 log = logging.getLogger("scorecam_stream.video")
 
