@@ -12,7 +12,6 @@ import numpy as np
 from .models import ModelMeta
 from .records import FrameResult
 from .render import MapScaler, ScaleMode
-from .targets import class_name
 from .video import Frame
 
 
@@ -41,7 +40,7 @@ class MapDisplay:
 
 def frame_label(meta: ModelMeta, result: FrameResult, frame: Frame, reused: bool) -> str:
     """Return the label drawn on ``frame``: class, probability, time, and the map's origin."""
-    name = class_name(meta.class_names, int(result.targets[0]))
+    name = meta.class_name(int(result.targets[0]))
     minutes, seconds = divmod(max(frame.seconds, 0.0), 60)
     text = f"{name} {result.probs[0]:.2f}  {int(minutes):02d}:{seconds:05.2f}"
     return f"{text}  (map of frame {result.index})" if reused else text
@@ -55,7 +54,7 @@ def frame_record(
         "index": frame.index,
         "pts_seconds": round(frame.seconds, 6),
         "target": int(result.targets[0]),
-        "name": class_name(meta.class_names, int(result.targets[0])),
+        "name": meta.class_name(int(result.targets[0])),
         "probability": round(float(result.probs[0]), 6),
         "targets": [int(t) for t in result.targets],
         "probabilities": [round(float(p), 6) for p in result.probs],

@@ -16,6 +16,7 @@ from torch import nn
 
 from ..errors import ScoreCamError
 from ..fit import FITS, fit_frame
+from ..targets import class_name
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -47,9 +48,7 @@ class ModelMeta:
 
     def class_name(self, index: int) -> str:
         """Return the human name of a class id (the id itself if the model has no names)."""
-        if 0 <= index < len(self.class_names):
-            return self.class_names[index]
-        return str(index)
+        return class_name(self.class_names, index)
 
 
 @dataclass(frozen=True)
