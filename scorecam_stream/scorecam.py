@@ -18,7 +18,6 @@ many workers and summed back with :func:`combine_shards`.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .model_state import forward_hook, model_device, model_state
 from .transfer import to_device, to_host
 
 log = logging.getLogger(__name__)
@@ -108,16 +108,6 @@ def _normalised_masks(
     """
     up = F.interpolate(channels[:, None], size=size, mode="bilinear", align_corners=align_corners)
     return (up - lows[:, None, None, None]) / spans[:, None, None, None]
-
-
-@contextlib.contextmanager
-def forward_hook(layer: nn.Module, hook) -> Iterator[None]:
-    """Hold a forward hook on ``layer``; removed even if the forward raises."""
-    handle = layer.register_forward_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
 
 
 @dataclass(frozen=True)
@@ -458,7 +448,6 @@ class ScoreCAM:
         self.variant = variant
         self._align_corners = self.weighting.align_corners
         self._mask_eps = self.weighting.mask_eps
-        self._state_depth = 0
         self.compile = compile
         self.fixed_chunks = compile if fixed_chunks is None else fixed_chunks
         self._buffer: torch.Tensor | None = None  # masked inputs of a chunk, reused in a call
@@ -491,7 +480,7 @@ class ScoreCAM:
 
     def classify(self, x: torch.Tensor) -> torch.Tensor:
         """Return the logits (N, C) float32 of the unmasked batch (no hooks)."""
-        with self._model_state(), torch.inference_mode():
+        with self._model_state():
             # fp32 whatever the dtype: the same logits, hence targets, as the base pass.
             return self._forward(x.to(self._device()), reduced=False).float()
 
@@ -535,7 +524,7 @@ class ScoreCAM:
         # Always fp32: the masks and targets of every masked pass come from here. With this
         # pass in fp16, fp16 maps missed r 0.999 of fp32's; in fp32 they keep it
         # (docs/precision.md). One forward per frame against K masked ones.
-        with self._model_state(), torch.inference_mode(), forward_hook(self.layer, keep):
+        with self._model_state(), forward_hook(self.layer, keep):
             logits = self._forward(x, reduced=False).float()
         if len(captured) != 1 or captured[0].dim() != 4:
             shape = tuple(captured[-1].shape) if captured else None
@@ -674,7 +663,7 @@ class ScoreCAM:
         nonfinite = None if self.dtype is None else torch.zeros_like(frames, dtype=torch.bool)
         self._buffer = None
         try:
-            with self._model_state(), torch.inference_mode():
+            with self._model_state():
                 i = 0
                 for rows, padded in plan:
                     chunk = slice(i, i + padded)
@@ -771,7 +760,7 @@ class ScoreCAM:
         """
         key = (tuple(x.shape[1:]), x.device)
         if key not in self._zero_logits:
-            with self._model_state(), torch.inference_mode():
+            with self._model_state():
                 zero = torch.zeros(1, *x.shape[1:], device=x.device)
                 self._zero_logits[key] = self._forward(zero, reduced=False).float()[0]
         return self._zero_logits[key]
@@ -786,29 +775,8 @@ class ScoreCAM:
             return self.model(x)
 
     def _device(self) -> torch.device:
-        param = next(self.model.parameters(), None)
-        return param.device if param is not None else torch.device("cpu")
+        return model_device(self.model)
 
-    @contextlib.contextmanager
-    def _model_state(self) -> Iterator[None]:
-        """Put the model in eval mode (and channels-last), and back as it was afterwards."""
-        if self._state_depth:  # nested: the outer call holds the state
-            yield
-            return
-        was_training = self.model.training
-        # The caller's tensors, put back untouched afterwards (no copy back, exact strides).
-        originals = {}
-        if self.channels_last:
-            for t in itertools.chain(self.model.parameters(), self.model.buffers()):
-                if t.dim() == 4 and not t.is_contiguous(memory_format=torch.channels_last):
-                    originals[t] = t.data
-                    t.data = t.data.contiguous(memory_format=torch.channels_last)
-        self.model.eval()
-        self._state_depth += 1
-        try:
-            yield
-        finally:
-            self._state_depth -= 1
-            self.model.train(was_training)
-            for t, data in originals.items():
-                t.data = data
+    def _model_state(self) -> contextlib.AbstractContextManager[None]:
+        """Return the engine's hold on its model: :func:`model_state` with its channels-last."""
+        return model_state(self.model, channels_last=self.channels_last)
