@@ -17,16 +17,17 @@ __version__ = "0.1.0"
 _LAZY = {
     "LoadedModel": "models",
     "load_model": "models",
-    "BasePass": "scorecam",
+    "BasePass": "weighting",
     "ScoreCAM": "scorecam",
-    "ScoreCAMResult": "scorecam",
-    "ShardResult": "scorecam",
-    "combine_shards": "scorecam",
+    "ScoreCAMResult": "weighting",
+    "ShardResult": "weighting",
+    "combine_shards": "weighting",
 }
 
 if TYPE_CHECKING:
     from .models import LoadedModel, load_model
-    from .scorecam import BasePass, ScoreCAM, ScoreCAMResult, ShardResult, combine_shards
+    from .scorecam import ScoreCAM
+    from .weighting import BasePass, ScoreCAMResult, ShardResult, combine_shards
 
 
 def __getattr__(name: str) -> Any:

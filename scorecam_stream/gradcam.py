@@ -8,15 +8,14 @@ rescaling (maps here are left at their own scale, like Score-CAM's).
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .scorecam import forward_hook
+from .model_state import forward_hook, model_device, model_state
 
 
 @dataclass(frozen=True)
@@ -47,8 +46,7 @@ class GradCAM:
         self, x: torch.Tensor, targets: int | Sequence[int] | torch.Tensor | None = None
     ) -> GradCAMResult:
         """Return the Grad-CAM maps of ``x`` (N, 3, S, S) for ``targets`` (None: each top-1)."""
-        param = next(self.model.parameters(), None)
-        device = param.device if param is not None else x.device
+        device = model_device(self.model, default=x.device)
         x = x.detach().to(device, torch.float32)
         n = x.shape[0]
         wanted = None
@@ -78,7 +76,7 @@ class GradCAM:
         # The input asks for gradients so that the layer's output has a graph even when the
         # model's parameters are frozen.
         x = x.clone().requires_grad_(True)
-        with self._model_state(), torch.enable_grad(), forward_hook(self.layer, keep):
+        with model_state(self.model, grad=True), forward_hook(self.layer, keep):
             logits = self.model(x).float()  # (B, C)
             if len(captured) != 1 or captured[0].dim() != 4:
                 raise ValueError("target layer must run once with a 4-D output")
@@ -94,13 +92,3 @@ class GradCAM:
         maps = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)
         probs = logits.detach().softmax(dim=1).gather(1, targets[:, None])[:, 0]
         return maps[:, 0].detach(), targets.detach(), probs
-
-    @contextlib.contextmanager
-    def _model_state(self) -> Iterator[None]:
-        """Put the model in eval mode, and back in its previous mode afterwards."""
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            yield
-        finally:
-            self.model.train(was_training)

@@ -18,13 +18,13 @@ Pure torch, batched, on whatever device the model is on. ``x`` is the preprocess
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .model_state import model_device, model_state
 
 BLUR_KERNEL = 11  # RISE's insertion baseline: Gaussian blur, kernel 11, sigma 5
 BLUR_SIGMA = 5.0
@@ -190,7 +190,7 @@ def _scores(
 ) -> torch.Tensor:
     """Return the softmax probability (B,) of each image's target, in chunks, no grad."""
     out = torch.empty(images.shape[0], device=images.device)
-    with _eval_mode(model), torch.inference_mode():
+    with model_state(model):
         for i in range(0, images.shape[0], batch_size):
             logits = model(images[i : i + batch_size]).float()  # (b, C)
             probs = logits.softmax(dim=1)
@@ -211,18 +211,6 @@ def _check(
         )
     if targets.shape[0] != x.shape[0]:
         raise ValueError(f"targets must be (N,) with N={x.shape[0]}, got {tuple(targets.shape)}")
-    param = next(model.parameters(), None)
-    device = param.device if param is not None else x.device
+    device = model_device(model, default=x.device)
     x = x.detach().to(device, torch.float32)
     return x, maps.detach().to(x.device, torch.float32), targets.to(x.device, torch.int64)
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Put the model in eval mode, and back in its previous mode afterwards."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)

@@ -15,7 +15,7 @@ mask times the model input, both at PROBE_GRID x PROBE_GRID). Each frame:
    pass after its first frame and its maps are exact;
 3. the worker(s) run only those passes (:meth:`scorecam_stream.ScoreCAM.channel_logits`);
 4. :meth:`StreamState.finish` sums the map from the current frame's masks with the fresh
-   results and the cached ones (the same :class:`~scorecam_stream.scorecam.Weighting` as the
+   results and the cached ones (the same :class:`~scorecam_stream.weighting.Weighting` as the
    exact engine).
 
 Keyframes (every 4 frames at first, up to every ``keyframe_interval`` while anything moved;
@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import ScoreCamError
-from .scorecam import BasePass, Weighting, combine_shards
+from .weighting import BasePass, Weighting, combine_shards
 
 log = logging.getLogger(__name__)
 

@@ -26,9 +26,10 @@ from .evaluation import FrameScorer
 from .models import ModelMeta, load_model
 from .records import FrameResult, FrameScores, FrameTask, make_result
 from .reuse import FrameView, ReuseOptions, StreamState
-from .scorecam import BasePass, ScoreCAM, ShardResult, combine_shards
+from .scorecam import ScoreCAM
 from .targets import for_frame, probabilities
 from .transfer import normalize_on_device, to_device
+from .weighting import BasePass, ShardResult, combine_shards
 
 log = logging.getLogger(__name__)
 

@@ -15,10 +15,11 @@ from skimage import data
 from scorecam_stream import ScoreCAM, combine_shards
 from scorecam_stream.cli import main, parse_config
 from scorecam_stream.config import EngineConfig, ModelConfig
+from scorecam_stream.masked_passes import FIXED_SHAPES, chunk_plan
 from scorecam_stream.models import preprocess_frame, resize_frame
 from scorecam_stream.records import FrameTask
-from scorecam_stream.scorecam import FIXED_SHAPES, ShardResult, chunk_plan
 from scorecam_stream.transfer import normalize_on_device, to_device, to_host
+from scorecam_stream.weighting import ShardResult
 from scorecam_stream.workers import Worker
 
 

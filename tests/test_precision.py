@@ -102,7 +102,7 @@ def test_fp16_overflow_is_recomputed_in_fp32(images, caplog):
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.float16):
         assert not torch.isfinite(model(images)).all()  # the model really overflows in fp16
     fp32 = ScoreCAM(model, model.act, batch_size=4)(images)
-    with caplog.at_level(logging.WARNING, logger="scorecam_stream.scorecam"):
+    with caplog.at_level(logging.WARNING, logger="scorecam_stream.masked_passes"):
         fp16 = ScoreCAM(model, model.act, batch_size=4, dtype="fp16")(images)
     assert torch.isfinite(fp16.maps).all()
     torch.testing.assert_close(fp16.maps, fp32.maps)

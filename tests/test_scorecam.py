@@ -9,6 +9,7 @@ from conftest import TinyCNN, make_tiny
 from helpers import VARIANTS, assert_maps_close, reference_map
 
 from scorecam_stream import ScoreCAM, combine_shards
+from scorecam_stream.model_state import model_state
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "-".join(map(str, v.values())))
@@ -298,6 +299,24 @@ def test_model_left_in_its_mode_and_no_grad_state(tiny, images):
     assert all(p.grad is None for p in tiny.parameters())
     assert [p.requires_grad for p in tiny.parameters()] == requires
     assert torch.is_grad_enabled()
+
+
+def test_nested_model_state_is_undone_by_the_outer_hold_even_after_an_exception(tiny):
+    tiny.train()
+    before = _memory_formats(tiny)
+    outer, inner = model_state(tiny, channels_last=True), model_state(tiny, grad=True)
+    with pytest.raises(RuntimeError, match="inner"), outer, inner:
+        assert torch.is_grad_enabled() and not tiny.training
+        raise RuntimeError("inner")
+    assert tiny.training and _memory_formats(tiny) == before
+    with model_state(tiny, channels_last=True):
+        with model_state(tiny, channels_last=True, grad=True):
+            pass
+        # The inner hold gave back what it found: eval, inference mode, channels-last weights.
+        assert not tiny.training and torch.is_inference_mode_enabled()
+        assert tiny.features[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert tiny.training and torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+    assert _memory_formats(tiny) == before  # the caller's very tensors
 
 
 def test_bf16_autocast_close_to_fp32(tiny, images):

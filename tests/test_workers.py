@@ -15,7 +15,7 @@ from scorecam_stream import ScoreCamError
 from scorecam_stream.config import EngineConfig, ModelConfig
 from scorecam_stream.outputs import PreviewSampler
 from scorecam_stream.records import FrameTask
-from scorecam_stream.scorecam import combine_shards
+from scorecam_stream.weighting import combine_shards
 from scorecam_stream.workers import LocalExplainer, Worker
 
 PROBE = """

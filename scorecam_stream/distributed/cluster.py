@@ -22,7 +22,7 @@ from ..scheduler.planning import (
     default_shards_per_frame,
     plan_actor_resources,
 )
-from ..scorecam import Weighting
+from ..weighting import Weighting
 from ..workers import Worker
 from .explainer import ShardedExplainer
 from .pool import ActorPool, start_actors

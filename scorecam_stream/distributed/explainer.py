@@ -46,7 +46,7 @@ from ..reuse import ReuseOptions, StreamState
 from ..scheduler.health import RetryPolicy, Slot, SlotState
 from ..scheduler.inflight import FrameState, InflightTracker, ReorderBuffer
 from ..scheduler.planning import balanced_ranges, max_held_items
-from ..scorecam import ShardResult, Weighting, combine_shards
+from ..weighting import ShardResult, Weighting, combine_shards
 from ..workers import P
 
 log = logging.getLogger(__name__)
