@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .model_state import forward_hook, model_device, model_state
+from .targets import resolve as resolve_targets
 
 
 @dataclass(frozen=True)
@@ -81,8 +82,7 @@ class GradCAM:
             if len(captured) != 1 or captured[0].dim() != 4:
                 raise ValueError("target layer must run once with a 4-D output")
             acts = captured[0]  # (B, K, h, w)
-            if targets is None:
-                targets = logits.argmax(dim=1)
+            targets = resolve_targets(logits.detach(), targets)[0][:, 0]  # (B,) top-1 if None
             picked = logits.gather(1, targets[:, None])  # (B, 1) target logits
             # Frames are independent in eval mode: one backward of the sum gives every frame's
             # own gradient.

@@ -10,13 +10,14 @@ passes of one frame can be split over many workers and summed back with
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from .masked_passes import MaskedPasses
 from .model_state import forward_hook, model_device, model_state
+from .targets import Targets
+from .targets import resolve as resolve_targets
 from .transfer import to_device
 from .weighting import (
     BasePass,
@@ -154,7 +155,7 @@ class ScoreCAM:
     def __call__(
         self,
         x: torch.Tensor,
-        targets: int | Sequence[int] | Sequence[Sequence[int]] | torch.Tensor | None = None,
+        targets: Targets = None,
         topk: int | None = None,
     ) -> ScoreCAMResult:
         """Return the Score-CAM maps of the batch ``x`` (N, 3, S, S).
@@ -163,7 +164,7 @@ class ScoreCAM:
         one class per frame (N,), or several per frame (N, T) -> maps (N, T, S, S).
         """
         base = self.base(x)
-        target_ids, squeeze = self.resolve_targets(base.logits, targets, topk)
+        target_ids, squeeze = resolve_targets(base.logits, targets, topk)
         shard = self.shard(base, target_ids, 0, base.num_channels)
         maps = combine_shards([shard])
         probs = base.logits.softmax(dim=1).gather(1, target_ids)
@@ -176,31 +177,6 @@ class ScoreCAM:
         with self._model_state():
             # fp32 whatever the dtype: the same logits, hence targets, as the base pass.
             return self._forward(x.to(model_device(self.model)), reduced=False).float()
-
-    @staticmethod
-    def resolve_targets(
-        logits: torch.Tensor,
-        targets: int | Sequence[int] | Sequence[Sequence[int]] | torch.Tensor | None,
-        topk: int | None = None,
-    ) -> tuple[torch.Tensor, bool]:
-        """Return (targets (N, T) int64 on the logits' device, whether T was implicit)."""
-        n, classes = logits.shape
-        if targets is None:
-            k = topk or 1
-            if not 1 <= k <= classes:
-                raise ValueError(f"topk must be in [1, {classes}], got {k}")
-            return logits.topk(k, dim=1).indices, topk is None
-        t = torch.as_tensor(targets, dtype=torch.int64, device=logits.device)
-        squeeze = t.dim() < 2
-        if t.dim() == 0:
-            t = t.expand(n)
-        if t.dim() == 1:
-            t = t[:, None]
-        if t.dim() != 2 or t.shape[0] != n:
-            raise ValueError(f"targets must be (N,) or (N, T) with N={n}, got {tuple(t.shape)}")
-        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= classes):
-            raise ValueError(f"target classes must be in [0, {classes}), got {t.tolist()}")
-        return t, squeeze
 
     # ------------------------------------------------------------------ shard API
 

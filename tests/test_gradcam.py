@@ -54,6 +54,9 @@ def test_restores_mode_and_removes_hooks_after_an_error(images):
         cam(images, torch.tensor([1, 2]))
     with pytest.raises(RuntimeError):
         cam(images[:, :2])  # wrong channel count: the forward raises
+    classes = model(images).shape[1]
+    with pytest.raises(ValueError, match=rf"target classes must be in \[0, {classes}\)"):
+        cam(images, classes)  # the same range check as Score-CAM's (targets.resolve)
     assert model.training
     assert not model.features[3]._forward_hooks
     with pytest.raises(ValueError, match="layer"):
