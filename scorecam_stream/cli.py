@@ -377,7 +377,7 @@ def parse_command(argv: list[str] | None) -> tuple[Config, BatchConfig | None]:
         video_tasks=bool(batch_settings.get("video_tasks", False)),
     )
     config = _config(items[0], settings)
-    if batch.video_tasks and not config.distributed.distributed:
+    if batch.video_tasks and not config.distributed.uses_ray:
         raise ScoreCamError(
             "--video-tasks runs videos as Ray tasks: add --workers, --gpus or --address"
         )

@@ -359,7 +359,7 @@ class DistributedConfig:
         )
 
     @property
-    def distributed(self) -> bool:
+    def uses_ray(self) -> bool:
         """Return whether Ray workers are used."""
         return bool(self.workers or self.gpus or self.address)
 
@@ -475,7 +475,7 @@ class BatchConfig:
             f"--max-inflight-videos must be >= 1, got {self.max_inflight_videos}",
         )
 
-    def inflight_videos(self, distributed: bool) -> int:
+    def inflight_videos(self, uses_ray: bool) -> int:
         """Return how many videos run at once: as given, else 2 with Ray workers, else 1.
 
         Two with workers so that none idles while one video's decoder starts or its encoder
@@ -483,7 +483,7 @@ class BatchConfig:
         """
         if self.max_inflight_videos is not None:
             return self.max_inflight_videos
-        return 2 if distributed else 1
+        return 2 if uses_ray else 1
 
 
 # Flat setting name -> (section, field). Names are the flags with underscores.

@@ -84,7 +84,7 @@ def run_live(
     ``metrics``: the run's Prometheus metrics, read from the same counts as the summary.
     """
     w = config.window
-    if config.distributed.distributed:
+    if config.distributed.uses_ray:
         # Importing Ray holds the interpreter for seconds: do it before the reader thread runs,
         # or its reads would look stalled past a short --read-timeout.
         import_module("scorecam_stream.distributed")

@@ -126,7 +126,7 @@ def run_batch(
                 if job not in running:
                     summary.add(VideoRecord(job.input, str(job.output), "skipped"))
             if explainer is not None:
-                threads = min(len(todo), batch.inflight_videos(base.distributed.distributed))
+                threads = min(len(todo), batch.inflight_videos(base.distributed.uses_ray))
                 log.info("%d videos to do, %d at a time", len(todo), threads)
                 if batch.video_tasks:
                     _run_as_tasks(base, todo, explainer, threads, summary, on_record)
