@@ -25,7 +25,8 @@ import yaml
 
 from .cli_parser import PROG, build_parser, rgb_triple, size_pair
 from .cli_progress import BatchDisplay, ProgressBar, batch_line, failure_table, run_line
-from .config import FIELDS, BatchConfig, Config, build_config
+from .config import FIELDS, Config, build_config
+from .config_batch import BatchConfig
 from .errors import ScoreCamError, Terminated, first_line
 
 log = logging.getLogger(__name__)

@@ -14,8 +14,8 @@ if TYPE_CHECKING:
     from tqdm import tqdm
 
     from .batch import BatchProgress, BatchResult, VideoRecord
-    from .config import BatchConfig
-    from .pipeline import RunSummary
+    from .config_batch import BatchConfig
+    from .records import RunSummary
 
 
 class ProgressBar:

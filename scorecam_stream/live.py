@@ -28,7 +28,8 @@ import torch
 
 from . import targets, video
 from .annotate import frame_label
-from .config import RECONNECT_MAX_DELAY_S, Config
+from .config import Config
+from .config_video import RECONNECT_MAX_DELAY_S
 from .errors import ScoreCamError
 from .frame_loop import FrameSink, model_input, reuse_options
 from .live_source import LiveSource

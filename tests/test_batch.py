@@ -23,7 +23,7 @@ from scorecam_stream.batch import (
     with_batch_defaults,
 )
 from scorecam_stream.cli import main, parse_command
-from scorecam_stream.config import BatchConfig
+from scorecam_stream.config_batch import BatchConfig
 from scorecam_stream.errors import ScoreCamError
 from scorecam_stream.video import probe, read_frames
 

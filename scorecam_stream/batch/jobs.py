@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import video
-from ..config import BatchConfig, Config
+from ..config import Config
+from ..config_batch import BatchConfig
 from ..errors import ScoreCamError
 from ..pipeline import default_output
 from ..video import is_glob

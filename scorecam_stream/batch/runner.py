@@ -13,7 +13,8 @@ from typing import Any, TypeVar
 
 import torch
 
-from ..config import BatchConfig, Config
+from ..config import Config
+from ..config_batch import BatchConfig
 from ..errors import ScoreCamError, first_line
 from ..pipeline import make_explainer, run
 from ..records import FrameResult, FrameTask
