@@ -1,5 +1,10 @@
 """Configuration: frozen dataclasses, validated on construction, passed down explicitly.
 
+:class:`Config` is everything one run needs: the sections of what is explained and how (model,
+engine, explain, evaluation), how the work is spread and watched (distributed, monitoring), and
+the input and outputs (:mod:`scorecam_stream.config_video`). Many inputs in one run add a
+:class:`~scorecam_stream.config_batch.BatchConfig`.
+
 Only :mod:`scorecam_stream.cli` reads argv and YAML files; it builds a :class:`Config` with
 :func:`build_config` from flat ``key: value`` settings whose keys are the command-line flags
 with underscores (``batch_size: 32``).
@@ -12,16 +17,12 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from .config_checks import require
+from .config_video import OutputConfig, SourceConfig, WindowConfig
 from .errors import ScoreCamError
-from .render import COLORMAPS, LAYOUTS
 
 # --fidelity of live runs when not given: a map sooner matters more there (docs/benchmarks.md).
 LIVE_FIDELITY = 0.99
-
-
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise ScoreCamError(message)
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         for name, value in (("--mean", self.mean), ("--std", self.std)):
-            _check(
+            require(
                 value is None
                 or (
                     isinstance(value, tuple)
@@ -48,18 +49,18 @@ class ModelConfig:
                 ),
                 f"{name} must be three numbers R,G,B (e.g. 0.5,0.5,0.5), got {value!r}",
             )
-        _check(
+        require(
             self.std is None or min(self.std) > 0, f"--std must be > 0 in every channel: {self.std}"
         )
-        _check(
+        require(
             self.fit in ("squash", "pad", "crop"),
             f"--fit must be squash, pad or crop, got '{self.fit}'",
         )
-        _check(
+        require(
             self.input_size is None or self.input_size >= 16,
             f"--input-size must be at least 16, got {self.input_size}",
         )
-        _check(
+        require(
             self.device == "cpu" or self.device.startswith("cuda"),
             f"--device must be cpu or cuda[:N], got '{self.device}'",
         )
@@ -81,20 +82,20 @@ class EngineConfig:
     compile: bool = False  # torch.compile the masked passes, in fixed-shape chunks
 
     def __post_init__(self) -> None:
-        _check(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
-        _check(
+        require(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
+        require(
             self.score in (None, "softmax", "logit", "logit_delta"),
             f"--score must be softmax, logit or logit_delta, got '{self.score}'",
         )
-        _check(
+        require(
             self.combine in (None, "normalized", "raw"),
             f"--combine must be normalized or raw, got '{self.combine}'",
         )
-        _check(
+        require(
             self.variant in ("article", "pytorch-grad-cam"),
             f"--variant must be article or pytorch-grad-cam, got '{self.variant}'",
         )
-        _check(
+        require(
             self.variant == "article"
             or (
                 self.score in (None, "logit")
@@ -104,11 +105,11 @@ class EngineConfig:
             "--variant pytorch-grad-cam sets --score logit, --channel-softmax and --combine raw; "
             "drop the others",
         )
-        _check(
+        require(
             self.max_channels is None or self.max_channels >= 1,
             f"--max-channels must be >= 1, got {self.max_channels}",
         )
-        _check(
+        require(
             self.dtype in ("fp32", "bf16", "fp16"),
             f"--dtype must be fp32, bf16 or fp16, got '{self.dtype}'",
         )
@@ -135,7 +136,7 @@ class ExplainConfig:
     fidelity: float | None = None
 
     def __post_init__(self) -> None:
-        _check(
+        require(
             self.fidelity is None
             or (
                 isinstance(self.fidelity, (int, float))
@@ -144,10 +145,10 @@ class ExplainConfig:
             ),
             f"--fidelity must be in (0, 1], got {self.fidelity}",
         )
-        _check(self.topk >= 1, f"--topk must be >= 1, got {self.topk}")
-        _check(self.every >= 1, f"--every must be >= 1, got {self.every}")
-        _check(0.0 <= self.smooth < 1.0, f"--smooth must be in [0, 1), got {self.smooth}")
-        _check(
+        require(self.topk >= 1, f"--topk must be >= 1, got {self.topk}")
+        require(self.every >= 1, f"--every must be >= 1, got {self.every}")
+        require(0.0 <= self.smooth < 1.0, f"--smooth must be in [0, 1), got {self.smooth}")
+        require(
             self.topk == 1 or self.target == "top1",
             "--topk > 1 needs --target top1 (the top-k classes of each frame)",
         )
@@ -157,162 +158,6 @@ class ExplainConfig:
         if self.fidelity is not None:
             return float(self.fidelity)
         return LIVE_FIDELITY if live else 1.0
-
-
-@dataclass(frozen=True)
-class OutputConfig:
-    """Where results go and how the video is written."""
-
-    output: str | None = None
-    overwrite: bool = False
-    crf: int = 20
-    layout: str = "overlay"
-    colormap: str = "jet"
-    alpha: float = 0.5
-    scale: str = "running"
-    save_maps: str | None = None
-    jsonl: str | None = None
-    preview: str | None = None
-    hls_time: float = 2.0
-    hls_list_size: int = 6
-    output_size: tuple[int, int] | None = None  # (width, height); None: the input's
-
-    def __post_init__(self) -> None:
-        _check(0 <= self.crf <= 51, f"--crf must be in [0, 51], got {self.crf}")
-        _check(
-            self.output_size is None
-            or (
-                isinstance(self.output_size, tuple)
-                and len(self.output_size) == 2
-                and all(isinstance(v, int) and 16 <= v <= 8192 for v in self.output_size)
-            ),
-            f"--output-size must be WIDTHxHEIGHT, each 16 to 8192 pixels, got {self.output_size}",
-        )
-        _check(
-            math.isfinite(self.hls_time) and self.hls_time > 0,
-            f"--hls-time must be > 0 seconds, got {self.hls_time}",
-        )
-        _check(self.hls_list_size >= 0, f"--hls-list-size must be >= 0, got {self.hls_list_size}")
-        _check(
-            self.layout in LAYOUTS, f"--layout must be overlay or side-by-side, got '{self.layout}'"
-        )
-        _check(
-            self.colormap in COLORMAPS,
-            f"unknown --colormap '{self.colormap}' (e.g. jet, turbo, inferno, viridis)",
-        )
-        _check(0.0 <= self.alpha <= 1.0, f"--alpha must be in [0, 1], got {self.alpha}")
-        _check(
-            self.scale in ("running", "frame"),
-            f"--scale must be running or frame, got '{self.scale}'",
-        )
-        _check(
-            self.save_maps is None or self.save_maps.endswith(".npz"),
-            f"--save-maps must name a .npz file, got '{self.save_maps}'",
-        )
-        _check(
-            self.preview is None or self.preview.lower().endswith(".png"),
-            f"--preview must name a .png file, got '{self.preview}'",
-        )
-
-    @property
-    def paths(self) -> tuple[str, ...]:
-        """Return the outputs named here (video, maps, records, preview), streams included."""
-        named = (self.output, self.save_maps, self.jsonl, self.preview)
-        return tuple(path for path in named if path)
-
-
-def check_window(start: float | None, end: float | None, max_frames: int | None) -> None:
-    """Raise ScoreCamError unless the window is valid: the one rule (config and video.py)."""
-    for name, value in (("--start", start), ("--end", end)):
-        _check(
-            value is None
-            or (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0),
-            f"{name} must be a time >= 0 in seconds, got {value}",
-        )
-    _check(
-        start is None or end is None or end > start,
-        f"--end ({end}) must be after --start ({start})",
-    )
-    _check(end is None or end > 0, f"--end must be > 0 seconds, got {end}")
-    _check(max_frames is None or max_frames >= 1, f"--max-frames must be >= 1, got {max_frames}")
-
-
-RECONNECT_ATTEMPTS = 10  # default --reconnect of live network inputs
-RECONNECT_MAX_DELAY_S = 30.0  # the backoff between attempts grows to this at most
-
-
-@dataclass(frozen=True)
-class SourceConfig:
-    """How the input is opened and read: live (source pace, newest frame) or every frame.
-
-    ``live``: None decides by the input (network URLs, ``-`` and devices are live).
-    ``input_option``: FFmpeg demuxer/protocol options as ``KEY=VALUE`` strings.
-    ``read_timeout``: seconds without data after which the input has ended (default 10 for
-    live inputs, 30 for other URLs).
-    ``reconnect``: attempts to reopen a live network input that broke off or ended, per outage
-    (0: none; None: RECONNECT_ATTEMPTS for live network inputs, else none); the first waits
-    ``reconnect_delay`` seconds, each next one twice as long (at most RECONNECT_MAX_DELAY_S).
-    """
-
-    live: bool | None = None
-    input_format: str | None = None
-    input_option: tuple[str, ...] = ()
-    read_timeout: float | None = None
-    reconnect: int | None = None
-    reconnect_delay: float = 1.0
-
-    def __post_init__(self) -> None:
-        _check(
-            isinstance(self.input_option, (tuple, list))
-            and all(isinstance(o, str) and "=" in o.strip("=") for o in self.input_option),
-            f"--input-option takes KEY=VALUE, got {self.input_option}",
-        )
-        _check(
-            self.read_timeout is None
-            or (math.isfinite(self.read_timeout) and self.read_timeout > 0),
-            f"--read-timeout must be > 0 seconds, got {self.read_timeout}",
-        )
-        _check(
-            self.reconnect is None
-            or (
-                isinstance(self.reconnect, int)
-                and not isinstance(self.reconnect, bool)
-                and self.reconnect >= 0
-            ),
-            f"--reconnect must be a number of attempts >= 0, got {self.reconnect}",
-        )
-        _check(
-            isinstance(self.reconnect_delay, (int, float))
-            and math.isfinite(self.reconnect_delay)
-            and self.reconnect_delay > 0,
-            f"--reconnect-delay must be > 0 seconds, got {self.reconnect_delay}",
-        )
-        _check(
-            self.input_format is None or bool(self.input_format.strip()),
-            "--input-format must name an FFmpeg input format (e.g. v4l2, mpegts)",
-        )
-
-    @property
-    def options(self) -> dict[str, str]:
-        """Return the FFmpeg options as a dict."""
-        return dict(option.split("=", 1) for option in self.input_option)
-
-
-@dataclass(frozen=True)
-class WindowConfig:
-    """Which part of the input is processed; ``duration``: seconds of source after its first."""
-
-    start: float | None = None
-    end: float | None = None
-    max_frames: int | None = None
-    duration: float | None = None
-
-    def __post_init__(self) -> None:
-        check_window(self.start, self.end, self.max_frames)
-        _check(
-            self.duration is None or (math.isfinite(self.duration) and self.duration > 0),
-            f"--duration must be > 0 seconds, got {self.duration}",
-        )
 
 
 @dataclass(frozen=True)
@@ -330,36 +175,36 @@ class DistributedConfig:
     workers_per_gpu: int = 1  # Ray actors sharing each GPU (1/K of a GPU each)
 
     def __post_init__(self) -> None:
-        _check(self.workers >= 0, f"--workers must be >= 0, got {self.workers}")
-        _check(self.gpus >= 0, f"--gpus must be >= 0, got {self.gpus}")
-        _check(
+        require(self.workers >= 0, f"--workers must be >= 0, got {self.workers}")
+        require(self.gpus >= 0, f"--gpus must be >= 0, got {self.gpus}")
+        require(
             not (self.workers and self.gpus),
             "give --gpus N (one worker per GPU) or --workers N (CPU workers), not both",
         )
-        _check(
+        require(
             self.max_inflight_frames is None or self.max_inflight_frames >= 1,
             f"--max-inflight-frames must be >= 1, got {self.max_inflight_frames}",
         )
-        _check(
+        require(
             self.shards_per_frame is None or self.shards_per_frame >= 1,
             f"--shards-per-frame must be >= 1, got {self.shards_per_frame}",
         )
-        _check(self.startup_timeout > 0, "--startup-timeout must be > 0")
-        _check(self.max_shard_retries >= 0, "--max-shard-retries must be >= 0")
-        _check(
+        require(self.startup_timeout > 0, "--startup-timeout must be > 0")
+        require(self.max_shard_retries >= 0, "--max-shard-retries must be >= 0")
+        require(
             self.threads_per_worker is None or self.threads_per_worker >= 1,
             f"--threads-per-worker must be >= 1, got {self.threads_per_worker}",
         )
-        _check(
+        require(
             self.workers_per_gpu >= 1, f"--workers-per-gpu must be >= 1, got {self.workers_per_gpu}"
         )
-        _check(
+        require(
             self.workers_per_gpu == 1 or self.gpus >= 1,
             "--workers-per-gpu needs --gpus N (it sets how many workers share each GPU)",
         )
 
     @property
-    def distributed(self) -> bool:
+    def uses_ray(self) -> bool:
         """Return whether Ray workers are used."""
         return bool(self.workers or self.gpus or self.address)
 
@@ -378,11 +223,11 @@ class EvaluationConfig:
     metric_steps: int = 28  # insertion/deletion steps (RISE)
 
     def __post_init__(self) -> None:
-        _check(
+        require(
             self.baseline in (None, "gradcam"),
             f"--baseline must be gradcam, got '{self.baseline}'",
         )
-        _check(self.metric_steps >= 1, f"--metric-steps must be >= 1, got {self.metric_steps}")
+        require(self.metric_steps >= 1, f"--metric-steps must be >= 1, got {self.metric_steps}")
 
     @property
     def enabled(self) -> bool:
@@ -402,7 +247,7 @@ class MonitoringConfig:
     prometheus_addr: str = "0.0.0.0"
 
     def __post_init__(self) -> None:
-        _check(
+        require(
             self.prometheus_port is None
             or (
                 isinstance(self.prometheus_port, int)
@@ -411,7 +256,7 @@ class MonitoringConfig:
             ),
             f"--prometheus-port must be a TCP port, 1 to 65535, got {self.prometheus_port}",
         )
-        _check(
+        require(
             isinstance(self.prometheus_addr, str) and bool(self.prometheus_addr.strip()),
             f"--prometheus-addr must be an address to listen on, got {self.prometheus_addr!r}",
         )
@@ -434,56 +279,11 @@ class Config:
     quiet: bool = False
 
     def __post_init__(self) -> None:
-        _check(bool(self.input), "no input given")
-        _check(
+        require(bool(self.input), "no input given")
+        require(
             self.engine.max_channels is None or self.explain.fidelity in (None, 1, 1.0),
             "--fidelity below 1 needs every channel: drop --max-channels",
         )
-
-
-@dataclass(frozen=True)
-class BatchConfig:
-    """Many inputs in one run (:mod:`scorecam_stream.batch`): where their outputs go.
-
-    ``inputs``: as given (files, directories, glob patterns, URLs), expanded by the batch.
-    ``output_dir``: each video's ``<stem>.scorecam.mp4`` goes there; None: beside its input.
-    ``maps_dir`` / ``jsonl_dir`` / ``preview_dir``: ``--save-maps`` / ``--jsonl`` /
-    ``--preview`` with a directory: ``<stem>.maps.npz`` / ``<stem>.jsonl`` /
-    ``<stem>.preview.png`` there. ``summary``: one JSON record per video, written at the end.
-    ``max_inflight_videos``: videos in progress at once; None: 2 with Ray workers, 1 in-process.
-    ``video_tasks``: each video's decode -> encode loop runs as a Ray task on any node of the
-    cluster (its paths must be reachable there), its frames explained by the shared workers.
-    """
-
-    inputs: tuple[str, ...]
-    output_dir: str | None = None
-    maps_dir: str | None = None
-    jsonl_dir: str | None = None
-    preview_dir: str | None = None
-    summary: str | None = None
-    max_inflight_videos: int | None = None
-    video_tasks: bool = False
-
-    def __post_init__(self) -> None:
-        _check(
-            isinstance(self.inputs, tuple) and len(self.inputs) > 0 and all(self.inputs),
-            "no input given",
-        )
-        _check(
-            self.max_inflight_videos is None
-            or (isinstance(self.max_inflight_videos, int) and self.max_inflight_videos >= 1),
-            f"--max-inflight-videos must be >= 1, got {self.max_inflight_videos}",
-        )
-
-    def inflight_videos(self, distributed: bool) -> int:
-        """Return how many videos run at once: as given, else 2 with Ray workers, else 1.
-
-        Two with workers so that none idles while one video's decoder starts or its encoder
-        finishes; one in-process, where the single model replica is the bottleneck anyway.
-        """
-        if self.max_inflight_videos is not None:
-            return self.max_inflight_videos
-        return 2 if distributed else 1
 
 
 # Flat setting name -> (section, field). Names are the flags with underscores.
@@ -508,17 +308,20 @@ FIELDS: dict[str, tuple[str, str]] = {
 def build_config(input_path: str, settings: dict[str, Any], quiet: bool = False) -> Config:
     """Return a validated Config from flat settings (YAML keys / flags with underscores)."""
     unknown = sorted(set(settings) - set(FIELDS))
-    _check(not unknown, f"unknown setting(s): {', '.join(unknown)}")
+    require(not unknown, f"unknown setting(s): {', '.join(unknown)}")
     grouped: dict[str, dict[str, Any]] = {name: {} for name in _SECTIONS}
     for key, value in settings.items():
         section, name = FIELDS[key]
         grouped[section][name] = value
+    if grouped["distributed"].get("gpus") and grouped["model"].get("device", "cpu") == "cpu":
+        # --gpus means the workers run on CUDA: the device is set before validation, so that
+        # the ModelConfig is final (DistributedConfig keeps ``gpus`` as given, so its truth is
+        # the validated value's).
+        grouped["model"]["device"] = "cuda"
     try:
         sections = {name: _SECTIONS[name](**values) for name, values in grouped.items()}
-    except TypeError as err:  # a wrongly typed YAML value that the checks could not compare
+    except (TypeError, AttributeError) as err:
+        # A wrongly typed YAML value that the checks could not compare (5 < "a") or call a
+        # string method on (device: 5): the user's mistake, one line.
         raise ScoreCamError(f"invalid setting: {err}") from None
-    model = sections["model"]
-    if sections["distributed"].gpus and model.device == "cpu":
-        # --gpus means the workers run on CUDA.
-        sections["model"] = dataclasses.replace(model, device="cuda")
     return Config(input=input_path, quiet=quiet, **sections)

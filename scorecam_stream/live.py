@@ -28,7 +28,8 @@ import torch
 
 from . import targets, video
 from .annotate import frame_label
-from .config import RECONNECT_MAX_DELAY_S, Config
+from .config import Config
+from .config_video import RECONNECT_MAX_DELAY_S
 from .errors import ScoreCamError
 from .frame_loop import FrameSink, model_input, reuse_options
 from .live_source import LiveSource
@@ -84,7 +85,7 @@ def run_live(
     ``metrics``: the run's Prometheus metrics, read from the same counts as the summary.
     """
     w = config.window
-    if config.distributed.distributed:
+    if config.distributed.uses_ray:
         # Importing Ray holds the interpreter for seconds: do it before the reader thread runs,
         # or its reads would look stalled past a short --read-timeout.
         import_module("scorecam_stream.distributed")

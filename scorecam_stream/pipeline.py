@@ -48,7 +48,7 @@ def make_explainer(config: Config, live: bool = False) -> OwnedExplainer:
     """
     topk = config.explain.topk
     evaluation = config.evaluation  # --metrics: the workers score their maps too
-    if config.distributed.distributed:
+    if config.distributed.uses_ray:
         from .distributed import RayExplainer  # only imported (with ray) when asked for
 
         options = config.distributed

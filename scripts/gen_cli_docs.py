@@ -3,7 +3,7 @@
     python scripts/gen_cli_docs.py            # rewrite docs/cli.md
     python scripts/gen_cli_docs.py --check    # exit 1 if docs/cli.md is not what it would write
 
-The page is generated, so it cannot drift from ``scorecam_stream.cli.build_parser``; a test
+The page is generated, so it cannot drift from ``scorecam_stream.cli_parser.build_parser``; a test
 (tests/test_readme.py) fails when it is not current.
 """
 
@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from scorecam_stream.cli import PROG, build_parser
+from scorecam_stream.cli_parser import PROG, build_parser
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "cli.md"
 WIDTH = 100  # fixed, so the usage block does not depend on the terminal

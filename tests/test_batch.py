@@ -23,7 +23,7 @@ from scorecam_stream.batch import (
     with_batch_defaults,
 )
 from scorecam_stream.cli import main, parse_command
-from scorecam_stream.config import BatchConfig
+from scorecam_stream.config_batch import BatchConfig
 from scorecam_stream.errors import ScoreCamError
 from scorecam_stream.video import probe, read_frames
 
@@ -117,14 +117,14 @@ def test_which_command_lines_are_batches(tmp_path, monkeypatch):
     config, batch = parse_command(["a.mp4", "b.mp4", "-o", "out/", "--jsonl", "dir"])
     assert batch is not None and batch.inputs == ("a.mp4", "b.mp4")
     assert (batch.output_dir, batch.jsonl_dir, config.output.jsonl) == ("out/", "dir", None)
-    assert batch.inflight_videos(distributed=False) == 1
+    assert batch.inflight_videos(uses_ray=False) == 1
     _, batch = parse_command(["c.mp4", "--inputs", "list.txt", "--max-inflight-videos", "3"])
     assert batch.inputs == ("c.mp4", "a.mp4", "http://host/b.mp4")
     assert batch.max_inflight_videos == 3 and batch.output_dir is None
     for argv in (["dir"], ["*.mp4"], ["a.mp4", "-o", "dir"], ["a.mp4", "--summary", "s.jsonl"]):
         assert parse_command(argv)[1] is not None, argv
     config, batch = parse_command(["a.mp4", "b.mp4", "--workers", "2"])
-    assert batch.inflight_videos(distributed=True) == 2
+    assert batch.inflight_videos(uses_ray=True) == 2
     assert with_batch_defaults(config, 2).distributed.shards_per_frame == 1
     assert with_batch_defaults(config, 1).distributed.shards_per_frame is None  # 1 video < 2
     given, _ = parse_command(["a.mp4", "b.mp4", "--workers", "2", "--shards-per-frame", "2"])

@@ -306,6 +306,23 @@ def test_bad_config_file(tmp_path, clip, capsys):
     assert "unknown setting" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("setting", ["device: 5", "save_maps: 5", "crf: high"])
+def test_wrongly_typed_config_values_are_one_line_errors(setting, tmp_path, clip, capsys):
+    config = tmp_path / "typed.yaml"
+    config.write_text(setting + "\n")
+    assert run_cli(clip, "--config", config, *FAST) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("scorecam-video: error: invalid setting") and "\n" not in err
+
+
+def test_gpus_default_the_device_to_cuda_at_construction():
+    """--gpus with the default (or an explicit cpu) device means CUDA; a given cuda:N stays."""
+    assert parse_config(["in.mp4", "--gpus", "1"]).model.device == "cuda"
+    assert parse_config(["in.mp4", "--gpus", "1", "--device", "cpu"]).model.device == "cuda"
+    assert parse_config(["in.mp4", "--gpus", "1", "--device", "cuda:1"]).model.device == "cuda:1"
+    assert parse_config(["in.mp4"]).model.device == "cpu"
+
+
 @pytest.mark.slow  # a whole run
 def test_broken_stream_gives_the_decoded_frames(tmp_path, capsys):
     whole, cut = tmp_path / "whole.ts", tmp_path / "cut.ts"

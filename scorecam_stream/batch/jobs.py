@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import video
-from ..config import BatchConfig, Config
+from ..config import Config
+from ..config_batch import BatchConfig
 from ..errors import ScoreCamError
 from ..pipeline import default_output
 from ..video import is_glob
@@ -164,7 +165,7 @@ def with_batch_defaults(base: Config, videos: int) -> Config:
     per frame, while enough frames (and videos) are in flight to keep every worker busy.
     """
     dist = base.distributed
-    if not dist.distributed or dist.shards_per_frame is not None or videos < dist.num_workers:
+    if not dist.uses_ray or dist.shards_per_frame is not None or videos < dist.num_workers:
         return base
     return dataclasses.replace(base, distributed=dataclasses.replace(dist, shards_per_frame=1))
 

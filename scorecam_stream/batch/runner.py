@@ -13,7 +13,8 @@ from typing import Any, TypeVar
 
 import torch
 
-from ..config import BatchConfig, Config
+from ..config import Config
+from ..config_batch import BatchConfig
 from ..errors import ScoreCamError, first_line
 from ..pipeline import make_explainer, run
 from ..records import FrameResult, FrameTask
@@ -126,7 +127,7 @@ def run_batch(
                 if job not in running:
                     summary.add(VideoRecord(job.input, str(job.output), "skipped"))
             if explainer is not None:
-                threads = min(len(todo), batch.inflight_videos(base.distributed.distributed))
+                threads = min(len(todo), batch.inflight_videos(base.distributed.uses_ray))
                 log.info("%d videos to do, %d at a time", len(todo), threads)
                 if batch.video_tasks:
                     _run_as_tasks(base, todo, explainer, threads, summary, on_record)

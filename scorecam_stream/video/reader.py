@@ -20,7 +20,7 @@ import av
 import av.container
 import numpy as np
 
-from ..config import check_window
+from ..config_checks import check_window
 from ..errors import ScoreCamError
 from .inputs import URL_TIMEOUT_S, is_live_source, open_input, reason
 from .records import Frame, VideoInfo

@@ -15,7 +15,7 @@ import threading
 from collections.abc import Callable, Iterator
 from urllib.parse import urlparse
 
-from ..config import RECONNECT_ATTEMPTS
+from ..config_video import RECONNECT_ATTEMPTS
 from ..errors import ScoreCamError
 from .inputs import is_url
 from .reader import VideoReader
