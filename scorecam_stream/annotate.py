@@ -9,9 +9,10 @@ from typing import Any, cast
 
 import numpy as np
 
+from .choices import Scale
 from .models import ModelMeta
 from .records import FrameResult
-from .render import MapScaler, ScaleMode
+from .render import MapScaler
 from .video import Frame
 
 
@@ -24,7 +25,7 @@ class MapDisplay:
 
     def __init__(self, smooth: float, scale: str) -> None:
         self._weight = smooth
-        self._scaler = MapScaler(cast(ScaleMode, scale))  # validated by the config
+        self._scaler = MapScaler(cast(Scale, scale))  # validated by the config
         self._smoothed: np.ndarray | None = None
         self._target = -1
 

@@ -17,6 +17,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from .choices import BASELINES, COMBINES, DTYPES, FITS, SCORES, VARIANTS, spelled
 from .config_checks import require
 from .config_video import OutputConfig, SourceConfig, WindowConfig
 from .errors import ScoreCamError
@@ -52,10 +53,7 @@ class ModelConfig:
         require(
             self.std is None or min(self.std) > 0, f"--std must be > 0 in every channel: {self.std}"
         )
-        require(
-            self.fit in ("squash", "pad", "crop"),
-            f"--fit must be squash, pad or crop, got '{self.fit}'",
-        )
+        require(self.fit in FITS, f"--fit must be {spelled(FITS)}, got '{self.fit}'")
         require(
             self.input_size is None or self.input_size >= 16,
             f"--input-size must be at least 16, got {self.input_size}",
@@ -84,16 +82,16 @@ class EngineConfig:
     def __post_init__(self) -> None:
         require(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
         require(
-            self.score in (None, "softmax", "logit", "logit_delta"),
-            f"--score must be softmax, logit or logit_delta, got '{self.score}'",
+            self.score is None or self.score in SCORES,
+            f"--score must be {spelled(SCORES)}, got '{self.score}'",
         )
         require(
-            self.combine in (None, "normalized", "raw"),
-            f"--combine must be normalized or raw, got '{self.combine}'",
+            self.combine is None or self.combine in COMBINES,
+            f"--combine must be {spelled(COMBINES)}, got '{self.combine}'",
         )
         require(
-            self.variant in ("article", "pytorch-grad-cam"),
-            f"--variant must be article or pytorch-grad-cam, got '{self.variant}'",
+            self.variant in VARIANTS,
+            f"--variant must be {spelled(VARIANTS)}, got '{self.variant}'",
         )
         require(
             self.variant == "article"
@@ -109,10 +107,7 @@ class EngineConfig:
             self.max_channels is None or self.max_channels >= 1,
             f"--max-channels must be >= 1, got {self.max_channels}",
         )
-        require(
-            self.dtype in ("fp32", "bf16", "fp16"),
-            f"--dtype must be fp32, bf16 or fp16, got '{self.dtype}'",
-        )
+        require(self.dtype in DTYPES, f"--dtype must be {spelled(DTYPES)}, got '{self.dtype}'")
 
     def engine_kwargs(self) -> dict[str, Any]:
         """Return the keyword arguments of ScoreCAM for these options."""
@@ -224,8 +219,8 @@ class EvaluationConfig:
 
     def __post_init__(self) -> None:
         require(
-            self.baseline in (None, "gradcam"),
-            f"--baseline must be gradcam, got '{self.baseline}'",
+            self.baseline is None or self.baseline in BASELINES,
+            f"--baseline must be {spelled(BASELINES)}, got '{self.baseline}'",
         )
         require(self.metric_steps >= 1, f"--metric-steps must be >= 1, got {self.metric_steps}")
 

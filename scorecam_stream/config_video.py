@@ -9,8 +9,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from .choices import LAYOUTS, SCALES, spelled
 from .config_checks import check_window, require
-from .render import COLORMAPS, LAYOUTS
+from .render import COLORMAPS
 
 RECONNECT_ATTEMPTS = 10  # default --reconnect of live network inputs
 RECONNECT_MAX_DELAY_S = 30.0  # the backoff between attempts grows to this at most
@@ -124,18 +125,13 @@ class OutputConfig:
             f"--hls-time must be > 0 seconds, got {self.hls_time}",
         )
         require(self.hls_list_size >= 0, f"--hls-list-size must be >= 0, got {self.hls_list_size}")
-        require(
-            self.layout in LAYOUTS, f"--layout must be overlay or side-by-side, got '{self.layout}'"
-        )
+        require(self.layout in LAYOUTS, f"--layout must be {spelled(LAYOUTS)}, got '{self.layout}'")
         require(
             self.colormap in COLORMAPS,
             f"unknown --colormap '{self.colormap}' (e.g. jet, turbo, inferno, viridis)",
         )
         require(0.0 <= self.alpha <= 1.0, f"--alpha must be in [0, 1], got {self.alpha}")
-        require(
-            self.scale in ("running", "frame"),
-            f"--scale must be running or frame, got '{self.scale}'",
-        )
+        require(self.scale in SCALES, f"--scale must be {spelled(SCALES)}, got '{self.scale}'")
         require(
             self.save_maps is None or self.save_maps.endswith(".npz"),
             f"--save-maps must name a .npz file, got '{self.save_maps}'",

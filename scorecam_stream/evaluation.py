@@ -18,12 +18,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from .choices import BASELINES, spelled
 from .config import Config
 from .gradcam import GradCAM
 from .metrics import average_drop_increase, insertion_deletion, stability
 from .records import FrameResult, FrameScores
 
-BASELINES = ("gradcam",)
 METRIC_KEYS = ("average_drop", "increase", "insertion", "deletion")
 
 
@@ -88,7 +88,7 @@ class FrameScorer:
         baseline: str | None = None,
     ) -> None:
         if baseline is not None and baseline not in BASELINES:
-            raise ValueError(f"baseline must be one of {', '.join(BASELINES)}, got '{baseline}'")
+            raise ValueError(f"baseline must be {spelled(BASELINES)}, got '{baseline}'")
         self.model = model
         self.steps = steps
         self.batch_size = batch_size

@@ -13,8 +13,6 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-FITS = ("squash", "pad", "crop")
-
 
 def fit_box(height: int, width: int, fit: str) -> tuple[int, int, int, int]:
     """Return (top, left, h, w) of the frame's part in the square image the model sees.

@@ -10,13 +10,13 @@ import logging
 import math
 from dataclasses import dataclass
 from functools import cache
-from typing import Literal
 
 import cv2
 import numpy as np
 
+from .choices import FITS, LAYOUTS, Scale, spelled
 from .errors import ScoreCamError
-from .fit import FITS, map_to_frame
+from .fit import map_to_frame
 
 log = logging.getLogger(__name__)
 
@@ -25,8 +25,6 @@ COLORMAPS: dict[str, int] = {
     for name in sorted(dir(cv2))
     if name.startswith("COLORMAP_")
 }
-LAYOUTS = ("overlay", "side-by-side")
-ScaleMode = Literal["running", "frame"]
 
 _FONT = cv2.FONT_HERSHEY_SIMPLEX
 # Text about 5.5% of the frame's height (0.75 at 360p, 1.5 at 720p, 2.25 at 1080p): readable
@@ -61,7 +59,7 @@ class RenderOptions:
 
     def __post_init__(self) -> None:
         if self.layout not in LAYOUTS:
-            raise ScoreCamError(f"unknown layout '{self.layout}': use {' or '.join(LAYOUTS)}")
+            raise ScoreCamError(f"unknown layout '{self.layout}': use {spelled(LAYOUTS)}")
         if self.colormap not in COLORMAPS:
             raise ScoreCamError(
                 f"unknown colormap '{self.colormap}': use one of jet, turbo, inferno, viridis, "
@@ -71,7 +69,7 @@ class RenderOptions:
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
             raise ScoreCamError(f"alpha must be a number in [0, 1], got {alpha!r}")
         if self.fit not in FITS:
-            raise ScoreCamError(f"fit must be squash, pad or crop, got '{self.fit}'")
+            raise ScoreCamError(f"fit must be {spelled(FITS)}, got '{self.fit}'")
 
 
 class MapScaler:
@@ -93,12 +91,12 @@ class MapScaler:
     new one (or :meth:`reset`) for the next video. Non-finite values count as zero.
     """
 
-    def __init__(self, mode: ScaleMode = "running", decay: float = 0.9) -> None:
+    def __init__(self, mode: Scale = "running", decay: float = 0.9) -> None:
         if mode not in ("running", "frame"):
             raise ScoreCamError(f"unknown map scaling '{mode}': use running or frame")
         if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 < decay <= 1:
             raise ScoreCamError(f"decay must be a number in (0, 1], got {decay!r}")
-        self.mode: ScaleMode = mode
+        self.mode: Scale = mode
         self.decay = float(decay)
         self._scale: float | None = None
         self._scales: dict[object, float] = {}  # key -> running scale, oldest first

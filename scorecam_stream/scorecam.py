@@ -14,6 +14,7 @@ import contextlib
 import torch
 from torch import nn
 
+from .choices import DTYPES, spelled
 from .masked_passes import MaskedPasses
 from .model_state import forward_hook, model_device, model_state
 from .targets import Targets
@@ -46,7 +47,7 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
         return None if dtype == torch.float32 else dtype
     if dtype not in _DTYPES:
-        raise ValueError(f"unknown dtype '{dtype}': use fp32, bf16 or fp16")
+        raise ValueError(f"unknown dtype '{dtype}': use {spelled(DTYPES)}")
     return _DTYPES[dtype]
 
 

@@ -19,16 +19,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, cast
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 
+from .choices import COMBINES, SCORES, VARIANTS, Combine, Score, Variant, spelled
 from .transfer import to_device, to_host
 
-Score = Literal["softmax", "logit", "logit_delta"]
-Combine = Literal["normalized", "raw"]
-Variant = Literal["article", "pytorch-grad-cam"]
 EPS = 1e-5  # the article's term in the normalisation's denominator
 GRAD_CAM_MASK_EPS = 1e-8  # pytorch-grad-cam's term in the masks' normalisation
 GRAD_CAM_SCALE_EPS = 1e-7  # pytorch-grad-cam's term in the maps' min-max scaling
@@ -213,8 +211,8 @@ class Weighting:
 
         Raises ValueError for a value no variant has, or one that ``variant`` fixes otherwise.
         """
-        if variant not in ("article", "pytorch-grad-cam"):
-            raise ValueError(f"variant must be article or pytorch-grad-cam, got '{variant}'")
+        if variant not in VARIANTS:
+            raise ValueError(f"variant must be {spelled(VARIANTS)}, got '{variant}'")
         options = ARTICLE_OPTIONS if variant == "article" else GRAD_CAM_OPTIONS
         given: dict[str, Any] = {
             "score": score,
@@ -226,12 +224,10 @@ class Weighting:
             if clash:
                 raise ValueError(f"variant {variant} fixes {options}; got {', '.join(clash)}")
         chosen = {k: options[k] if v is None else v for k, v in given.items()}
-        if chosen["score"] not in ("softmax", "logit", "logit_delta"):
-            raise ValueError(
-                f"score must be softmax, logit or logit_delta, got '{chosen['score']}'"
-            )
-        if chosen["combine"] not in ("normalized", "raw"):
-            raise ValueError(f"combine must be normalized or raw, got '{chosen['combine']}'")
+        if chosen["score"] not in SCORES:
+            raise ValueError(f"score must be {spelled(SCORES)}, got '{chosen['score']}'")
+        if chosen["combine"] not in COMBINES:
+            raise ValueError(f"combine must be {spelled(COMBINES)}, got '{chosen['combine']}'")
         return cls(
             chosen["score"],
             bool(chosen["channel_softmax"]),

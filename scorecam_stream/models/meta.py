@@ -14,8 +14,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..choices import FITS, spelled
 from ..errors import ScoreCamError
-from ..fit import FITS, fit_frame
+from ..fit import fit_frame
 from ..targets import class_name
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -107,7 +108,7 @@ def resize_frame(frame: np.ndarray, size: int, fit: str = "squash") -> np.ndarra
     if frame.ndim != 3 or frame.shape[2] != 3:
         raise ScoreCamError(f"expected an RGB frame of shape (H, W, 3), got {frame.shape}")
     if fit not in FITS:
-        raise ScoreCamError(f"fit must be squash, pad or crop, got '{fit}'")
+        raise ScoreCamError(f"fit must be {spelled(FITS)}, got '{fit}'")
     frame = fit_frame(frame, fit)
     h, w = frame.shape[:2]
     # INTER_AREA averages when shrinking (no aliasing), bilinear when enlarging.

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..choices import FITS, spelled
 from ..errors import ScoreCamError, first_line
-from ..fit import FITS
 from .checkpoints import load_weights, lukemelas_to_timm
 from .layers import detect_layer, find_layer
 from .meta import IMAGENET_MEAN, IMAGENET_STD, LoadedModel, ModelMeta
@@ -69,7 +69,7 @@ def load_model(
     if input_size is not None and input_size < 16:
         raise ScoreCamError(f"input size must be at least 16 pixels, got {input_size}")
     if fit not in FITS:
-        raise ScoreCamError(f"fit must be squash, pad or crop, got '{fit}'")
+        raise ScoreCamError(f"fit must be {spelled(FITS)}, got '{fit}'")
     mean = _rgb_triple("mean", mean)
     std = _rgb_triple("std", std)
     if std is not None and min(std) <= 0:
