@@ -100,9 +100,11 @@ def run_line(summary: RunSummary) -> str:
         f"{summary.explained} explained, target {summary.target}) in "
         f"{summary.seconds:.1f} s, {rate:.2f} frames/s"
     )
+    if summary.live and summary.startup_ms is not None:
+        line += f"; live, first map after {summary.startup_ms / 1000:.1f} s"
     if summary.live and summary.latency_p50_ms is not None:
         line += (
-            f"; live, latency p50 {summary.latency_p50_ms:.0f} ms, "
+            f", then latency p50 {summary.latency_p50_ms:.0f} ms, "
             f"p95 {summary.latency_p95_ms:.0f} ms"
         )
     if summary.stopped_by:

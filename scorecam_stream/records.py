@@ -95,8 +95,11 @@ class RunSummary:
     target: str  # the target policy, or the class explained in every frame
     live: bool = False
     stopped_by: str | None = None  # live runs: "signal", "duration", "read timeout", None (end)
-    latency_p50_ms: float | None = None  # live runs: frame arrival -> its map ready
+    # Live runs: frame arrival -> its map ready, over the maps after the first (steady state);
+    # the first map's also waited for the model to load (or Ray to start): startup_ms.
+    latency_p50_ms: float | None = None
     latency_p95_ms: float | None = None
+    startup_ms: float | None = None
     metrics: dict[str, Any] | None = None  # --metrics: each method's means (evaluation.py)
     cost: dict[str, Any] | None = None  # masked passes per explained frame, fidelity (reuse.py)
     metrics_table: str | None = None  # the same as a text table

@@ -51,6 +51,11 @@ def test_live_udp_source_gives_a_real_time_copy_with_the_newest_maps(tmp_path):
     assert explained[0]["skipped_frames"] == explained[0]["index"]
     # Latency: from the frame's arrival, so it includes the frame's own explanation.
     assert all(r["latency_ms"] >= r["milliseconds"] for r in explained)
+    # The first map's latency is start-up (the model loads meanwhile); p50 is the steady state.
+    latencies = [r["latency_ms"] for r in explained]
+    assert summary["startup_ms"] == latencies[0]
+    if len(latencies) > 1:
+        assert summary["latency_p50_ms"] == pytest.approx(np.percentile(latencies[1:], 50), 1e-3)
     assert summary["stopped_by"] == "read timeout"
 
 
