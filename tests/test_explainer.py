@@ -216,7 +216,7 @@ def test_frames_split_over_workers_match_the_in_process_results(make_worker, fra
     assert_same(out, reference)
     assert {i for i, _ in pool.calls} == {0, 1}  # both workers took calls
     methods = [m for _, m in pool.calls]
-    assert methods.count("classify") == 6 and methods.count("shard") == 6 * 3
+    assert methods.count("targets_and_passes") == 6 and methods.count("shard") == 6 * 3
     assert explainer.stats.calls == 6 * 4 and explainer.stats.resubmitted == 0
 
 
@@ -484,7 +484,7 @@ def test_reuse_over_the_pool_equals_in_process(kill):
         assert (a.fidelity is None) == (b.fidelity is None)
     assert [r.keyframe for _, r in out] == [True, False, False, True, False, False, True, False]
     methods = [m for _, m in pool.calls]
-    assert "shard" not in methods and "classify" not in methods  # the reuse protocol only
+    assert "shard" not in methods and "targets_and_passes" not in methods  # the reuse protocol only
     # Only the planned channels travel: as many passes were asked of the workers as run.
     assert methods.count("view") >= len(items)
     if kill:

@@ -360,7 +360,7 @@ class ShardedExplainer:
         if frame is None:
             self.pool.submit(slot, call, "classify_batch", *call.args)
         elif call.kind is Kind.CLASSIFY:
-            method = "classify" if call.run.state is None else "view"
+            method = "targets_and_passes" if call.run.state is None else "view"
             task = frame.task
             self.pool.submit(slot, call, method, frame.key, frame.ref, task.targets, self.topk)
         elif call.kind is Kind.SHARD and frame.reuse is not None:
