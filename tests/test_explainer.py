@@ -18,7 +18,7 @@ import torch
 from conftest import seeded_frames
 
 from scorecam_stream import ScoreCamError
-from scorecam_stream.config import EngineConfig, ModelConfig
+from scorecam_stream.config import EngineConfig, EvaluationConfig, ModelConfig
 from scorecam_stream.distributed.explainer import ShardedExplainer
 from scorecam_stream.distributed.pool import Reply
 from scorecam_stream.reuse import ReuseOptions
@@ -365,6 +365,41 @@ def test_concurrent_runs_share_the_workers(make_worker, frames, reference):
         assert_same([(p.removeprefix(marks), r) for p, r in outs[marks]], reference)
     logits = explainer.classify(frames[:2])
     torch.testing.assert_close(logits, make_worker().classify_batch(frames[:2]))
+
+
+@pytest.mark.slow  # frames and their metric passes through real workers
+def test_metrics_are_one_more_call_per_frame_after_its_shards(frames, reference):
+    """--metrics: each frame's summed map is scored on a worker, for its own frame and target."""
+    evaluation = EvaluationConfig(metrics=True, metric_steps=4)
+
+    def make() -> Worker:
+        return Worker(MODEL, ENGINE, cache_frames=8, evaluation=evaluation)
+
+    items = items_of(frames[:3])
+    pool = FakePool(make, 2)
+    policy = RetryPolicy(max_failures=2)
+    explainer = ShardedExplainer(
+        pool,
+        pool.workers[0].meta(),
+        topk=2,
+        shards_per_frame=3,
+        max_inflight=3,
+        policy=policy,
+        scoring=True,
+    )
+    out = list(explainer.explain(items))
+    assert_same(out, {payload: reference[payload] for payload, _ in items})
+    scorer = make()
+    for (_, task), (_, result) in zip(items, out, strict=True):
+        if task is None:
+            continue
+        # The scores of this frame's map, not of another frame's: a shard-summed map can rank
+        # near-tied pixels otherwise than the in-process one, so the maps given are compared.
+        expected = scorer.score(task.x, result.maps[0], int(result.targets[0]))
+        assert result.scores is not None
+        assert result.scores.fields == pytest.approx(expected.fields, rel=1e-6, abs=1e-7)
+    methods = [m for _, m in pool.calls]
+    assert methods.count("score") == 3 and explainer.stats.calls == 3 * 5
 
 
 # ---------------------------------------------------------------------- the pure policy
