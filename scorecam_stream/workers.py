@@ -140,13 +140,14 @@ class Worker:
             self._cache.popitem(last=False)
         return base
 
-    def classify(
+    def targets_and_passes(
         self, index: Hashable, x: torch.Tensor, fixed: Sequence[int] | None, topk: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Return (targets (T,), their probabilities (T,), passes (Kc,) bool) of a frame, on CPU.
 
         The targets are ``fixed`` or the frame's top-``topk`` classes; ``passes`` says which
-        channels' masked passes will run: the work of each channel. The base pass is kept.
+        channels' masked passes will run: the work of each channel (a distributed frame is split
+        into shards by it). The base pass is kept.
         """
         base = self.base(index, x)
         logits = base.logits[0]

@@ -179,6 +179,20 @@ def flaky_worker(counter: Path, failures: int) -> type[Worker]:
     return FlakyWorker
 
 
+def titled_worker() -> type[Worker]:
+    """A Worker that tells its process title, as ``ps`` and Ray's log lines show it.
+
+    Made in a function, like the other test workers, so that Ray pickles the class by value
+    (its workers cannot import this test module).
+    """
+
+    class TitledWorker(Worker):
+        def title(self) -> str:
+            return Path("/proc/self/cmdline").read_text().replace("\0", " ").strip()
+
+    return TitledWorker
+
+
 # ---------------------------------------------------------------------- without Ray running
 
 
@@ -408,6 +422,20 @@ def test_model_error_in_a_worker_surfaces_as_one_line(ray_cluster, model):
     assert str(err.value) == (
         "a Ray worker failed to start: weights file not found: /nonexistent/squeezenet.pt"
     )
+
+
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="reads /proc")
+def test_actors_are_named_after_their_worker_class(ray_cluster, model):
+    """Ray's actor list, handles, process titles and logs name the worker's own class."""
+    worker_cls = titled_worker()
+    name = worker_cls.__qualname__  # "titled_worker.<locals>.TitledWorker"
+    with RayExplainer(model, ENGINE, DistributedConfig(workers=1), worker_cls=worker_cls) as ex:
+        actor = ex.actors[0]
+        assert ray.get(actor.title.remote(), timeout=60) == "ray::TitledWorker.title"
+        assert repr(actor).startswith(f"Actor({name}, ")
+        # What `ray list actors` shows (read from the GCS: this instance runs no dashboard).
+        listed = ray._private.state.actors(actor_id=actor._actor_id.hex())
+        assert listed["ActorClassName"] == name
 
 
 def test_workers_that_cannot_be_placed_time_out(ray_cluster, model):

@@ -18,7 +18,7 @@ import torch
 from conftest import seeded_frames
 
 from scorecam_stream import ScoreCamError
-from scorecam_stream.config import EngineConfig, ModelConfig
+from scorecam_stream.config import EngineConfig, EvaluationConfig, ModelConfig
 from scorecam_stream.distributed.explainer import ShardedExplainer
 from scorecam_stream.distributed.pool import Reply
 from scorecam_stream.records import FrameResult, FrameTask
@@ -217,7 +217,7 @@ def test_frames_split_over_workers_match_the_in_process_results(make_worker, fra
     assert_same(out, reference)
     assert {i for i, _ in pool.calls} == {0, 1}  # both workers took calls
     methods = [m for _, m in pool.calls]
-    assert methods.count("classify") == 6 and methods.count("shard") == 6 * 3
+    assert methods.count("targets_and_passes") == 6 and methods.count("shard") == 6 * 3
     assert explainer.stats.calls == 6 * 4 and explainer.stats.resubmitted == 0
 
 
@@ -368,6 +368,41 @@ def test_concurrent_runs_share_the_workers(make_worker, frames, reference):
     torch.testing.assert_close(logits, make_worker().classify_batch(frames[:2]))
 
 
+@pytest.mark.slow  # frames and their metric passes through real workers
+def test_metrics_are_one_more_call_per_frame_after_its_shards(frames, reference):
+    """--metrics: each frame's summed map is scored on a worker, for its own frame and target."""
+    evaluation = EvaluationConfig(metrics=True, metric_steps=4)
+
+    def make() -> Worker:
+        return Worker(MODEL, ENGINE, cache_frames=8, evaluation=evaluation)
+
+    items = items_of(frames[:3])
+    pool = FakePool(make, 2)
+    policy = RetryPolicy(max_failures=2)
+    explainer = ShardedExplainer(
+        pool,
+        pool.workers[0].meta(),
+        topk=2,
+        shards_per_frame=3,
+        max_inflight=3,
+        policy=policy,
+        scoring=True,
+    )
+    out = list(explainer.explain(items))
+    assert_same(out, {payload: reference[payload] for payload, _ in items})
+    scorer = make()
+    for (_, task), (_, result) in zip(items, out, strict=True):
+        if task is None:
+            continue
+        # The scores of this frame's map, not of another frame's: a shard-summed map can rank
+        # near-tied pixels otherwise than the in-process one, so the maps given are compared.
+        expected = scorer.score(task.x, result.maps[0], int(result.targets[0]))
+        assert result.scores is not None
+        assert result.scores.fields == pytest.approx(expected.fields, rel=1e-6, abs=1e-7)
+    methods = [m for _, m in pool.calls]
+    assert methods.count("score") == 3 and explainer.stats.calls == 3 * 5
+
+
 # ---------------------------------------------------------------------- the pure policy
 
 
@@ -485,7 +520,7 @@ def test_reuse_over_the_pool_equals_in_process(kill):
         assert (a.fidelity is None) == (b.fidelity is None)
     assert [r.keyframe for _, r in out] == [True, False, False, True, False, False, True, False]
     methods = [m for _, m in pool.calls]
-    assert "shard" not in methods and "classify" not in methods  # the reuse protocol only
+    assert "shard" not in methods and "targets_and_passes" not in methods  # the reuse protocol only
     # Only the planned channels travel: as many passes were asked of the workers as run.
     assert methods.count("view") >= len(items)
     if kill:

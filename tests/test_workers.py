@@ -75,9 +75,9 @@ def test_worker_cache_keeps_the_most_recent_frames(worker, inputs):
     torch.testing.assert_close(again.logits, first[1].logits)
 
 
-def test_worker_classify_gives_targets_probs_and_the_work_of_each_channel(worker, inputs):
+def test_worker_targets_and_passes_gives_targets_probs_and_the_work_of_each_channel(worker, inputs):
     worker._cache.clear()
-    targets, probs, passes = worker.classify(7, inputs[0], None, 3)
+    targets, probs, passes = worker.targets_and_passes(7, inputs[0], None, 3)
     with torch.inference_mode():
         logits = worker.loaded.model.eval()(inputs[:1])[0]
     assert targets.tolist() == logits.topk(3).indices.tolist()  # resolved once, on the worker
@@ -86,7 +86,7 @@ def test_worker_classify_gives_targets_probs_and_the_work_of_each_channel(worker
     assert passes.dtype == torch.bool and passes.shape == (base.num_channels,)
     varying = base.highs[0] > base.lows[0]
     assert torch.equal(passes, varying)  # constant channels cost no pass
-    fixed, fixed_probs, _ = worker.classify(7, inputs[0], (4, 1), 3)
+    fixed, fixed_probs, _ = worker.targets_and_passes(7, inputs[0], (4, 1), 3)
     assert fixed.tolist() == [4, 1]  # fixed classes as given, whatever topk says
     torch.testing.assert_close(fixed_probs, logits.softmax(0)[[4, 1]], rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(worker.classify_batch(inputs[:2])[0], logits, rtol=1e-4, atol=1e-4)
@@ -99,9 +99,11 @@ def test_worker_classify_gives_targets_probs_and_the_work_of_each_channel(worker
         (None, 1001, r"^--topk 1001 is more than the model's 1000 classes$"),
     ],
 )
-def test_worker_classify_rejects_classes_the_model_lacks(worker, inputs, fixed, topk, message):
+def test_worker_targets_and_passes_rejects_classes_the_model_lacks(
+    worker, inputs, fixed, topk, message
+):
     with pytest.raises(ScoreCamError, match=message):
-        worker.classify(8, inputs[0], fixed, topk)
+        worker.targets_and_passes(8, inputs[0], fixed, topk)
 
 
 def test_shards_leave_out_the_per_channel_scores(worker, inputs):

@@ -2,7 +2,9 @@
 
 - :mod:`.session`: connect to a cluster or start a local instance; shut it down.
 - :mod:`.pool`: an actor pool that knows nothing of frames (start-up, calls, deaths, restarts).
-- :mod:`.explainer`: the frame protocol (classify -> shards -> combine), retries, several runs.
+- :mod:`.calls`: the frame protocol's worker calls (classify -> shards -> combine -> score),
+  one class per call: what it sends, what its reply does, how it fails.
+- :mod:`.explainer`: the explainer over any pool: runs, the call queue, replies, retries.
 - :mod:`.cluster`: the explainer over a pool of Ray actors.
 """
 

@@ -11,7 +11,9 @@ once; the channel range is split by :func:`~scorecam_stream.scheduler.balanced_r
 shards of equal work (constant channels cost no pass); every shard goes to whichever worker has
 room (the classifying worker gets the first, its base pass is ready); the partials are summed
 in shard order; with ``--metrics`` the frame's metric passes are one more call. Several frames
-are in flight, within a bound, so no worker idles between frames and memory stays flat.
+are in flight, within a bound, so no worker idles between frames and memory stays flat. Each
+call is an object of :mod:`.calls` that knows what it sends and what its reply does; this module
+queues the calls, sends them to free workers and hands the replies back.
 
 Several runs (``explain`` calls, e.g. one per video) may go on at once from different threads:
 they share the workers, the oldest run's calls first. One thread at a time waits on the pool
@@ -25,8 +27,6 @@ class the model does not have) is not retried.
 
 from __future__ import annotations
 
-import dataclasses
-import enum
 import heapq
 import itertools
 import logging
@@ -34,46 +34,25 @@ import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
-from typing import Any, Protocol, cast
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from ..errors import ScoreCamError
 from ..models import ModelMeta
-from ..records import FrameResult, FrameScores, FrameTask, make_result
+from ..records import FrameResult, FrameTask
 from ..reuse import ReuseOptions, StreamState
-from ..scheduler.health import RetryPolicy, Slot, SlotState
-from ..scheduler.inflight import FrameState, InflightTracker, ReorderBuffer
-from ..scheduler.planning import balanced_ranges, max_held_items
-from ..weighting import ShardResult, Weighting, combine_shards
+from ..scheduler.health import RetryPolicy, SlotState
+from ..scheduler.inflight import InflightTracker
+from ..scheduler.planning import max_held_items
+from ..weighting import Weighting
 from ..workers import P
+from .calls import Call, Classify, ClassifyBatch, Context, Pool, Run, View
 
 log = logging.getLogger(__name__)
 
 _WAIT_S = 1.0  # longest single wait on the pool, so that deadlines are checked
-
-
-class Pool(Protocol):
-    """What the explainer needs of a worker pool (:class:`ActorPool`, or a fake in tests)."""
-
-    slots: list[Slot]
-
-    def put(self, value: Any) -> Any:
-        """Return a reference to ``value`` that every call may take (stored once)."""
-        ...
-
-    def free(self, prefer: Slot | None = None) -> Slot | None:
-        """Return a worker with room for a call (``prefer`` if it has), or None."""
-        ...
-
-    def submit(self, slot: Slot, tag: Any, method: str, *args: Any) -> None:
-        """Send ``method(*args)`` to ``slot``; :meth:`poll` returns it with ``tag``."""
-        ...
-
-    def poll(self, timeout: float) -> list[Any]:
-        """Return the replies (``tag``, ``slot``, ``value``, ``failure``) that came back."""
-        ...
 
 
 @dataclass
@@ -85,51 +64,50 @@ class DispatchStats:
     resubmitted: int = 0  # calls sent again after their worker died
 
 
-class Kind(enum.Enum):
-    """What a call computes."""
+class CallQueue:
+    """The calls waiting for a worker: oldest run, frame and shard first.
 
-    CLASSIFY = "classification"  # a frame's base pass, targets and work per channel
-    SHARD = "shard"  # a channel range of a frame
-    SCORE = "metrics"  # a frame's faithfulness metrics (--metrics)
-    BATCH = "batch classification"  # logits of a batch of model inputs (no frame)
+    A call with a preferred worker (a frame's first shard, whose base pass is cached there) is
+    offered to that worker first, and to any other once it is busy or down.
+    """
 
+    def __init__(self) -> None:
+        self._pending: list[tuple[int, int, int, int, Call]] = []  # heap by rank, then age
+        self._preferred: list[Call] = []
+        self._age = itertools.count()  # the tie-breaker of the heap
 
-@dataclass(eq=False)
-class _Run:
-    """One ``explain`` (or ``classify``) call: its frames, output order and queued calls."""
+    def push(self, call: Call) -> None:
+        """Queue ``call``."""
+        if call.prefer is not None:
+            self._preferred.append(call)
+            return
+        heapq.heappush(self._pending, (*call.rank(), next(self._age), call))
 
-    order: int  # runs that began earlier come first
-    tracker: InflightTracker[ShardResult]
-    max_held: int
-    buffer: ReorderBuffer[tuple[Any, FrameResult | None]] = field(default_factory=ReorderBuffer)
-    next_seq: int = 0
-    closed: bool = False  # abandoned or finished: its calls still in flight are only collected
-    error: BaseException | None = None  # raised in the run's own thread at its next step
-    value: Any = None  # BATCH: the logits
-    done: bool = False  # BATCH: the value arrived
-    state: StreamState | None = None  # --fidelity below 1: the stream's reuse state
+    def drop(self, run: Run) -> None:
+        """Forget the calls of ``run``."""
+        self._pending = [entry for entry in self._pending if entry[-1].run is not run]
+        heapq.heapify(self._pending)
+        self._preferred = [call for call in self._preferred if call.run is not run]
 
-
-@dataclass(eq=False)
-class _Call:
-    """One worker call of a run; ``frame`` is None for a batch classification."""
-
-    run: _Run
-    kind: Kind
-    frame: FrameState[ShardResult] | None = None
-    shard: int = 0
-    start: int = 0
-    stop: int = 0
-    prefer: Slot | None = None
-    args: tuple[Any, ...] = ()  # BATCH: (model inputs,)
-    failures: int = 0  # exceptions raised inside the worker
-    losses: int = 0  # times its worker died under it
-
-    def describe(self) -> str:
-        if self.frame is None:
-            return f"{self.kind.value} of {len(self.args[0])} frames"
-        where = f"shard [{self.start}, {self.stop})" if self.kind is Kind.SHARD else self.kind.value
-        return f"frame {self.frame.task.index}: {where}"
+    def send(self, pool: Pool, context: Context) -> int:
+        """Send queued calls to the workers that have room; return how many were sent."""
+        sent = 0
+        preferred, self._preferred = self._preferred, []
+        for call in preferred:
+            prefer, call.prefer = call.prefer, None
+            slot = pool.free(prefer)
+            if slot is not None and slot is prefer:
+                call.send(pool, slot, context)
+                sent += 1
+            else:  # its worker is busy or down: any worker will do
+                self.push(call)
+        while self._pending:
+            slot = pool.free()
+            if slot is None:
+                break
+            heapq.heappop(self._pending)[-1].send(pool, slot, context)
+            sent += 1
+        return sent
 
 
 class ShardedExplainer:
@@ -165,14 +143,14 @@ class ShardedExplainer:
         self.stats = DispatchStats()
         self._closed = False
         self._cond = threading.Condition()
-        self._runs: list[_Run] = []
-        self._pending: list[tuple[int, int, int, int, _Call]] = []  # heap, oldest run first
-        self._preferred: list[_Call] = []
+        self._runs: list[Run] = []
+        self._queue = CallQueue()
+        self._context = Context(topk, shards_per_frame, scoring, self._queue.push)
         self._polling = False  # a thread is waiting on the pool for everyone
         # The workers' cache keys: unique across explainers, since explainers in other
         # processes (Ray tasks, see cluster.PortableExplainer) may share these workers.
         self._keys = zip(itertools.repeat(uuid.uuid4().hex), itertools.count())
-        self._order = itertools.count()  # runs, and the tie-breaker of the heap
+        self._order = itertools.count()  # runs: the older first
 
     # ------------------------------------------------------------------ public API
 
@@ -185,14 +163,15 @@ class ShardedExplainer:
     def classify(self, xs: torch.Tensor) -> torch.Tensor:
         """Return the logits (N, C) on CPU of model inputs ``xs`` (N, 3, S, S), on one worker."""
         run = self._open_run(1)
+        call = ClassifyBatch(run, xs)
         try:
             with self._cond:
-                self._queue(_Call(run, Kind.BATCH, args=(xs,)))
+                self._queue.push(call)
             while True:
                 with self._cond:
                     self._step(run)
-                    if run.done:
-                        return run.value
+                    if call.logits is not None:
+                        return call.logits
                 self._wait()
         finally:
             self._close_run(run)
@@ -252,32 +231,31 @@ class ShardedExplainer:
 
     # ------------------------------------------------------------------ runs
 
-    def _open_run(self, max_inflight: int) -> _Run:
+    def _open_run(self, max_inflight: int) -> Run:
         if self._closed:
             raise RuntimeError("the explainer is closed")
-        run = _Run(next(self._order), InflightTracker(max_inflight), max_held_items(max_inflight))
+        run = Run(next(self._order), InflightTracker(max_inflight), max_held_items(max_inflight))
         with self._cond:
             self._runs.append(run)
         return run
 
-    def _close_run(self, run: _Run) -> None:
+    def _close_run(self, run: Run) -> None:
         """Forget a run (finished, failed or abandoned): its queued calls are dropped."""
         with self._cond:
             run.closed = True
             self._runs.remove(run)
-            self._pending = [entry for entry in self._pending if entry[-1].run is not run]
-            heapq.heapify(self._pending)
-            self._preferred = [c for c in self._preferred if c.run is not run]
+            self._queue.drop(run)
             self._cond.notify_all()
 
-    def _step(self, run: _Run) -> None:
+    def _step(self, run: Run) -> None:
         """Raise the run's error if it has one; send what can be sent. Holds the lock."""
         if run.error is not None:
             raise run.error
         self._dispatch()
 
-    def _admit(self, run: _Run, inputs: Iterator[tuple[Any, FrameTask | None]]) -> bool:
+    def _admit(self, run: Run, inputs: Iterator[tuple[Any, FrameTask | None]]) -> bool:
         """Pull items while the run has room; return whether its input is exhausted."""
+        first = Classify if run.state is None else View  # a reusing run asks for views
         while True:
             with self._cond:
                 room = not run.tracker.full and run.next_seq - run.buffer.next_index < run.max_held
@@ -297,7 +275,7 @@ class ShardedExplainer:
                 frame = run.tracker.admit(
                     seq, key=next(self._keys), payload=payload, task=task, ref=ref
                 )
-                self._queue(_Call(run, Kind.CLASSIFY, frame))
+                self._queue.push(first(run, frame))
 
     def _wait(self) -> None:
         """Wait for replies (or for the thread that waits on the pool) and handle them."""
@@ -323,162 +301,26 @@ class ShardedExplainer:
                 self._dispatch()
                 self._cond.notify_all()
 
-    # ------------------------------------------------------------------ dispatch (lock held)
-
-    def _queue(self, call: _Call) -> None:
-        if call.prefer is not None:
-            self._preferred.append(call)
-            return
-        seq = -1 if call.frame is None else call.frame.seq
-        entry = (call.run.order, seq, call.shard, next(self._order), call)
-        heapq.heappush(self._pending, entry)
+    # ------------------------------------------------------------------ calls (lock held)
 
     def _dispatch(self) -> None:
         """Send queued calls, oldest run and frame first, to the workers that have room."""
-        preferred, self._preferred = self._preferred, []
-        for call in preferred:
-            prefer, call.prefer = call.prefer, None
-            slot = self.pool.free(prefer)
-            if slot is prefer:
-                self._send(call, cast(Slot, slot))  # a preferred call has a worker
-            else:  # its worker is busy or down: any worker will do
-                self._queue(call)
-        while self._pending:
-            slot = self.pool.free()
-            if slot is None:
-                return
-            self._send(heapq.heappop(self._pending)[-1], slot)
-
-    def _send(self, call: _Call, slot: Slot) -> None:
-        frame = call.frame
-        if frame is None:
-            self.pool.submit(slot, call, "classify_batch", *call.args)
-        elif call.kind is Kind.CLASSIFY:
-            method = "classify" if call.run.state is None else "view"
-            task = frame.task
-            self.pool.submit(slot, call, method, frame.key, frame.ref, task.targets, self.topk)
-        elif call.kind is Kind.SHARD and frame.reuse is not None:
-            channels = frame.reuse[1].channels[call.start : call.stop]
-            self.pool.submit(slot, call, "channel_logits", frame.key, frame.ref, channels)
-        elif call.kind is Kind.SHARD:
-            args = (frame.key, frame.ref, frame.targets, call.start, call.stop)
-            self.pool.submit(slot, call, "shard", *args)
-        else:
-            result = frame.result
-            target = int(result.targets[0])
-            self.pool.submit(slot, call, "score", frame.ref, result.maps[0], target)
-        if frame is not None and frame.began is None:
-            frame.began = time.perf_counter()
-        self.stats.calls += 1
-
-    # ------------------------------------------------------------------ replies (lock held)
+        self.stats.calls += self._queue.send(self.pool, self._context)
 
     def _handle(self, reply: Any) -> None:
-        call: _Call = reply.tag
+        call: Call = reply.tag
         run = call.run
         if run.closed or run.error is not None:
             return  # abandoned: collected only, so that the worker's room comes free
-        if reply.failure is not None:
-            self._failed(call, reply.failure)
+        if reply.failure is None:
+            call.answered(reply.value, reply.slot, self._context)
             return
-        frame = call.frame
-        if frame is None:
-            run.value, run.done = reply.value, True
-        elif call.kind is Kind.CLASSIFY:
-            self._classified(call, reply.slot, reply.value)
-        elif call.kind is Kind.SHARD:
-            if run.tracker.done(frame.seq, call.shard, reply.value):
-                self._frame_done(run, frame)
+        # The one retry policy: send the call again, or fail its run.
+        run.error = call.failed(reply.failure, self.policy)
+        if run.error is not None:
+            return
+        if reply.failure.lost:
+            self.stats.resubmitted += 1
         else:
-            self._scored(run, frame, reply.value)
-
-    def _failed(self, call: _Call, failure: Any) -> None:
-        """Send the call again, or fail its run: the one retry policy."""
-        if failure.lost:
-            call.losses += 1
-        else:
-            call.failures += 1
-        if self.policy.retry(call.failures, call.losses, failure):
-            if failure.lost:
-                self.stats.resubmitted += 1
-            else:
-                self.stats.retried += 1
-                log.warning(
-                    "%s failed (%s); retry %d of %d",
-                    call.describe(),
-                    failure.cause,
-                    call.failures,
-                    self.policy.max_failures,
-                )
-            self._queue(call)
-            return
-        if not failure.retryable:  # a user mistake: its message says what to change
-            message = failure.cause
-        elif failure.lost:
-            message = f"{call.describe()} failed: its worker died {call.losses} times "
-            message += f"({failure.cause})"
-        else:
-            message = f"{call.describe()} failed: {failure.cause}"
-        call.run.error = ScoreCamError(message)
-
-    def _classified(self, call: _Call, slot: Slot, value: tuple[Any, ...]) -> None:
-        frame = call.frame
-        assert frame is not None
-        frame.targets, frame.probs, work = value
-        state = call.run.state
-        if state is None:
-            # Shards of equal work, not of equal length: constant channels cost no pass.
-            ranges = balanced_ranges(work.int().tolist(), self.shards_per_frame)
-        else:  # a FrameView: the stream's state plans the passes; each costs the same
-            plan = state.plan(work, frame.targets)
-            frame.reuse = (work, plan)
-            count = int(plan.channels.numel())
-            if count == 0:  # nothing moved: the frame is done without a masked pass
-                self._reused_frame_done(call.run, frame, [])
-                return
-            ranges = balanced_ranges([1] * count, min(self.shards_per_frame, count))
-        call.run.tracker.plan(frame.seq, ranges)
-        for shard, (start, stop) in enumerate(ranges):
-            # The classifying worker holds this frame's base pass: give it the first shard.
-            prefer = slot if shard == 0 else None
-            self._queue(_Call(call.run, Kind.SHARD, frame, shard, start, stop, prefer))
-
-    def _frame_done(self, run: _Run, frame: FrameState[ShardResult]) -> None:
-        partials = run.tracker.take_partials(frame.seq)
-        if frame.reuse is not None:  # each partial is the logits (R, C) of its channels
-            self._reused_frame_done(run, frame, partials)
-            return
-        maps = combine_shards(partials)[0]  # (T, S, S)
-        skipped = sum(int(p.skipped[0]) for p in partials)
-        passes = sum(p.stop - p.start for p in partials) - skipped
-        seconds = time.perf_counter() - (frame.began or time.perf_counter())
-        index, targets, probs = frame.task.index, frame.targets, frame.probs
-        result = make_result(index, maps, targets, probs, skipped, seconds, passes)
-        self._combined(run, frame, result)
-
-    def _reused_frame_done(self, run: _Run, frame: FrameState[Any], logits: list[Any]) -> None:
-        """Finish a frame of a reusing run from its shards' logits (R_i, C), in shard order."""
-        assert run.state is not None
-        view, plan = frame.reuse
-        fresh = torch.cat(logits) if logits else torch.empty(0, view.logits.shape[0])
-        outcome = run.state.finish(view, plan, fresh, frame.targets)
-        skipped = int((~view.live).sum())
-        seconds = time.perf_counter() - (frame.began or time.perf_counter())
-        index, targets, probs = frame.task.index, frame.targets, frame.probs
-        result = make_result(index, outcome.maps, targets, probs, skipped, seconds, 0, outcome)
-        self._combined(run, frame, result)
-
-    def _combined(self, run: _Run, frame: FrameState[Any], result: FrameResult) -> None:
-        """Send a frame's result on: to its metric passes first with ``--metrics``."""
-        if self.scoring:  # its metric passes first, on whichever worker is free
-            frame.result = result
-            self._queue(_Call(run, Kind.SCORE, frame))
-            return
-        self._out(run, frame, result)
-
-    def _scored(self, run: _Run, frame: FrameState[ShardResult], scores: FrameScores) -> None:
-        self._out(run, frame, dataclasses.replace(frame.result, scores=scores))
-
-    def _out(self, run: _Run, frame: FrameState[ShardResult], result: FrameResult) -> None:
-        run.buffer.push(frame.seq, (frame.payload, result))
-        frame.ref = frame.payload = None  # the model input may leave the object store now
+            self.stats.retried += 1
+        self._queue.push(call)

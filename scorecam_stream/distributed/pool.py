@@ -49,14 +49,18 @@ class Reply:
 
 
 def _located(worker_cls: type) -> type:
-    """Return ``worker_cls`` with a ``where`` method: its info plus the Ray node it runs on."""
+    """Return a subclass of ``worker_cls`` with a ``where`` method: its info plus its Ray node.
 
-    class Located(worker_cls):
-        def where(self) -> dict[str, object]:
-            return {**self.info(), "node": ray.get_runtime_context().get_node_id()}
+    The subclass bears the worker's own names: Ray names an actor class by its ``__qualname__``
+    (``ray list actors``, the actor's handle) and titles its process and log lines after it
+    (``ray::Worker.shard``), so a wrapper's name would show there instead of the worker's.
+    """
 
-    Located.__name__ = worker_cls.__name__  # what Ray's logs call the actors
-    return Located
+    def where(self: Any) -> dict[str, object]:
+        return {**self.info(), "node": ray.get_runtime_context().get_node_id()}
+
+    names = {name: getattr(worker_cls, name) for name in ("__module__", "__qualname__", "__doc__")}
+    return type(worker_cls.__name__, (worker_cls,), {**names, "where": where})
 
 
 def start_actors(
