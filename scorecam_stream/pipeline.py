@@ -43,18 +43,16 @@ def default_output(input_path: str, is_image: bool) -> Path:
 def make_explainer(config: Config, live: bool = False) -> OwnedExplainer:
     """Return the in-process explainer, or the Ray one when workers/GPUs/address are given.
 
-    Live, the Ray explainer keeps one frame in flight: its passes spread over every worker, so
-    its map is ready soonest; the next frame is the newest one when this one is done.
+    Live, the Ray explainer keeps one frame in flight (its map ready soonest).
     """
     topk = config.explain.topk
     evaluation = config.evaluation  # --metrics: the workers score their maps too
     if config.distributed.uses_ray:
         from .distributed import RayExplainer  # only imported (with ray) when asked for
 
-        options = config.distributed
-        if live:
-            options = dataclasses.replace(options, max_inflight_frames=1)
-        return RayExplainer(config.model, config.engine, options, topk, evaluation=evaluation)
+        return RayExplainer(
+            config.model, config.engine, config.distributed, topk, evaluation=evaluation, live=live
+        )
     return LocalExplainer(Worker(config.model, config.engine, evaluation=evaluation), topk)
 
 

@@ -38,6 +38,8 @@ class RayExplainer(ShardedExplainer):
     starts a local Ray instance, or reuses the one this process already initialised), starts
     ``dist.gpus`` GPU workers or ``dist.workers`` CPU workers and waits for them. Use it as a
     context manager or call :meth:`close`. ``worker_cls``: :class:`Worker` or a subclass.
+    ``live``: one frame in flight whatever ``dist`` says (its passes spread over every worker,
+    so its map is ready soonest; the next frame is the newest one when this one is done).
     """
 
     def __init__(
@@ -49,13 +51,14 @@ class RayExplainer(ShardedExplainer):
         *,
         worker_cls: type[Worker] = Worker,
         evaluation: EvaluationConfig | None = None,
+        live: bool = False,
     ) -> None:
         if topk < 1:
             raise ScoreCamError(f"--topk must be >= 1, got {topk}")
         # --metrics: each frame's metric passes run on a worker too, after its shards.
         evaluation = evaluation if evaluation is not None and evaluation.enabled else None
         workers = dist.num_workers
-        max_inflight = dist.max_inflight_frames or default_max_inflight(workers)
+        max_inflight = 1 if live else dist.max_inflight_frames or default_max_inflight(workers)
         self.session = RaySession(dist)
         self._pool: ActorPool | None = None
         try:
