@@ -21,8 +21,9 @@ WIDTH = 100  # fixed, so the usage block does not depend on the terminal
 HEADER = f"""\
 # `{PROG}` options
 
-Generated from the argument parser (`scorecam_stream/cli_parser.py`) by `scripts/gen_cli_docs.py`: do
-not edit by hand; run `python scripts/gen_cli_docs.py` after changing an option.
+Generated from the argument parser (`scorecam_stream/cli_parser.py`) by
+`scripts/gen_cli_docs.py`: do not edit by hand; run `python scripts/gen_cli_docs.py` after
+changing an option.
 
 Every option may also be given in a config file (`--config FILE.yaml`) as a key with
 underscores (`batch_size: 64`); options on the command line win. Options that are not given
