@@ -74,7 +74,7 @@ def load_settings(path: str) -> dict[str, Any]:
     return settings
 
 
-_BATCH_SETTINGS = ("summary", "max_inflight_videos", "video_tasks")
+_BATCH_SETTINGS = ("summary", "max_inflight_videos", "video_tasks", "name")
 _BATCH_FILE_SETTINGS = ("max_inflight_videos", "video_tasks")  # what a config file may hold
 _SIDE_OUTPUTS = {"save_maps": "--save-maps", "jsonl": "--jsonl", "preview": "--preview"}
 
@@ -130,7 +130,7 @@ def parse_command(argv: list[str] | None) -> tuple[Config, BatchConfig | None]:
         )
     batch_settings = {key: settings.pop(key) for key in _BATCH_SETTINGS if key in settings}
     if not _is_batch(items, settings | batch_settings, listed):
-        for key in ("max_inflight_videos", "video_tasks"):
+        for key in ("max_inflight_videos", "video_tasks", "name"):
             if key in args:  # a config file's value serves its batch runs only
                 raise ScoreCamError(f"--{key.replace('_', '-')} is for several inputs")
         return _config(items[0], settings), None
@@ -156,6 +156,7 @@ def parse_command(argv: list[str] | None) -> tuple[Config, BatchConfig | None]:
         summary=batch_settings.get("summary"),
         max_inflight_videos=batch_settings.get("max_inflight_videos"),
         video_tasks=bool(batch_settings.get("video_tasks", False)),
+        names=tuple(batch_settings.get("name") or ()),
     )
     config = _config(items[0], settings)
     if batch.video_tasks and not config.distributed.uses_ray:

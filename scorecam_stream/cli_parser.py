@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--config", help="YAML file of settings (keys are the flags, e.g. batch_size)")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    g = p.add_argument_group("many inputs (a batch)")
+    g = p.add_argument_group("many inputs (a batch of files, or several live streams)")
     g.add_argument(
         "--inputs", metavar="LIST", help="a file of inputs, one a line (# comments, blank lines)"
     )
@@ -65,6 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         metavar="N",
         help="videos in progress at once (default 2 with --gpus/--workers, else 1)",
+    )
+    g.add_argument(
+        "--name",
+        action="append",
+        metavar="NAME",
+        help="several live streams: each one's name, in input order, for -o DIR/NAME.m3u8 and "
+        "--jsonl DIR/NAME.jsonl (default: from the URL's host, port and path)",
     )
     _bool_flag(
         g,

@@ -19,6 +19,7 @@ class BatchConfig:
     ``max_inflight_videos``: videos in progress at once; None: 2 with Ray workers, 1 in-process.
     ``video_tasks``: each video's decode -> encode loop runs as a Ray task on any node of the
     cluster (its paths must be reachable there), its frames explained by the shared workers.
+    ``names``: live streams' names (``--name``, one per input, in order): ``<name>.m3u8``...
     """
 
     inputs: tuple[str, ...]
@@ -29,6 +30,7 @@ class BatchConfig:
     summary: str | None = None
     max_inflight_videos: int | None = None
     video_tasks: bool = False
+    names: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         require(
@@ -40,6 +42,8 @@ class BatchConfig:
             or (isinstance(self.max_inflight_videos, int) and self.max_inflight_videos >= 1),
             f"--max-inflight-videos must be >= 1, got {self.max_inflight_videos}",
         )
+        bad = [n for n in self.names if not n or "/" in n or n.startswith(".")]
+        require(not bad, f"--name {bad[0] if bad else ''}: a stream's name is a file name")
 
     def inflight_videos(self, uses_ray: bool) -> int:
         """Return how many videos run at once: as given, else 2 with Ray workers, else 1.

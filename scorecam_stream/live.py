@@ -79,10 +79,12 @@ def run_live(
     progress: Progress | None,
     stack: contextlib.ExitStack,
     metrics: RunMetrics | None = None,
+    stop: threading.Event | None = None,
 ) -> RunSummary:
     """Explain a live source until it ends or is stopped; return the summary (output unset).
 
     ``metrics``: the run's Prometheus metrics, read from the same counts as the summary.
+    ``stop``: when set (from any thread), the run stops as on Ctrl-C: outputs finished, kept.
     """
     w = config.window
     if config.distributed.uses_ray:
@@ -114,6 +116,8 @@ def run_live(
         on_behind=behind.set,  # the encoder takes a faster preset, before frames are dropped
     )
     stack.callback(_stop_reader, source, live_input)
+    if stop is not None:
+        _stop_when_set(stop, source, stack)
     if metrics is not None:  # frames come in while the model loads: no workers up yet
         metrics.track(
             lambda: RunCounts(
@@ -260,6 +264,22 @@ def _summary_record(
         "startup_ms": ms(summary.startup_ms),
         "stopped_by": summary.stopped_by,
     }
+
+
+def _stop_when_set(stop: threading.Event, source: LiveSource, stack: contextlib.ExitStack) -> None:
+    """Stop ``source`` (as a signal does) once ``stop`` is set, until ``stack`` closes."""
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            if stop.wait(0.1):
+                source.stop("signal")
+                return
+
+    watcher = threading.Thread(target=watch, daemon=True, name="stop-watch")
+    watcher.start()
+    stack.callback(watcher.join, 5)
+    stack.callback(done.set)
 
 
 def _stop_reader(source: LiveSource, live_input: video.ReconnectingInput) -> None:

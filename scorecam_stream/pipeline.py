@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import threading
 import time
 from pathlib import Path
 from urllib.parse import urlparse
@@ -61,15 +62,28 @@ def _read_timeout(config: Config, live: bool) -> float | None:
     return given if given is not None or not live else video.LIVE_READ_TIMEOUT_S
 
 
+def is_live_run(config: Config) -> bool:
+    """Return whether ``config.input`` is read live (``--live``/``--no-live``, else guessed)."""
+    source = config.source
+    if source.live is not None:
+        return source.live
+    return video.is_live_source(config.input, source.input_format)
+
+
 def run(
     config: Config,
     progress: Progress | None = None,
     explainer: Explainer | None = None,
+    monitor: RunMetrics | None = None,
+    stop: threading.Event | None = None,
 ) -> RunSummary:
     """Explain the frames of ``config.input`` and write the annotated output; return a summary.
 
     ``explainer``: one lent by the caller (a batch's, a benchmark's), left open; by default the
-    run makes its own (:func:`make_explainer`) and closes it. Every file output is written to a
+    run makes its own (:func:`make_explainer`) and closes it. ``monitor``: this stream's
+    Prometheus metrics, served by the caller (else ``--prometheus-port`` serves the run's own).
+    ``stop``: set by the caller to stop a live run as Ctrl-C does (from any thread; a run in a
+    thread gets no KeyboardInterrupt). Every file output is written to a
     temporary file beside it and moved into place only when the whole run succeeded: a failed
     or interrupted run leaves nothing half-written. A live run stopped by Ctrl-C, SIGTERM or
     ``--duration`` finishes its outputs and succeeds; its records (``--jsonl``) are written in
@@ -77,14 +91,13 @@ def run(
     """
     began = time.perf_counter()
     source = config.source
-    guess_live = video.is_live_source(config.input, source.input_format)
-    live = source.live if source.live is not None else guess_live
+    live = is_live_run(config)
     # Before the input opens, the model loads or Ray starts: a bad output path fails at once.
     # A live run makes its outputs' missing directories (-o live/cam.m3u8).
     video.check_output_dirs(config.output.paths, create=live)
     with contextlib.ExitStack() as stack:
         # Listening first too: a port in use fails at once, and the run is watched from start.
-        metrics = _serve_metrics(config, live, stack)
+        metrics = monitor if monitor is not None else _serve_metrics(config, live, stack)
         reader = video.VideoReader(
             config.input, source.input_format, source.options, _read_timeout(config, live)
         )
@@ -101,7 +114,9 @@ def run(
             return made
 
         if live:
-            summary = run_live(config, reader, open_explainer, outputs, progress, stack, metrics)
+            summary = run_live(
+                config, reader, open_explainer, outputs, progress, stack, metrics, stop
+            )
         else:
             summary = run_file(config, reader, open_explainer(), outputs, progress)
     output = outputs.video_name if live else Path(outputs.video_name)

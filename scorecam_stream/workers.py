@@ -248,7 +248,10 @@ class Worker:
 class Explainer(Protocol):
     """What the pipeline needs from an explainer (in-process or Ray)."""
 
-    meta: ModelMeta
+    @property
+    def meta(self) -> ModelMeta:
+        """Return the model's preprocessing and class names."""
+        ...
 
     def classify(self, xs: torch.Tensor) -> torch.Tensor:
         """Return logits (N, C) on CPU."""

@@ -7,14 +7,16 @@ frames to explain while one video's decoder starts or another's encoder finishes
 fails (missing, not a video, broken) is recorded with its one-line reason and the others go on;
 an interrupt stops them all, and what each video writes appears only when it is whole (see
 :func:`~scorecam_stream.pipeline.run`), so a re-run skips the finished videos and redoes the
-rest. No argv here: :mod:`scorecam_stream.cli` builds the :class:`BatchConfig`.
+rest. Several live streams run together instead, each until it ends or the run is stopped
+(:mod:`~scorecam_stream.batch.streams`). No argv here: :mod:`scorecam_stream.cli` builds the
+:class:`BatchConfig`.
 """
 
 from .jobs import (
     OUTPUT_MARK,
     VIDEO_EXTENSIONS,
     Job,
-    check_not_live,
+    all_live,
     config_for,
     expand_inputs,
     is_glob,
@@ -22,7 +24,9 @@ from .jobs import (
     with_batch_defaults,
 )
 from .records import BatchProgress, BatchResult, SummaryWriter, VideoRecord
-from .runner import BatchStopped, SharedExplainer, run_batch, run_job, run_video_task
+from .runner import BatchStopped, run_batch, run_job, run_video_task
+from .shared import FairLock, SharedExplainer
+from .streams import plan_streams, run_streams, stream_name
 
 __all__ = [
     "OUTPUT_MARK",
@@ -30,17 +34,21 @@ __all__ = [
     "BatchProgress",
     "BatchResult",
     "BatchStopped",
+    "FairLock",
     "Job",
     "SharedExplainer",
     "SummaryWriter",
     "VideoRecord",
-    "check_not_live",
+    "all_live",
     "config_for",
     "expand_inputs",
     "is_glob",
     "plan_jobs",
+    "plan_streams",
     "run_batch",
     "run_job",
+    "run_streams",
     "run_video_task",
+    "stream_name",
     "with_batch_defaults",
 ]

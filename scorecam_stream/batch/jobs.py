@@ -140,20 +140,25 @@ def plan_jobs(inputs: Sequence[str], batch: BatchConfig) -> list[Job]:
     return jobs
 
 
-def check_not_live(inputs: Sequence[str], config: Config) -> None:
-    """Raise ScoreCamError if a live input (network stream, ``-``, device) is in a batch."""
+def all_live(inputs: Sequence[str], config: Config) -> bool:
+    """Return True if every input is read live (network streams, ``-``, devices), False if none.
+
+    Raises ScoreCamError for a mix: live streams run together, files run as a batch.
+    """
     source = config.source
-    for item in inputs:
-        live = (
-            source.live
-            if source.live is not None
-            else video.is_live_source(item, source.input_format)
+
+    def live(item: str) -> bool:
+        if source.live is not None:
+            return source.live
+        return video.is_live_source(item, source.input_format)
+
+    found = [item for item in inputs if live(item)]
+    if found and len(found) < len(inputs):
+        raise ScoreCamError(
+            f"{found[0]} is read live and other inputs are files: run live streams and files "
+            "separately"
         )
-        if live:
-            raise ScoreCamError(
-                f"{item} is read live; a live input needs a run of its own "
-                f"(scorecam-video {item} ...), not one of several inputs"
-            )
+    return bool(found)
 
 
 def with_batch_defaults(base: Config, videos: int) -> Config:

@@ -7,30 +7,28 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
-
-import torch
 
 from ..config import Config
 from ..config_batch import BatchConfig
 from ..errors import ScoreCamError, first_line
 from ..pipeline import make_explainer, run
-from ..records import FrameResult, FrameTask
-from ..reuse import ReuseOptions
 from ..targets import parse as parse_target
 from ..workers import Explainer, LocalExplainer, OwnedExplainer
 from .jobs import (
     Job,
     absolute_job,
-    check_not_live,
+    all_live,
     config_for,
     expand_inputs,
     plan_jobs,
     with_batch_defaults,
 )
 from .records import BatchProgress, BatchResult, SummaryWriter, Tally, VideoRecord
+from .shared import SharedExplainer
+from .streams import run_streams
 
 log = logging.getLogger(__name__)
 
@@ -45,49 +43,6 @@ class BatchStopped(BaseException):
 P = TypeVar("P")
 
 
-class SharedExplainer:
-    """The batch's one explainer, lent to each video's run (the batch closes it at the end).
-
-    ``serialize``: one call at a time, frame by frame, for an explainer whose worker is not
-    thread-safe (the in-process :class:`~scorecam_stream.workers.LocalExplainer`); videos then
-    take turns frame by frame, and their decoding and encoding still overlap. The Ray
-    explainer serves concurrent runs itself (one ``explain`` per thread, the same workers).
-    """
-
-    def __init__(self, explainer: Explainer, serialize: bool) -> None:
-        self.inner = explainer
-        self.meta = explainer.meta
-        self._lock = threading.Lock() if serialize else None
-
-    def classify(self, xs: torch.Tensor) -> torch.Tensor:
-        """Return logits (N, C) on CPU."""
-        if self._lock is None:
-            return self.inner.classify(xs)
-        with self._lock:
-            return self.inner.classify(xs)
-
-    def explain(
-        self, items: Iterable[tuple[P, FrameTask | None]], reuse: ReuseOptions | None = None
-    ) -> Iterator[tuple[P, FrameResult | None]]:
-        """Yield (payload, result) in the order of ``items`` (one video: one stream)."""
-        if self._lock is None:
-            yield from self.inner.explain(items, reuse)
-            return
-        assert isinstance(self.inner, LocalExplainer)  # the only one serialized
-        state = self.inner.stream_state(reuse)  # this video's own
-        for payload, task in items:
-            if task is None:
-                yield payload, None
-                continue
-            with self._lock:  # the frame is decoded outside the lock, explained inside it
-                result = self.inner.explain_frame(task, state)
-            yield payload, result
-
-    def workers_up(self) -> int:
-        """Return how many workers of the shared explainer take calls now."""
-        return self.inner.workers_up()
-
-
 def run_batch(
     base: Config,
     batch: BatchConfig,
@@ -99,15 +54,19 @@ def run_batch(
 
     Inputs whose video output exists are skipped unless ``--overwrite``. The explainer is built
     once (only if a video is left to do) and closed at the end. A video's ScoreCamError is its
-    record's reason; mistakes that stop everything (no inputs, two inputs writing one file, a
-    live input, an unknown target, workers that do not start) raise ScoreCamError; an interrupt
+    record's reason; mistakes that stop everything (no inputs, two inputs writing one file, live
+    and file inputs mixed, an unknown target, workers that do not start) raise ScoreCamError.
+    Live inputs run together as streams (:func:`~.streams.run_streams`). An interrupt
     (KeyboardInterrupt, SIGTERM's Terminated) stops the videos in progress, which write
     nothing, and propagates after the summary is written. ``on_progress`` is called from the
     videos' threads, one call at a time; ``on_record`` from the calling thread.
     """
     began = time.perf_counter()
     inputs = expand_inputs(batch.inputs)
-    check_not_live(inputs, base)
+    if all_live(inputs, base):
+        return run_streams(base, batch, inputs, explainer_factory, on_record)
+    if batch.names:
+        raise ScoreCamError("--name names live streams; these inputs are files")
     jobs = plan_jobs(inputs, batch)
     overwrite = base.output.overwrite
     todo = [job for job in jobs if overwrite or not job.output.exists()]
