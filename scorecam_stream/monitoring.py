@@ -1,17 +1,20 @@
-"""Prometheus metrics of a live run, served over HTTP for its life (``--prometheus-port``).
+"""Prometheus metrics of live runs, served over HTTP for their life (``--prometheus-port``).
 
-Each run has its own registry (not prometheus_client's global one), so several runs in one
-process, and tests, never collide. The frame counters are not counted a second time here:
-they are read, at each scrape, from the counts the run keeps anyway (the same numbers its
-jsonl summary is made of), so the two agree by construction. Only the latency histogram is
-fed as the maps come (:meth:`RunMetrics.observe_latency`).
+One :class:`MetricsBoard` holds the metrics of every stream a process runs, each sample under
+its ``stream`` label, in one registry served on one port. Its registry is its own (not
+prometheus_client's global one), so several boards in one process, and tests, never collide.
+The frame counters are not counted a second time here: they are read, at each scrape, from the
+counts each run keeps anyway (the same numbers its jsonl summary is made of), so the two agree by
+construction. Only the latency histogram is fed as the maps come
+(:meth:`RunMetrics.observe_latency`).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterator
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
@@ -57,21 +60,14 @@ def stream_label(input_path: str) -> str:
 
 
 class RunMetrics:
-    """The metrics of one run, labelled ``stream``; counts read from :meth:`track`'s callable."""
+    """One stream's metrics on a :class:`MetricsBoard`: counts read from :meth:`track`'s
+    callable, and its child of the board's latency histogram."""
 
-    def __init__(self, stream: str) -> None:
+    def __init__(self, stream: str, latency: Histogram) -> None:
         self.stream = stream
-        self.registry = CollectorRegistry()
+        self._latency = latency
         self._counts: Callable[[], RunCounts] = RunCounts  # all zero until the run tracks
         self._lock = threading.Lock()
-        self.registry.register(self)  # collect() below
-        self._latency = Histogram(
-            "scorecam_latency_seconds",
-            "Frame arrival to its map ready, in seconds",
-            ["stream"],
-            registry=self.registry,
-            buckets=LATENCY_BUCKETS,
-        ).labels(stream)
 
     def track(self, counts: Callable[[], RunCounts]) -> None:
         """Read the counts from ``counts()`` at each scrape from now on (any thread calls it)."""
@@ -82,18 +78,55 @@ class RunMetrics:
         """Count one explained frame's latency in the histogram."""
         self._latency.observe(seconds)
 
+    def counts(self) -> RunCounts:
+        """Return the stream's counts now, from the callable it tracks."""
+        with self._lock:
+            counts = self._counts
+        return counts()
+
+
+class MetricsBoard:
+    """The metrics of several streams in one registry: ``board[stream]`` is one's
+    :class:`RunMetrics`; every family has one sample per stream (``labels``, in that order).
+
+    ValueError when two streams have the same label, or there is none.
+    """
+
+    def __init__(self, streams: Sequence[str]) -> None:
+        if not streams:
+            raise ValueError("a metrics board needs at least one stream")
+        repeated = sorted(s for s, n in Counter(streams).items() if n > 1)
+        if repeated:
+            raise ValueError(f"stream labels must differ: {', '.join(map(repr, repeated))}")
+        self.registry = CollectorRegistry()
+        self.registry.register(self)  # collect() below: the counters and the gauge
+        latency = Histogram(
+            "scorecam_latency_seconds",
+            "Frame arrival to its map ready, in seconds",
+            ["stream"],
+            registry=self.registry,
+            buckets=LATENCY_BUCKETS,
+        )
+        self.labels = tuple(streams)
+        self._streams = {s: RunMetrics(s, latency.labels(s)) for s in streams}
+
+    def __getitem__(self, stream: str) -> RunMetrics:
+        """Return the metrics of ``stream`` (KeyError if the board has no such label)."""
+        return self._streams[stream]
+
     def collect(self) -> Iterator[Metric]:
         """Yield the counters and the gauge (the registry calls this at each scrape)."""
-        with self._lock:
-            counts = self._counts()
+        counts = {stream: metrics.counts() for stream, metrics in self._streams.items()}
         for name, help_text in _COUNTERS.items():
             counter = CounterMetricFamily(f"scorecam_{name}", help_text, labels=["stream"])
-            counter.add_metric([self.stream], getattr(counts, name))
+            for stream, count in counts.items():
+                counter.add_metric([stream], getattr(count, name))
             yield counter
         gauge = GaugeMetricFamily(
             "scorecam_workers_alive", "Workers up (1 in-process)", labels=["stream"]
         )
-        gauge.add_metric([self.stream], counts.workers_alive)
+        for stream, count in counts.items():
+            gauge.add_metric([stream], count.workers_alive)
         yield gauge
 
     def text(self) -> str:
@@ -102,12 +135,12 @@ class RunMetrics:
 
 
 class MetricsServer:
-    """Serves a :class:`RunMetrics` at ``http://ADDR:PORT/metrics`` in a thread until closed."""
+    """Serves a :class:`MetricsBoard` at ``http://ADDR:PORT/metrics`` in a thread until closed."""
 
-    def __init__(self, metrics: RunMetrics, port: int, addr: str) -> None:
+    def __init__(self, board: MetricsBoard, port: int, addr: str) -> None:
         self.port, self.addr = port, addr
         try:
-            self._server, self._thread = start_http_server(port, addr, registry=metrics.registry)
+            self._server, self._thread = start_http_server(port, addr, registry=board.registry)
         except OSError as err:  # in use, no permission, an address not of this host
             why = err.strerror or str(err)
             raise ScoreCamError(
@@ -122,8 +155,13 @@ class MetricsServer:
         self._thread.join(timeout=5)
 
 
-def serve_metrics(config: MonitoringConfig, stream: str) -> tuple[RunMetrics, MetricsServer]:
-    """Return a run's metrics and their server, listening already (ScoreCamError if it cannot)."""
+def serve_metrics(
+    config: MonitoringConfig, streams: Sequence[str]
+) -> tuple[MetricsBoard, MetricsServer]:
+    """Return the metrics of ``streams`` (one per label) and their server, listening already.
+
+    ScoreCamError if it cannot listen; ValueError when two labels are the same.
+    """
     assert config.prometheus_port is not None
-    metrics = RunMetrics(stream)
-    return metrics, MetricsServer(metrics, config.prometheus_port, config.prometheus_addr)
+    board = MetricsBoard(streams)
+    return board, MetricsServer(board, config.prometheus_port, config.prometheus_addr)

@@ -169,9 +169,10 @@ def _serve_metrics(config: Config, live: bool, stack: contextlib.ExitStack) -> R
     if not live:
         log.warning("--prometheus-port: metrics are served for live runs only; none for this one")
         return None
-    metrics, server = serve_metrics(monitoring, stream_label(config.input))
+    stream = stream_label(config.input)
+    board, server = serve_metrics(monitoring, [stream])
     stack.callback(server.close)
-    return metrics
+    return board[stream]
 
 
 def _output_kind(target: str, is_image: bool) -> str:

@@ -8,6 +8,7 @@ it down, or let it come back; its clock is fake, so deadlines are reached withou
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +22,7 @@ from scorecam_stream import ScoreCamError
 from scorecam_stream.config import EngineConfig, EvaluationConfig, ModelConfig
 from scorecam_stream.distributed.explainer import ShardedExplainer
 from scorecam_stream.distributed.pool import Reply
+from scorecam_stream.models import ModelMeta
 from scorecam_stream.records import FrameResult, FrameTask
 from scorecam_stream.reuse import ReuseOptions
 from scorecam_stream.scheduler.health import (
@@ -33,6 +35,7 @@ from scorecam_stream.scheduler.health import (
     probes_due,
 )
 from scorecam_stream.scheduler.planning import max_held_items
+from scorecam_stream.weighting import ShardResult
 from scorecam_stream.workers import LocalExplainer, Worker
 
 MODEL = ModelConfig(spec="efficientnet_lite0", input_size=48)
@@ -525,3 +528,121 @@ def test_reuse_over_the_pool_equals_in_process(kill):
     assert methods.count("view") >= len(items)
     if kill:
         assert explainer.stats.resubmitted >= 1
+
+
+# --- concurrent live streams: served in turn ---------------------------------------------------
+
+CHANNELS, SIZE = 16, 4
+
+
+class InstantWorker:
+    """Stands for a Worker where only the order of calls matters: constant answers, no model."""
+
+    def meta(self) -> ModelMeta:
+        return ModelMeta("instant", "layer", SIZE, (0.0,) * 3, (1.0,) * 3, ())
+
+    def targets_and_passes(self, key, x, fixed, topk):
+        return torch.tensor([0]), torch.tensor([1.0]), torch.ones(CHANNELS, dtype=torch.bool)
+
+    def shard(self, key, x, targets, start, stop):
+        partial = torch.full((1, 1, SIZE, SIZE), float(stop - start))  # (N, T, S, S)
+        return ShardResult(start, stop, partial, None, torch.zeros(1, dtype=torch.int64))
+
+
+@dataclass(eq=False)
+class LockstepPool(FakePool):
+    """A FakePool that answers only once every stream has a frame in flight (and its calls
+    queued or sent): as on real workers, where a frame's calls take far longer than a stream
+    takes to hand over its next frame. Thread timing then decides nothing the test counts."""
+
+    explainer: ShardedExplainer | None = None
+    streams: int = 2
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def poll(self, timeout: float) -> list[Reply]:
+        explainer = self.explainer
+        assert explainer is not None
+        # Under the explainer's lock, as a run's frame is admitted and queued under it; nothing
+        # notifies on admission, so the lock is let go in short waits.
+        deadline = time.monotonic() + 30
+        with explainer._cond:
+            while not (self.stop.is_set() or self._all_busy()):
+                assert time.monotonic() < deadline, "a stream never handed over its next frame"
+                explainer._cond.wait(0.001)
+            explainer._dispatch()  # what its threads would send before this poll, in queue order
+        # Each worker runs one call at a time, in the order they were sent to it.
+        running: list[_Sent] = []
+        waiting: list[_Sent] = []
+        for call in self.sent:
+            (waiting if any(r.slot is call.slot for r in running) else running).append(call)
+        self.sent = running
+        replies = super().poll(timeout)
+        self.sent = waiting + self.sent
+        return replies
+
+    def _all_busy(self) -> bool:
+        runs = self.explainer._runs
+        # A frame in flight whose result is not out yet: in the tracker, not in the buffer.
+        return len(runs) == self.streams and all(len(r.tracker) > len(r.buffer) for r in runs)
+
+
+def frames_done_by_two_live_streams(fair: bool, total: int = 60) -> list[int]:
+    """Return how many frames each of two live streams (one frame in flight each, the next asked
+    for as soon as a map is out) had explained when they had ``total`` between them."""
+    pool = LockstepPool(InstantWorker, 2)
+    explainer = ShardedExplainer(
+        pool,
+        pool.workers[0].meta(),
+        # Far more calls than the 2 workers take at once (2 each), so the queue's order decides
+        # who goes next. (With as few shards as workers, two streams never wait for each other.)
+        shards_per_frame=CHANNELS,
+        max_inflight=1,
+        policy=RetryPolicy(),
+        fair=fair,
+    )
+    pool.explainer = explainer
+    done = [0, 0]
+    at_total: list[int] = []
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+
+    def stream(i: int) -> None:
+        def frames() -> Iterator[tuple[int, FrameTask]]:
+            seq = 0
+            while not pool.stop.is_set():
+                yield seq, FrameTask(seq, torch.zeros(3, SIZE, SIZE))
+                seq += 1
+
+        try:
+            for seq, result in explainer.explain(frames()):
+                # Its own frames, in order, each map the sum of all its shards.
+                assert result is not None and result.index == seq
+                assert (result.maps == CHANNELS).all()
+                with lock:
+                    done[i] += 1
+                    if sum(done) == total:
+                        at_total.extend(done)
+                        pool.stop.set()
+        except BaseException as err:  # pragma: no cover - reported below
+            errors.append(err)
+            pool.stop.set()
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors and not any(t.is_alive() for t in threads)
+    return at_total
+
+
+def test_live_streams_sharing_the_workers_take_turns():
+    """Fair order (RayExplainer(live=True)): neither stream starves the other."""
+    done = frames_done_by_two_live_streams(fair=True)
+    assert min(done) * 3 >= max(done), done
+
+
+def test_oldest_run_first_lets_one_live_stream_starve_the_other():
+    """What the fair order is for: by the batch order, the first stream takes most turns."""
+    done = frames_done_by_two_live_streams(fair=False)
+    assert min(done) * 2 <= max(done), done  # 3 to 1 here

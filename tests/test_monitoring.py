@@ -21,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from scorecam_stream import monitoring, video
 from scorecam_stream.cli import main
+from scorecam_stream.config import MonitoringConfig
 
 COUNTERS = ("frames_in", "frames_written", "frames_explained", "frames_dropped", "reconnects")
 
@@ -29,7 +30,11 @@ def scrape(port: int) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
     """Return {sample name: {labels: value}} of http://127.0.0.1:PORT/metrics."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
         assert response.status == 200
-        text = response.read().decode()
+        return parse(response.read().decode())
+
+
+def parse(text: str) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+    """Return {sample name: {labels: value}} of metrics in Prometheus' text format."""
     samples: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
@@ -81,6 +86,7 @@ def last_scrape(monkeypatch) -> list[dict]:
     return seen
 
 
+@pytest.mark.slow  # a 3 s live source and a whole run
 def test_a_live_run_serves_its_counts_and_they_end_as_its_summary(tmp_path, last_scrape):
     out, jsonl = tmp_path / "cam.mp4", tmp_path / "cam.jsonl"
     port = free_port()
@@ -113,6 +119,7 @@ def test_a_live_run_serves_its_counts_and_they_end_as_its_summary(tmp_path, last
         scrape(port)
 
 
+@pytest.mark.slow  # a live source and two Ray workers
 def test_with_ray_workers_the_gauge_counts_them(tmp_path, last_scrape):
     jsonl = tmp_path / "ray.jsonl"
     port = free_port()
@@ -125,6 +132,54 @@ def test_with_ray_workers_the_gauge_counts_them(tmp_path, last_scrape):
     assert value(final, "scorecam_workers_alive", url) == 2
     for name in COUNTERS:
         assert value(final, f"scorecam_{name}_total", url) == summary[name], name
+
+
+def test_one_board_serves_each_stream_its_own_values():
+    """Two streams on one board (one port): each one's counts and latencies under its label."""
+    cams = ("udp://127.0.0.1:23000", "rtsp://cam2/s")
+    counts = {
+        cams[0]: monitoring.RunCounts(10, 9, 3, 1, 0, 2),
+        cams[1]: monitoring.RunCounts(20, 18, 5, 0, 2, 2),
+    }
+    latencies = {cams[0]: [0.04, 0.3], cams[1]: [1.5, 2.0, 7.0]}
+    config = MonitoringConfig(prometheus_port=free_port(), prometheus_addr="127.0.0.1")
+    board, server = monitoring.serve_metrics(config, cams)
+    try:
+        assert board.labels == cams
+        for cam in cams:
+            board[cam].track(lambda cam=cam: counts[cam])
+            for seconds in latencies[cam]:
+                board[cam].observe_latency(seconds)
+        for samples in (parse(board.text()), scrape(server.port)):
+            for cam in cams:
+                for name in COUNTERS:
+                    expected = getattr(counts[cam], name)
+                    assert value(samples, f"scorecam_{name}_total", cam) == expected, name
+                alive = value(samples, "scorecam_workers_alive", cam)
+                assert alive == counts[cam].workers_alive
+                assert value(samples, "scorecam_latency_seconds_count", cam) == len(latencies[cam])
+                total = value(samples, "scorecam_latency_seconds_sum", cam)
+                assert total == pytest.approx(sum(latencies[cam]))
+                below_1s = samples["scorecam_latency_seconds_bucket"][
+                    (("le", "1.0"), ("stream", cam))
+                ]
+                assert below_1s == sum(s <= 1.0 for s in latencies[cam])
+            for name in samples:  # nothing without a stream label
+                assert all(dict(labels).get("stream") in cams for labels in samples[name]), name
+    finally:
+        server.close()
+
+
+def test_a_board_stays_as_one_run_was_and_refuses_equal_labels():
+    board = monitoring.MetricsBoard(["cam"])
+    samples = parse(board.text())
+    expected = {f"scorecam_{name}_total" for name in COUNTERS} | {"scorecam_workers_alive"}
+    assert expected <= set(samples)
+    assert all(value(samples, name, "cam") == 0 for name in expected)  # zero until tracked
+    with pytest.raises(ValueError, match="'cam'"):
+        monitoring.MetricsBoard(["cam", "other", "cam"])
+    with pytest.raises(ValueError):
+        monitoring.MetricsBoard([])
 
 
 def test_the_stream_label_leaves_out_a_urls_credentials():

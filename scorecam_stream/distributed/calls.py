@@ -61,7 +61,7 @@ class Pool(Protocol):
 class Run:
     """One ``explain`` (or ``classify``) call: its frames, output order and reuse state."""
 
-    order: int  # runs that began earlier come first
+    order: int  # when it began, on the clock its frames' turns are taken from
     tracker: InflightTracker[Any]  # partials: ShardResult, or logits (R, C) when reusing
     max_held: int
     buffer: ReorderBuffer[tuple[Any, FrameResult | None]] = field(default_factory=ReorderBuffer)
@@ -113,9 +113,14 @@ class Call(ABC):
     def describe(self) -> str:
         """Return what the call computes, for messages (e.g. "frame 3: shard [0, 8)")."""
 
-    def rank(self) -> tuple[int, int, int]:
-        """Return (run, frame, shard): the queue sends the oldest run's first frame first."""
-        return (self.run.order, -1, 0)
+    def rank(self, fair: bool) -> tuple[int, int, int]:
+        """Return the call's place in the queue, the lowest sent first.
+
+        (run, frame, shard): the oldest run's first frame first. ``fair``: (turn, shard, 0),
+        the frames of every run in the order they were admitted, so that concurrent runs (live
+        streams) take turns.
+        """
+        return (self.run.order, -1, 0)  # no frame: the run's own turn, in either order
 
     def failed(self, failure: Failure, policy: RetryPolicy) -> ScoreCamError | None:
         """Count ``failure``; return the run's error, or None when the call is to go again."""
@@ -172,8 +177,13 @@ class FrameCall(Call):
         if self.frame.began is None:  # a frame's time runs from its first call
             self.frame.began = time.perf_counter()
 
-    def rank(self) -> tuple[int, int, int]:
-        return (self.run.order, self.frame.seq, 0)
+    def rank(self, fair: bool) -> tuple[int, int, int]:
+        frame, part = self.frame, self.part()
+        return (frame.turn, part, 0) if fair else (self.run.order, frame.seq, part)
+
+    def part(self) -> int:
+        """Return the call's place among its frame's calls: its shard, 0 for the others."""
+        return 0
 
     def finished(self, result: FrameResult, context: Context) -> None:
         """Send the frame's ``result`` on: to its metric passes first with ``--metrics``."""
@@ -268,8 +278,8 @@ class Shard(FrameCall):
         index, targets, probs = frame.task.index, frame.targets, frame.probs
         return make_result(index, maps, targets, probs, skipped, self.seconds(), passes)
 
-    def rank(self) -> tuple[int, int, int]:
-        return (self.run.order, self.frame.seq, self.shard)
+    def part(self) -> int:
+        return self.shard
 
     def describe(self) -> str:
         return f"frame {self.frame.task.index}: shard [{self.start}, {self.stop})"

@@ -39,7 +39,9 @@ class RayExplainer(ShardedExplainer):
     ``dist.gpus`` GPU workers or ``dist.workers`` CPU workers and waits for them. Use it as a
     context manager or call :meth:`close`. ``worker_cls``: :class:`Worker` or a subclass.
     ``live``: one frame in flight whatever ``dist`` says (its passes spread over every worker,
-    so its map is ready soonest; the next frame is the newest one when this one is done).
+    so its map is ready soonest; the next frame is the newest one when this one is done), and
+    concurrent runs (live streams sharing the workers) served in turn, frame by frame
+    (``ShardedExplainer(fair=True)``).
     """
 
     def __init__(
@@ -107,6 +109,7 @@ class RayExplainer(ShardedExplainer):
             weighting=Weighting.resolve(
                 engine.variant, engine.score, engine.channel_softmax, engine.combine
             ),
+            fair=live,
         )
 
     @property
@@ -139,6 +142,7 @@ class RayExplainer(ShardedExplainer):
             scoring=self.scoring,
             timeout=self._pool.timeout,
             weighting=self.weighting,
+            fair=self.fair,
         )
 
     def close(self) -> None:
@@ -168,6 +172,7 @@ class PortableExplainer:
     scoring: bool
     timeout: float
     weighting: Weighting
+    fair: bool = False
 
     def open(self) -> ShardedExplainer:
         """Return an explainer over the workers, for this process."""
@@ -181,6 +186,7 @@ class PortableExplainer:
             policy=self.policy,
             scoring=self.scoring,
             weighting=self.weighting,
+            fair=self.fair,
         )
 
 

@@ -16,8 +16,10 @@ call is an object of :mod:`.calls` that knows what it sends and what its reply d
 queues the calls, sends them to free workers and hands the replies back.
 
 Several runs (``explain`` calls, e.g. one per video) may go on at once from different threads:
-they share the workers, the oldest run's calls first. One thread at a time waits on the pool
-and handles every run's replies; the others wait for it.
+they share the workers, the oldest run's calls first (a batch: each video is done soonest in
+turn), or with ``fair`` every run's frames in the order they came (live streams: one frame in
+flight each, they take turns and none starves). One thread at a time waits on the pool and
+handles every run's replies; the others wait for it.
 
 Faults, one policy (:class:`~scorecam_stream.scheduler.RetryPolicy`): a call whose worker died
 goes to another worker; one that raised is sent again ``max_shard_retries`` times, then the run
@@ -65,13 +67,15 @@ class DispatchStats:
 
 
 class CallQueue:
-    """The calls waiting for a worker: oldest run, frame and shard first.
+    """The calls waiting for a worker: oldest run, frame and shard first; with ``fair``, the
+    frames of every run in the order they were admitted, then shard order.
 
     A call with a preferred worker (a frame's first shard, whose base pass is cached there) is
     offered to that worker first, and to any other once it is busy or down.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, fair: bool = False) -> None:
+        self.fair = fair
         self._pending: list[tuple[int, int, int, int, Call]] = []  # heap by rank, then age
         self._preferred: list[Call] = []
         self._age = itertools.count()  # the tie-breaker of the heap
@@ -81,7 +85,7 @@ class CallQueue:
         if call.prefer is not None:
             self._preferred.append(call)
             return
-        heapq.heappush(self._pending, (*call.rank(), next(self._age), call))
+        heapq.heappush(self._pending, (*call.rank(self.fair), next(self._age), call))
 
     def drop(self, run: Run) -> None:
         """Forget the calls of ``run``."""
@@ -115,7 +119,8 @@ class ShardedExplainer:
 
     ``meta`` is the model's preprocessing and class names, as the workers loaded it;
     ``scoring``: each frame's faithfulness metrics are computed too (the workers were started
-    with metrics).
+    with metrics); ``fair``: concurrent runs are served frame by frame in the order their
+    frames came, not the oldest run first (see the module docstring).
     """
 
     def __init__(
@@ -129,6 +134,7 @@ class ShardedExplainer:
         policy: RetryPolicy,
         scoring: bool = False,
         weighting: Weighting | None = None,
+        fair: bool = False,
     ) -> None:
         if topk < 1:
             raise ScoreCamError(f"--topk must be >= 1, got {topk}")
@@ -139,18 +145,19 @@ class ShardedExplainer:
         self.max_inflight = max_inflight
         self.policy = policy
         self.scoring = scoring
+        self.fair = fair
         self.weighting = weighting or Weighting()  # how a reusing run's maps are summed
         self.stats = DispatchStats()
         self._closed = False
         self._cond = threading.Condition()
         self._runs: list[Run] = []
-        self._queue = CallQueue()
+        self._queue = CallQueue(fair)
         self._context = Context(topk, shards_per_frame, scoring, self._queue.push)
         self._polling = False  # a thread is waiting on the pool for everyone
         # The workers' cache keys: unique across explainers, since explainers in other
         # processes (Ray tasks, see cluster.PortableExplainer) may share these workers.
         self._keys = zip(itertools.repeat(uuid.uuid4().hex), itertools.count())
-        self._order = itertools.count()  # runs: the older first
+        self._clock = itertools.count()  # turns: runs as they begin, frames as they come
 
     # ------------------------------------------------------------------ public API
 
@@ -234,8 +241,9 @@ class ShardedExplainer:
     def _open_run(self, max_inflight: int) -> Run:
         if self._closed:
             raise RuntimeError("the explainer is closed")
-        run = Run(next(self._order), InflightTracker(max_inflight), max_held_items(max_inflight))
-        with self._cond:
+        tracker = InflightTracker[Any](max_inflight)
+        with self._cond:  # its turn on the clock that frames take theirs from
+            run = Run(next(self._clock), tracker, max_held_items(max_inflight))
             self._runs.append(run)
         return run
 
@@ -272,8 +280,9 @@ class ShardedExplainer:
                 if task is None:
                     run.buffer.push(seq, (payload, None))
                     continue
+                turn, key = next(self._clock), next(self._keys)
                 frame = run.tracker.admit(
-                    seq, key=next(self._keys), payload=payload, task=task, ref=ref
+                    seq, turn=turn, key=key, payload=payload, task=task, ref=ref
                 )
                 self._queue.push(first(run, frame))
 
@@ -304,7 +313,7 @@ class ShardedExplainer:
     # ------------------------------------------------------------------ calls (lock held)
 
     def _dispatch(self) -> None:
-        """Send queued calls, oldest run and frame first, to the workers that have room."""
+        """Send queued calls, in the queue's order, to the workers that have room."""
         self.stats.calls += self._queue.send(self.pool, self._context)
 
     def _handle(self, reply: Any) -> None:

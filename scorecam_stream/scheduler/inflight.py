@@ -59,6 +59,7 @@ class FrameState(Generic[T]):
     """
 
     seq: int  # position in its run's input: the order of output
+    turn: int = 0  # when it was admitted, among the frames of every run (the fair order)
     key: Any = None  # the workers' cache key: unique among every frame its workers see
     payload: Any = None  # what the caller gets back with the result
     task: Any = None  # the frame's FrameTask
