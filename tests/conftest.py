@@ -8,7 +8,10 @@ import numpy as np
 import pytest
 import torch
 from clips import CLIP_FRAMES, make_clip
+from helpers import scrape
 from torch import nn
+
+from scorecam_stream import monitoring
 
 
 class TinyCNN(nn.Module):
@@ -74,3 +77,19 @@ def clip(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("clip") / "clip.mp4"
     make_clip(path, count=CLIP_FRAMES, audio="aac")
     return path
+
+
+@pytest.fixture
+def last_scrape(monkeypatch) -> list[dict]:
+    """Scrape the metrics once more as each run ends, over HTTP, just before its server closes."""
+    seen: list[dict] = []
+    close = monitoring.MetricsServer.close
+
+    def scrape_then_close(server: monitoring.MetricsServer) -> None:
+        try:
+            seen.append(scrape(server.port))
+        finally:
+            close(server)
+
+    monkeypatch.setattr(monitoring.MetricsServer, "close", scrape_then_close)
+    return seen

@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import av
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from clips import CLIP_FRAMES
+from prometheus_client.parser import text_string_to_metric_families
 
 from scorecam_stream.cli import main
 
@@ -246,3 +248,28 @@ def reference_map(
 def assert_maps_close(ours, ref, rtol=1e-5):
     scale = max(float(ref.abs().max()), 1e-6)
     assert float((ours - ref).abs().max()) <= rtol * scale + 1e-7
+
+
+# --- Prometheus metrics, scraped with a real HTTP client ---------------------------------
+
+
+def scrape(port: int) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+    """Return {sample name: {labels: value}} of http://127.0.0.1:PORT/metrics."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        assert response.status == 200
+        return parse(response.read().decode())
+
+
+def parse(text: str) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+    """Return {sample name: {labels: value}} of metrics in Prometheus' text format."""
+    samples: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = tuple(sorted(sample.labels.items()))
+            samples.setdefault(sample.name, {})[labels] = sample.value
+    return samples
+
+
+def value(samples: dict, name: str, stream: str) -> float:
+    """Return the value of sample ``name`` with only the label stream=``stream``."""
+    return samples[name][(("stream", stream),)]

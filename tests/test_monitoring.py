@@ -16,36 +16,13 @@ from contextlib import contextmanager
 
 import pytest
 from clips import FAST, SLOW, udp_source
-from helpers import free_port, records
-from prometheus_client.parser import text_string_to_metric_families
+from helpers import free_port, parse, records, scrape, value
 
 from scorecam_stream import monitoring, video
 from scorecam_stream.cli import main
 from scorecam_stream.config import MonitoringConfig
 
 COUNTERS = ("frames_in", "frames_written", "frames_explained", "frames_dropped", "reconnects")
-
-
-def scrape(port: int) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
-    """Return {sample name: {labels: value}} of http://127.0.0.1:PORT/metrics."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-        assert response.status == 200
-        return parse(response.read().decode())
-
-
-def parse(text: str) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
-    """Return {sample name: {labels: value}} of metrics in Prometheus' text format."""
-    samples: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            labels = tuple(sorted(sample.labels.items()))
-            samples.setdefault(sample.name, {})[labels] = sample.value
-    return samples
-
-
-def value(samples: dict, name: str, stream: str) -> float:
-    """Return the value of sample ``name`` with only the label stream=``stream``."""
-    return samples[name][(("stream", stream),)]
 
 
 @contextmanager
@@ -68,22 +45,6 @@ def scraping(port: int) -> Iterator[list[dict]]:
     finally:
         stop.set()
         thread.join(timeout=10)
-
-
-@pytest.fixture
-def last_scrape(monkeypatch) -> list[dict]:
-    """Scrape the metrics once more as each run ends, over HTTP, just before its server closes."""
-    seen: list[dict] = []
-    close = monitoring.MetricsServer.close
-
-    def scrape_then_close(server: monitoring.MetricsServer) -> None:
-        try:
-            seen.append(scrape(server.port))
-        finally:
-            close(server)
-
-    monkeypatch.setattr(monitoring.MetricsServer, "close", scrape_then_close)
-    return seen
 
 
 @pytest.mark.slow  # a 3 s live source and a whole run

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
 import threading
 import time
 
 import pytest
 from clips import SLOW, read_timing, udp_source
-from helpers import records
+from helpers import SCRIPT, free_port, records, sigint_as_ctrl_c, value, wait_for_records
 
 from scorecam_stream.batch import FairLock, plan_streams, stream_name
 from scorecam_stream.cli import main
@@ -136,3 +138,53 @@ def test_a_stream_that_ends_or_fails_leaves_the_others_running(tmp_path, capsys)
     err = capsys.readouterr().err
     assert "1 input(s) failed" in err and refused in err
     assert json.loads((tmp_path / "jsonl" / "b.jsonl").read_text().splitlines()[-1])["summary"]
+
+
+@pytest.mark.slow  # two 4 s live sources, two Ray workers
+def test_two_streams_share_two_ray_workers_and_one_metrics_port(tmp_path, last_scrape):
+    port = free_port()
+    metrics = ["--prometheus-port", str(port), "--prometheus-addr", "127.0.0.1"]
+    ray = ["--workers", "2", "--read-timeout", "3", "--reconnect", "0"]
+    with udp_source(4.0) as (url_a, _, _), udp_source(4.0) as (url_b, _, _):
+        code, found = _stream_run(tmp_path, [url_a, url_b], *ray, *metrics, *SLOW)
+    assert code == 0
+    a, b = (found[n][1]["frames_explained"] for n in "ab")
+    assert min(a, b) > 0 and min(a, b) * 3 >= max(a, b)
+    # One port, each stream under its own label, ending as its own summary says.
+    (final,) = last_scrape
+    for name, url in (("a", url_a), ("b", url_b)):
+        explained, summary, frames = found[name]
+        assert summary["frames_in"] == summary["frames_written"] == frames > 0
+        assert value(final, "scorecam_frames_explained_total", url) == len(explained)
+        assert value(final, "scorecam_frames_written_total", url) == frames
+        assert value(final, "scorecam_workers_alive", url) == 2
+
+
+@pytest.mark.slow  # two 30 s live sources, stopped by Ctrl-C
+def test_ctrl_c_stops_every_stream_and_each_finishes_its_outputs(tmp_path):
+    out, logs = tmp_path / "out", tmp_path / "logs"
+    with udp_source(30.0) as (url_a, _, _), udp_source(30.0) as (url_b, _, _):
+        process = subprocess.Popen(
+            [SCRIPT, url_a, url_b, "-o", f"{out}/", "--jsonl", f"{logs}/", *SLOW],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            preexec_fn=sigint_as_ctrl_c,
+        )
+        try:
+            for url in (url_a, url_b):
+                jsonl = logs / f"{stream_name(url)}.jsonl"
+                wait_for_records(process, tmp_path, count=1, timeout=90, live_jsonl=jsonl)
+            process.send_signal(signal.SIGINT)
+            _, err = process.communicate(timeout=60)
+        finally:
+            if process.poll() is None:
+                process.kill()
+    assert process.returncode == 0, err
+    for url in (url_a, url_b):
+        name = stream_name(url)
+        _, summary = records(logs / f"{name}.jsonl")
+        assert summary["stopped_by"] == "signal"
+        playlist = (out / f"{name}.m3u8").read_text()
+        assert playlist.rstrip().endswith("#EXT-X-ENDLIST")  # closed, not cut off
+        assert len(read_timing(out / f"{name}.m3u8")[1]) == summary["frames_written"] > 0

@@ -158,7 +158,9 @@ class _Loading:
     """The streams' one explainer, made in a thread of its own; every call waits until it is.
 
     In-process, its one model takes the streams' frames in turn (a fair lock); the Ray
-    explainer serves the streams' frames first come, first served.
+    explainer serves the streams' frames first come, first served. The thread that made it
+    also closes it, and lives until then: a local Ray instance's processes are started with
+    PR_SET_PDEATHSIG, so they are killed when the *thread* that started them ends.
     """
 
     def __init__(self, make: Callable[[], OwnedExplainer]) -> None:
@@ -166,19 +168,27 @@ class _Loading:
         self._shared: SharedExplainer | None = None
         self._error: BaseException | None = None
         self._ready = threading.Event()
+        self._closing = threading.Event()
         self._thread = threading.Thread(
-            target=self._load, args=(make,), daemon=True, name="load-explainer"
+            target=self._hold, args=(make,), daemon=True, name="explainer"
         )
         self._thread.start()
 
-    def _load(self, make: Callable[[], OwnedExplainer]) -> None:
+    def _hold(self, make: Callable[[], OwnedExplainer]) -> None:
+        """Make the explainer, keep it until :meth:`close`, then close it (this same thread)."""
         try:
             made = self._made = make()
             self._shared = SharedExplainer(made, serialize=isinstance(made, LocalExplainer))
         except BaseException as err:  # raised again to every caller
             self._error = err
+            return
         finally:
             self._ready.set()
+        self._closing.wait()
+        try:
+            made.close()
+        except Exception:
+            log.exception("closing the streams' explainer failed")
 
     def wait(self) -> SharedExplainer:
         """Return the explainer once made; raise what making it raised."""
@@ -210,10 +220,9 @@ class _Loading:
         return 0 if shared is None else shared.workers_up()
 
     def close(self) -> None:
-        """Release the workers, once made."""
+        """Release the workers (once made: a close during start-up waits for it)."""
+        self._closing.set()
         self._thread.join()
-        if self._made is not None:
-            self._made.close()
 
 
 class _Streams:
