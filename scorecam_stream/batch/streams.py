@@ -12,7 +12,6 @@ running; Ctrl-C or SIGTERM stops them all as it stops one live run: each finishe
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import queue
 import re
@@ -117,7 +116,7 @@ def run_streams(
     for directory in (batch.output_dir, batch.maps_dir, batch.jsonl_dir, batch.preview_dir):
         if directory:
             Path(directory).mkdir(parents=True, exist_ok=True)
-    configs = [_stream_config(base, job) for job in jobs]
+    configs = [config_for(base, job) for job in jobs]
     with contextlib.ExitStack() as stack:
         boards = _serve_metrics(base, jobs, stack)
         # The model loads (or Ray starts) while the streams' readers start: no source waits.
@@ -132,20 +131,13 @@ def run_streams(
     return BatchResult(tuple(records), time.perf_counter() - began)
 
 
-def _stream_config(base: Config, job: Job) -> Config:
-    """Return one stream's Config: the shared settings, its input and paths, no own server."""
-    config = config_for(base, job)
-    if config.monitoring.prometheus_port is None:
-        return config
-    return dataclasses.replace(  # served once for every stream, by run_streams
-        config, monitoring=dataclasses.replace(config.monitoring, prometheus_port=None)
-    )
-
-
 def _serve_metrics(
     base: Config, jobs: list[Job], stack: contextlib.ExitStack
 ) -> dict[str, RunMetrics]:
-    """Return each stream's Prometheus metrics, all served on one port (none without one)."""
+    """Return each stream's Prometheus metrics, all served on one port (none without one).
+
+    Each stream's run is given its own (``pipeline.run(monitor=...)``), so it serves none.
+    """
     if base.monitoring.prometheus_port is None:
         return {}
     labels = [monitoring.stream_label(job.input) for job in jobs]
