@@ -231,7 +231,7 @@ class Worker:
             raise RuntimeError("this worker was started without metrics")
         return self.scorer(self.model_input(x[None])[0], map_, int(target))
 
-    def classify_batch(self, xs: torch.Tensor) -> torch.Tensor:
+    def classify_frames(self, xs: torch.Tensor) -> torch.Tensor:
         """Return the logits (N, C) on CPU of a batch of model inputs (no caching)."""
         return self.engine.classify(self.model_input(xs)).cpu()
 
@@ -289,7 +289,7 @@ class LocalExplainer:
 
     def classify(self, xs: torch.Tensor) -> torch.Tensor:
         """Return logits (N, C) on CPU."""
-        return self.worker.classify_batch(xs)
+        return self.worker.classify_frames(xs)
 
     def explain(
         self, items: Iterable[tuple[P, FrameTask | None]], reuse: ReuseOptions | None = None

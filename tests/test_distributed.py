@@ -243,7 +243,7 @@ def test_matches_local_in_order_with_bounded_inflight_then_closes(
         local = Worker(model, ENGINE)
         assert explainer.meta == local.meta()
         with one_thread():
-            expected = local.classify_batch(frames)
+            expected = local.classify_frames(frames)
         torch.testing.assert_close(explainer.classify(frames), expected, rtol=1e-5, atol=1e-6)
         for payload, result in explainer.explain(counted(make_items(frames))):
             if result is not None:

@@ -368,7 +368,7 @@ def test_concurrent_runs_share_the_workers(make_worker, frames, reference):
     for marks in ("a:", "b:"):
         assert_same([(p.removeprefix(marks), r) for p, r in outs[marks]], reference)
     logits = explainer.classify(frames[:2])
-    torch.testing.assert_close(logits, make_worker().classify_batch(frames[:2]))
+    torch.testing.assert_close(logits, make_worker().classify_frames(frames[:2]))
 
 
 @pytest.mark.slow  # frames and their metric passes through real workers

@@ -190,7 +190,7 @@ def test_worker_gives_the_same_result_for_uint8_and_float_frames(squeezenet):
     assert np.array_equal(by_bytes.maps, by_float.maps)
     assert np.array_equal(by_bytes.targets, by_float.targets)
     torch.testing.assert_close(
-        worker.classify_batch(small[None]), worker.classify_batch(host[None]), rtol=0, atol=0
+        worker.classify_frames(small[None]), worker.classify_frames(host[None]), rtol=0, atol=0
     )
 
 

@@ -89,7 +89,7 @@ def test_worker_targets_and_passes_gives_targets_probs_and_the_work_of_each_chan
     fixed, fixed_probs, _ = worker.targets_and_passes(7, inputs[0], (4, 1), 3)
     assert fixed.tolist() == [4, 1]  # fixed classes as given, whatever topk says
     torch.testing.assert_close(fixed_probs, logits.softmax(0)[[4, 1]], rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(worker.classify_batch(inputs[:2])[0], logits, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(worker.classify_frames(inputs[:2])[0], logits, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize(
@@ -127,7 +127,7 @@ def test_worker_shards_sum_to_the_whole_frame(worker, inputs):
     np.testing.assert_allclose(combine_shards(shards)[0].numpy(), whole.maps, rtol=1e-5, atol=1e-6)
     assert whole.skipped == sum(int(s.skipped[0]) for s in shards)
     top = worker.explain(FrameTask(index=12, x=inputs[2]), topk=2)
-    logits = worker.classify_batch(inputs[2:3])[0]
+    logits = worker.classify_frames(inputs[2:3])[0]
     assert top.targets.tolist() == logits.topk(2).indices.tolist()
     np.testing.assert_allclose(top.probs, logits.softmax(0)[top.targets].numpy(), rtol=1e-5)
 

@@ -4,7 +4,7 @@ A frame's calls, in order: :class:`Classify` (its base pass, targets and the wor
 channel), one :class:`Shard` per channel range, then :class:`Score` with ``--metrics``. A run
 that reuses passes across frames (``--fidelity`` below 1) asks :class:`View` instead of
 :class:`Classify` and one :class:`ChannelLogits` per range of the channels its stream's state
-chose. :class:`ClassifyBatch` is the logits of a batch of model inputs (no frame).
+chose. :class:`ClassifyFrames` is the logits of a stack of model inputs (no frame).
 
 Each call knows the worker method it sends (:meth:`Call.send`), what its reply does
 (:meth:`Call.answered`: plan the frame's shards, sum them, score the map, put the result out) and
@@ -148,10 +148,10 @@ class Call(ABC):
 
 
 @dataclass(eq=False)
-class ClassifyBatch(Call):
+class ClassifyFrames(Call):
     """The logits (N, C) of a batch of model inputs ``xs`` (N, 3, S, S), on one worker."""
 
-    method = "classify_batch"
+    method = "classify_frames"
 
     xs: torch.Tensor
     logits: torch.Tensor | None = field(default=None, init=False)  # the reply, once back

@@ -50,7 +50,7 @@ from ..scheduler.inflight import InflightTracker
 from ..scheduler.planning import max_held_items
 from ..weighting import Weighting
 from ..workers import P
-from .calls import Call, Classify, ClassifyBatch, Context, Pool, Run, View
+from .calls import Call, Classify, ClassifyFrames, Context, Pool, Run, View
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +170,7 @@ class ShardedExplainer:
     def classify(self, xs: torch.Tensor) -> torch.Tensor:
         """Return the logits (N, C) on CPU of model inputs ``xs`` (N, 3, S, S), on one worker."""
         run = self._open_run(1)
-        call = ClassifyBatch(run, xs)
+        call = ClassifyFrames(run, xs)
         try:
             with self._cond:
                 self._queue.push(call)
