@@ -232,7 +232,7 @@ class Worker:
         return self.scorer(self.model_input(x[None])[0], map_, int(target))
 
     def classify_frames(self, xs: torch.Tensor) -> torch.Tensor:
-        """Return the logits (N, C) on CPU of a batch of model inputs (no caching)."""
+        """Return the logits (N, C) on CPU of a stack of model inputs (no caching)."""
         return self.engine.classify(self.model_input(xs)).cpu()
 
     def model_input(self, xs: torch.Tensor) -> torch.Tensor:
