@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 import threading
 import time
 from pathlib import Path
@@ -44,7 +45,8 @@ def default_output(input_path: str, is_image: bool) -> Path:
 def make_explainer(config: Config, live: bool = False) -> OwnedExplainer:
     """Return the in-process explainer, or the Ray one when workers/GPUs/address are given.
 
-    Live, the Ray explainer keeps one frame in flight (its map ready soonest).
+    Live, the Ray explainer keeps one frame in flight (its map ready soonest), and the
+    in-process one leaves a core to decoding and encoding (:func:`live_torch_threads`).
     """
     topk = config.explain.topk
     evaluation = config.evaluation  # --metrics: the workers score their maps too
@@ -54,7 +56,19 @@ def make_explainer(config: Config, live: bool = False) -> OwnedExplainer:
         return RayExplainer(
             config.model, config.engine, config.distributed, topk, evaluation=evaluation, live=live
         )
-    return LocalExplainer(Worker(config.model, config.engine, evaluation=evaluation), topk)
+    threads = live_torch_threads() if live else None
+    worker = Worker(config.model, config.engine, threads=threads, evaluation=evaluation)
+    return LocalExplainer(worker, topk)
+
+
+def live_torch_threads(cpus: int | None = None) -> int:
+    """Return the torch threads of an in-process live run: every core but one.
+
+    The reader decodes and the encoder encodes every frame of the source at its pace; with
+    torch on every core they fall behind and frames are dropped. One core is left to them.
+    """
+    cpus = cpus if cpus is not None else len(os.sched_getaffinity(0))
+    return max(1, cpus - 1)
 
 
 def _read_timeout(config: Config, live: bool) -> float | None:

@@ -84,6 +84,8 @@ class Worker:
         cache_frames: int = 16,
         evaluation: EvaluationConfig | None = None,
     ) -> None:
+        # torch's threads are the process's: LocalExplainer.close gives the caller's back.
+        self.threads_before = torch.get_num_threads() if threads else None
         if threads:
             torch.set_num_threads(threads)
         if not model.device.startswith("cuda"):
@@ -317,4 +319,6 @@ class LocalExplainer:
         return 1
 
     def close(self) -> None:
-        """Nothing to release."""
+        """Give this process back the torch threads it had before the worker set its own."""
+        if self.worker.threads_before is not None:
+            torch.set_num_threads(self.worker.threads_before)

@@ -118,10 +118,13 @@ def main(argv: list[str] | None = None) -> int:
         help="one in-process row per --fidelity (default 1.0 = exact, and 0.99)",
     )
     parser.add_argument("--no-ray", action="store_true", help="in-process rows only")
+    parser.add_argument("--output-size", help="WxH: scale the output (scorecam-video's option)")
     args = parser.parse_args(argv)
     width, height = (int(v) for v in args.size.split("x"))
     frames = pan_zoom_frames(round(args.seconds * args.fps), width, height)
     base = ["--config", args.config, "--read-timeout", "2"]
+    if args.output_size:
+        base += ["--output-size", args.output_size]
     rows = {f"1 process, fidelity {f:g}": [*base, "--fidelity", str(f)] for f in args.fidelity}
     if args.no_ray:
         pass
@@ -140,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         f"# {platform.machine()}, {torch.get_num_threads()} torch threads, torch "
         f"{torch.__version__}; source {args.seconds:g} s at {args.fps} fps, {args.size}; "
         f"{Path(args.config).name}"
+        + (f"; output {args.output_size}" if args.output_size else "")
     )
     print(
         f"{'run':<28} {'startup s':>9} {'explained':>9} {'maps/s':>7} "

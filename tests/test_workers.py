@@ -14,6 +14,7 @@ import torch
 from scorecam_stream import ScoreCamError
 from scorecam_stream.config import EngineConfig, ModelConfig
 from scorecam_stream.outputs import PreviewSampler
+from scorecam_stream.pipeline import live_torch_threads
 from scorecam_stream.records import FrameTask
 from scorecam_stream.weighting import combine_shards
 from scorecam_stream.workers import LocalExplainer, Worker
@@ -166,3 +167,15 @@ def test_preview_tiles_of_wide_frames_are_wider():
     narrow = PreviewSampler(count=2, tile_width=320, min_tile_height=180)
     narrow.offer(np.zeros((480, 640, 3), np.uint8))
     assert narrow._kept[0].shape[:2] == (240, 320)
+
+
+def test_a_live_run_leaves_a_core_to_decode_and_encode_and_gives_the_threads_back():
+    assert [live_torch_threads(n) for n in (1, 2, 16)] == [1, 1, 15]
+    before = torch.get_num_threads()
+    wanted = 2 if before == 1 else 1  # another count than the process has
+    explainer = LocalExplainer(
+        Worker(ModelConfig(spec="efficientnet_lite0", input_size=48), ENGINE, threads=wanted)
+    )
+    assert torch.get_num_threads() == wanted
+    explainer.close()
+    assert torch.get_num_threads() == before
