@@ -2,6 +2,7 @@
 
     python scripts/bench_live.py                           # 30 s source, exact and 0.99, 2 workers
     python scripts/bench_live.py --fidelity 1 0.99 0.95 --no-ray   # reuse, in-process only
+    python scripts/bench_live.py --streams 2 --fidelity 0.99   # two sources in one run
     python scripts/bench_live.py --seconds 60 --workers 4 --config configs/vgg16-gpu.yaml --gpus
 
 A synthetic clip (the quick start's pan/zoom over a cat photo) is sent as MPEG-TS over UDP to
@@ -12,7 +13,8 @@ reports, over the steady state (from the first map on; start-up is reported apar
 - latency p50/p95: from a frame's arrival at the reader to its map being ready;
 - output fps: frames written per second of source (a real-time copy writes them all).
 Splitting each frame's passes over N workers makes each map ready ~N times sooner: lower
-latency and more frames explained.
+latency and more frames explained. ``--streams N``: N sources explained in one run sharing the
+model (or the workers), a row per stream.
 """
 
 from __future__ import annotations
@@ -67,18 +69,32 @@ def send(url: str, frames: list[np.ndarray], fps: int) -> None:
         output.mux(stream.encode(None))
 
 
-def run_live(frames: list[np.ndarray], fps: int, options: list[str], scratch: Path) -> dict:
-    """Explain one live run of ``frames``; return its figures."""
-    url = f"udp://127.0.0.1:{free_udp_port()}"
-    out, jsonl = scratch / "live.mp4", scratch / "live.jsonl"
-    sender = threading.Thread(target=send, args=(url, frames, fps), daemon=True)
-    sender.start()
-    code = scorecam_video(
-        [url, "-o", str(out), "--jsonl", str(jsonl), "--overwrite", "--quiet", *options]
-    )
-    sender.join()
+def run_live(
+    frames: list[np.ndarray], fps: int, options: list[str], scratch: Path, streams: int = 1
+) -> list[dict]:
+    """Explain ``streams`` live sources of ``frames`` in one run; return each one's figures."""
+    urls = [f"udp://127.0.0.1:{free_udp_port()}" for _ in range(streams)]
+    senders = [threading.Thread(target=send, args=(url, frames, fps), daemon=True) for url in urls]
+    if streams == 1:
+        jsonls = [scratch / "live.jsonl"]
+        outputs = ["-o", str(scratch / "live.mp4"), "--jsonl", str(jsonls[0])]
+    else:  # several streams in one run: DIR/<name>.m3u8 and DIR/<name>.jsonl
+        names = [f"s{i}" for i in range(streams)]
+        jsonls = [scratch / "jsonl" / f"{name}.jsonl" for name in names]
+        outputs = ["-o", f"{scratch / 'out'}/", "--jsonl", f"{scratch / 'jsonl'}/"]
+        outputs += [flag for name in names for flag in ("--name", name)]
+    for sender in senders:
+        sender.start()
+    code = scorecam_video([*urls, *outputs, "--overwrite", "--quiet", *options])
+    for sender in senders:
+        sender.join()
     if code != 0:
         raise SystemExit(f"scorecam-video exited {code} for {options}")
+    return [_figures(jsonl, len(frames), fps) for jsonl in jsonls]
+
+
+def _figures(jsonl: Path, frames: int, fps: int) -> dict:
+    """Return one stream's figures from its jsonl records and summary."""
     lines = [json.loads(line) for line in jsonl.read_text().splitlines()]
     records, summary = lines[:-1], lines[-1]["summary"]
     first = records[0]
@@ -94,7 +110,7 @@ def run_live(frames: list[np.ndarray], fps: int, options: list[str], scratch: Pa
         "maps_per_s": len(steady) / span,
         "latency_p50_ms": float(np.percentile(latencies, 50)),
         "latency_p95_ms": float(np.percentile(latencies, 95)),
-        "output_fps": summary["frames_written"] / (len(frames) / fps),
+        "output_fps": summary["frames_written"] / (frames / fps),
         "dropped": summary["frames_dropped"],
         "passes_per_map": summary.get("passes_per_frame"),
         "fidelity_min": summary.get("fidelity_min"),
@@ -118,6 +134,9 @@ def main(argv: list[str] | None = None) -> int:
         help="one in-process row per --fidelity (default 1.0 = exact, and 0.99)",
     )
     parser.add_argument("--no-ray", action="store_true", help="in-process rows only")
+    parser.add_argument(
+        "--streams", type=int, default=1, help="live sources explained together in each run"
+    )
     parser.add_argument("--output-size", help="WxH: scale the output (scorecam-video's option)")
     args = parser.parse_args(argv)
     width, height = (int(v) for v in args.size.split("x"))
@@ -142,8 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"# {platform.machine()}, {torch.get_num_threads()} torch threads, torch "
         f"{torch.__version__}; source {args.seconds:g} s at {args.fps} fps, {args.size}; "
-        f"{Path(args.config).name}"
-        + (f"; output {args.output_size}" if args.output_size else "")
+        f"{Path(args.config).name}" + (f"; output {args.output_size}" if args.output_size else "")
     )
     print(
         f"{'run':<28} {'startup s':>9} {'explained':>9} {'maps/s':>7} "
@@ -151,15 +169,17 @@ def main(argv: list[str] | None = None) -> int:
         f"{'min r':>6}"
     )
     with tempfile.TemporaryDirectory() as scratch:
-        for name, options in rows.items():
-            r = run_live(frames, args.fps, options, Path(scratch))
-            print(
-                f"{name:<28} {r['startup_s']:>9.1f} {r['explained_fraction']:>9.1%} "
-                f"{r['maps_per_s']:>7.2f} {r['latency_p50_ms']:>8.0f} {r['latency_p95_ms']:>8.0f} "
-                f"{r['output_fps']:>8.2f} {r['dropped']:>7d} "
-                f"{r['passes_per_map'] or float('nan'):>10.1f} "
-                f"{r['fidelity_min'] if r['fidelity_min'] is not None else float('nan'):>6.3f}"
-            )
+        for row, options in rows.items():
+            figures = run_live(frames, args.fps, options, Path(scratch), args.streams)
+            for i, r in enumerate(figures):
+                name = row if args.streams == 1 else f"{row}, s{i}"
+                print(
+                    f"{name:<28} {r['startup_s']:>9.1f} {r['explained_fraction']:>9.1%} "
+                    f"{r['maps_per_s']:>7.2f} {r['latency_p50_ms']:>8.0f} "
+                    f"{r['latency_p95_ms']:>8.0f} {r['output_fps']:>8.2f} {r['dropped']:>7d} "
+                    f"{r['passes_per_map'] or float('nan'):>10.1f} "
+                    f"{r['fidelity_min'] if r['fidelity_min'] is not None else float('nan'):>6.3f}"
+                )
             sys.stdout.flush()
     return 0
 
