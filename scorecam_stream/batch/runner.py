@@ -27,7 +27,7 @@ from .jobs import (
     with_batch_defaults,
 )
 from .records import BatchProgress, BatchResult, SummaryWriter, Tally, VideoRecord
-from .shared import SharedExplainer
+from .shared import SharedExplainer, arrivals
 from .streams import run_streams
 
 log = logging.getLogger(__name__)
@@ -139,18 +139,9 @@ class _Pool:
         ]
         for worker in workers:
             worker.start()
-        left = len(self.jobs)
         try:
-            while left:
-                try:
-                    # A timeout, so that Ctrl-C and SIGTERM (main thread only) get through.
-                    item = self.results.get(timeout=0.2)
-                except queue.Empty:
-                    continue
-                if isinstance(item, BaseException):
-                    raise item
-                self._record(item)
-                left -= 1
+            for record in arrivals(self.results, len(self.jobs)):
+                self._record(record)
         finally:
             self.stop.set()
             deadline = time.monotonic() + JOIN_TIMEOUT_S

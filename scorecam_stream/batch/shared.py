@@ -1,7 +1,9 @@
-"""The batch's one explainer, lent to every video's (or live stream's) run at once."""
+"""What the runs of many inputs share: the one explainer lent to every video's (or live
+stream's) run at once, and the hand-over of their records to the calling thread."""
 
 from __future__ import annotations
 
+import queue
 import threading
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
@@ -11,6 +13,7 @@ import torch
 from ..records import FrameResult, FrameTask
 from ..reuse import ReuseOptions
 from ..workers import Explainer, LocalExplainer
+from .records import VideoRecord
 
 P = TypeVar("P")
 
@@ -81,3 +84,23 @@ class SharedExplainer:
     def workers_up(self) -> int:
         """Return how many workers of the shared explainer take calls now."""
         return self.inner.workers_up()
+
+
+def arrivals(
+    results: queue.Queue[VideoRecord | BaseException], count: int
+) -> Iterator[VideoRecord]:
+    """Yield ``count`` records from the runs' threads as they come; raise a thread's exception.
+
+    Waits with a timeout, so that Ctrl-C and SIGTERM (delivered to the main thread only) get
+    through while the runs go on.
+    """
+    for _ in range(count):
+        while True:
+            try:
+                item = results.get(timeout=0.2)
+                break
+            except queue.Empty:
+                continue
+        if isinstance(item, BaseException):
+            raise item
+        yield item

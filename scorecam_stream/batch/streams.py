@@ -37,7 +37,7 @@ from ..targets import parse as parse_target
 from ..workers import Explainer, LocalExplainer, OwnedExplainer
 from .jobs import Job, config_for
 from .records import BatchProgress, BatchResult, SummaryWriter, VideoRecord
-from .shared import SharedExplainer
+from .shared import SharedExplainer, arrivals
 
 log = logging.getLogger(__name__)
 P = TypeVar("P")
@@ -246,27 +246,18 @@ class _Streams:
         ]
         for thread in threads:
             thread.start()
-        left = len(threads)
+        taken = 0
         try:
             check()  # waits for the model: its error (or a bad --target) stops every stream
-            while left:
-                try:
-                    # A timeout, so that Ctrl-C and SIGTERM (main thread only) get through.
-                    item = self.results.get(timeout=0.2)
-                except queue.Empty:
-                    continue
-                if isinstance(item, BaseException):
-                    raise item
-                self._record(item)
-                left -= 1
+            for record in arrivals(self.results, len(threads)):
+                self._record(record)
+                taken += 1
         except KeyboardInterrupt:  # Ctrl-C, SIGTERM: the normal stop, as for one live run
+            left = len(threads) - taken
             log.info("stopping %d live stream(s); their outputs are finished", left)
             self.stop.set()
-            for _ in range(left):
-                item = self.results.get()
-                if isinstance(item, BaseException):
-                    raise item from None
-                self._record(item)
+            for record in arrivals(self.results, left):
+                self._record(record)
         finally:
             self.stop.set()
             for thread in threads:
