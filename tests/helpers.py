@@ -176,8 +176,27 @@ def single_run(clip: Path, out: Path, options: list[str]) -> tuple[Path, Path]:
 
 
 def decoded(path: Path) -> np.ndarray:
+    """Return the frames (N, H, W, 3) of a video, decoded with PyAV directly."""
     with av.open(str(path)) as container:
         return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+
+
+# Per frame, the mean absolute difference (of 255) two encodings of the same pictures stay
+# under. Not bit-equality: maps equal to float rounding (thread counts differ) can put a heat
+# value on the other side of a colormap step, and x264 (whose rate control looks ahead) spreads
+# that over the frame in small steps. Measured on the tests' 64 x 48 clips: such noise stayed
+# under 0.38; the same video one frame off differs by 1.7 or more.
+SAME_PICTURE = 1.0
+
+
+def assert_same_frames(video: Path, reference: Path) -> None:
+    """The two videos hold the same pictures, frame for frame (up to encoding noise)."""
+    got, want = decoded(video), decoded(reference)
+    assert got.shape == want.shape
+    diff = np.abs(got.astype(np.int16) - want.astype(np.int16))
+    means = diff.reshape(len(diff), -1).mean(axis=1)
+    worst = int(means.argmax())
+    assert means[worst] < SAME_PICTURE, f"frame {worst}: mean difference {means[worst]:.2f}"
 
 
 def assert_same_run(video: Path, maps: Path, single: tuple[Path, Path], size: int = 64) -> None:
@@ -191,9 +210,8 @@ def assert_same_run(video: Path, maps: Path, single: tuple[Path, Path], size: in
     # Float rounding differs with the thread count (1 per worker here): relative to the scale.
     atol = 1e-5 * float(want["maps"].max())
     np.testing.assert_allclose(got["maps"], want["maps"], rtol=1e-5, atol=atol)
-    frames, ref_frames = decoded(video), decoded(ref_video)
-    assert frames.shape == ref_frames.shape and frames.shape[0] == CLIP_FRAMES
-    np.testing.assert_array_equal(frames, ref_frames)
+    assert len(decoded(video)) == CLIP_FRAMES
+    assert_same_frames(video, ref_video)
 
 
 # --- the engine against Score-CAM one channel at a time -------------------------------------

@@ -15,7 +15,8 @@ import clips
 import cv2
 import numpy as np
 import pytest
-from clips import FPS, REPO, H, W, audio_span, make_clip, picture, read_timing
+from clips import FPS, REPO, H, W, audio_span, make_clip, picture, read_timing, write_frames
+from helpers import assert_same_frames
 
 from scorecam_stream.errors import ScoreCamError
 from scorecam_stream.video import (
@@ -447,3 +448,13 @@ def test_make_sample_video_script(tmp_path: Path) -> None:
     _, _, length = audio_span(target)
     assert length == pytest.approx(1.0, abs=0.1)
     assert script.main([str(target), "--seconds", "1"]) == 2  # exists, no --overwrite
+
+
+def test_same_frames_tells_a_video_one_frame_off(tmp_path):
+    """The tests' picture comparison (helpers.assert_same_frames) is not blind to a shift."""
+    video, late = tmp_path / "a.mp4", tmp_path / "late.mp4"
+    images = make_clip(video, count=8)
+    write_frames(late, [images[0], *images[:-1]])  # every frame one late
+    assert_same_frames(video, video)
+    with pytest.raises(AssertionError, match="mean difference"):
+        assert_same_frames(video, late)
