@@ -175,6 +175,13 @@ def with_batch_defaults(base: Config, videos: int) -> Config:
     return dataclasses.replace(base, distributed=dataclasses.replace(dist, shards_per_frame=1))
 
 
+def make_output_dirs(batch: BatchConfig) -> None:
+    """Create the directories the batch's outputs go to (those given)."""
+    for directory in (batch.output_dir, batch.maps_dir, batch.jsonl_dir, batch.preview_dir):
+        if directory:
+            Path(directory).mkdir(parents=True, exist_ok=True)
+
+
 def config_for(base: Config, job: Job) -> Config:
     """Return the Config of one video of the batch: the shared settings, its input, its paths."""
 

@@ -8,7 +8,6 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, TypeVar
 
 from ..config import Config
@@ -23,6 +22,7 @@ from .jobs import (
     all_live,
     config_for,
     expand_inputs,
+    make_output_dirs,
     plan_jobs,
     with_batch_defaults,
 )
@@ -76,9 +76,7 @@ def run_batch(
     try:
         if explainer is not None:
             parse_target(base.explain.target, explainer.meta.class_names)  # a bad name stops all
-        for directory in (batch.output_dir, batch.maps_dir, batch.jsonl_dir, batch.preview_dir):
-            if directory:
-                Path(directory).mkdir(parents=True, exist_ok=True)
+        make_output_dirs(batch)
         summary = SummaryWriter(batch.summary, inputs)
         try:
             running = set(todo)

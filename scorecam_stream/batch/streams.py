@@ -35,7 +35,7 @@ from ..records import FrameResult, FrameTask
 from ..reuse import ReuseOptions
 from ..targets import parse as parse_target
 from ..workers import Explainer, LocalExplainer, OwnedExplainer
-from .jobs import Job, config_for
+from .jobs import Job, config_for, make_output_dirs
 from .records import BatchProgress, BatchResult, SummaryWriter, VideoRecord
 from .shared import SharedExplainer, arrivals
 
@@ -113,9 +113,7 @@ def run_streams(
     if batch.video_tasks:
         raise ScoreCamError("--video-tasks runs files as Ray tasks; live streams run here")
     jobs = plan_streams(inputs, batch)
-    for directory in (batch.output_dir, batch.maps_dir, batch.jsonl_dir, batch.preview_dir):
-        if directory:
-            Path(directory).mkdir(parents=True, exist_ok=True)
+    make_output_dirs(batch)
     configs = [config_for(base, job) for job in jobs]
     with contextlib.ExitStack() as stack:
         boards = _serve_metrics(base, jobs, stack)
