@@ -20,7 +20,7 @@ import numpy as np
 from .config import Config
 from .fit import fit_to
 from .outputs import Outputs, PreviewSampler
-from .render import RenderOptions, render_frame
+from .render import ColourCache, RenderOptions, render_frame
 from .video import Frame, VideoReader, VideoWriter, write_image
 
 log = logging.getLogger(__name__)
@@ -98,6 +98,9 @@ def produce(source: Iterable[T], name: str, size: int = QUEUE_FRAMES) -> Handoff
     return handoff
 
 
+_NO_HEAT = np.zeros((1, 1), np.float32)  # drawn at alpha 0 before the first map
+
+
 @dataclass(frozen=True)
 class DrawItem:
     """One frame to render: its map in [0, 1] (None: no map yet) and its label."""
@@ -137,6 +140,7 @@ class Encoder:
         self._no_map = RenderOptions(
             layout=options.layout, colormap=options.colormap, alpha=0.0, colorbar=False
         )
+        self._colours = ColourCache()  # a live output draws one map over many frames
         self._open_writer = open_writer
         self._image = image  # (path to write, real name) of a still image output
         self._preview = preview
@@ -182,10 +186,9 @@ class Encoder:
         frame = item.frame
         picture = self._picture(frame.image)
         if item.heat is None:  # no map yet (live mode): the frame as it is, with its label
-            heat = np.zeros((1, 1), np.float32)
-            image = render_frame(picture, heat, item.label, self._no_map)
+            image = render_frame(picture, _NO_HEAT, item.label, self._no_map, self._colours)
         else:
-            image = render_frame(picture, item.heat, item.label, self._options)
+            image = render_frame(picture, item.heat, item.label, self._options, self._colours)
         if self._preview is not None:
             self._preview.offer(image)
         self.frames += 1

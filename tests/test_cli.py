@@ -435,9 +435,9 @@ def _drawn_heats(monkeypatch) -> list[np.ndarray]:
     """Record the display-scaled map of every frame the pipeline renders."""
     real, heats = stages_module.render_frame, []
 
-    def render(frame, heat, label, options):
+    def render(frame, heat, label, options, colours=None):
         heats.append(np.array(heat))
-        return real(frame, heat, label, options)
+        return real(frame, heat, label, options, colours)
 
     monkeypatch.setattr(stages_module, "render_frame", render)
     return heats

@@ -8,6 +8,7 @@ import pytest
 
 from scorecam_stream.errors import ScoreCamError
 from scorecam_stream.render import (
+    ColourCache,
     MapScaler,
     RenderOptions,
     preview_sheet,
@@ -46,6 +47,24 @@ def test_every_opencv_colormap_is_accepted_and_each_draws_its_own_colours() -> N
     assert len(set(drawn.values())) == len(OPENCV_COLORMAPS)  # no two names share a table
     with pytest.raises(ScoreCamError, match="unknown colormap 'jett'"):
         RenderOptions(colormap="jett")
+
+
+def test_colour_cache_draws_what_a_fresh_render_draws() -> None:
+    # One cache over frames of two sizes, two fits and two maps, in an order that goes back and
+    # forth: every picture equals the one drawn without a cache.
+    cache, first, second = ColourCache(), hot_square_map(), np.eye(8, dtype=np.float32)
+    for heat, height, width, fit in [
+        (first, 120, 200, "squash"),
+        (first, 120, 200, "squash"),  # kept
+        (second, 120, 200, "squash"),  # another map
+        (second, 90, 160, "squash"),  # the source changed size
+        (second, 90, 160, "crop"),
+        (first, 90, 160, "crop"),
+    ]:
+        frame = noise_frame(height, width, seed=height)
+        options = RenderOptions(fit=fit)
+        expected = render_frame(frame, heat, "cat", options)
+        assert np.array_equal(render_frame(frame, heat, "cat", options, cache), expected)
 
 
 def test_overlay_is_red_where_the_map_is_hot() -> None:
