@@ -195,6 +195,7 @@ def _check_outputs_first(config: Config) -> None:
     if live is None:
         live = video.is_live_source(config.input, source.input_format)
     video.check_output_dirs(config.output.paths, create=live)
+    video.check_encoder(config.output.encoder)
 
 
 def _log_to_stderr(quiet: bool) -> logging.Handler:

@@ -163,6 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--alpha", type=float, help="heatmap weight in the blend, [0, 1]")
     g.add_argument("--scale", help="display scale: running (default, no flicker) or frame")
     g.add_argument("--crf", type=int, help="H.264 quality, 0-51 (default 20)")
+    g.add_argument(
+        "--encoder",
+        help="video encoder: libx264 (default), or e.g. h264_nvenc, h264_qsv "
+        "(libx264 if it cannot open here)",
+    )
     g.add_argument("--save-maps", help="write the maps, targets and times to FILE.npz")
     g.add_argument("--jsonl", help="write one JSON record per frame to FILE")
     g.add_argument("--preview", help="write a contact sheet of ~8 frames to FILE.png")

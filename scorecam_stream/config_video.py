@@ -98,6 +98,7 @@ class OutputConfig:
     output: str | None = None
     overwrite: bool = False
     crf: int = 20
+    encoder: str = "libx264"
     layout: str = "overlay"
     colormap: str = "jet"
     alpha: float = 0.5
@@ -111,6 +112,11 @@ class OutputConfig:
 
     def __post_init__(self) -> None:
         require(0 <= self.crf <= 51, f"--crf must be in [0, 51], got {self.crf}")
+        # Whether FFmpeg has it is checked with the outputs, before anything slow (video.encoders).
+        require(
+            isinstance(self.encoder, str) and self.encoder.strip() == self.encoder != "",
+            f"--encoder must name a video encoder, got {self.encoder!r}",
+        )
         require(
             self.output_size is None
             or (

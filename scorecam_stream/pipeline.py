@@ -109,6 +109,7 @@ def run(
     # Before the input opens, the model loads or Ray starts: a bad output path fails at once.
     # A live run makes its outputs' missing directories (-o live/cam.m3u8).
     video.check_output_dirs(config.output.paths, create=live)
+    video.check_encoder(config.output.encoder)
     with contextlib.ExitStack() as stack:
         # Listening first too: a port in use fails at once, and the run is watched from start.
         metrics = monitor if monitor is not None else _serve_metrics(config, live, stack)

@@ -270,6 +270,8 @@ def open_writer(
             hls_time=out.hls_time,
             hls_list_size=out.hls_list_size,
             name=name,
+            encoder=out.encoder,
+            realtime=reader.live,
         )
 
     return opener

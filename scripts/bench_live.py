@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
+import os
 import platform
 import socket
 import sys
@@ -28,6 +30,7 @@ import tempfile
 import threading
 import time
 from fractions import Fraction
+from multiprocessing.synchronize import Event
 from pathlib import Path
 
 import av
@@ -47,11 +50,10 @@ def free_udp_port() -> int:
         return sock.getsockname()[1]
 
 
-def send(url: str, frames: list[np.ndarray], fps: int) -> None:
-    """Send ``frames`` as MPEG-TS (H.264, zero latency) to ``url`` at ``fps``, in real time."""
+def encode_source(path: Path, frames: list[np.ndarray], fps: int) -> None:
+    """Encode ``frames`` once as MPEG-TS (H.264, zero latency): a camera's work, done beforehand."""
     height, width = frames[0].shape[:2]
-    began = time.monotonic()
-    with av.open(url, "w", format="mpegts") as output:
+    with av.open(str(path), "w", format="mpegts") as output:
         stream = output.add_stream(
             "libx264",
             rate=fps,
@@ -60,40 +62,107 @@ def send(url: str, frames: list[np.ndarray], fps: int) -> None:
             options={"tune": "zerolatency", "g": str(fps), "bf": "0", "preset": "veryfast"},
         )
         for i, image in enumerate(frames):
-            delay = began + i / fps - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
             frame = av.VideoFrame.from_ndarray(image, format="rgb24")
             frame.pts, frame.time_base = i, Fraction(1, fps)
             output.mux(stream.encode(frame))
         output.mux(stream.encode(None))
 
 
+def send(url: str, source: str, seconds: float, ready: Event) -> None:
+    """Send the encoded ``source`` to ``url`` in real time, looped for ``seconds``.
+
+    Runs in its own process, as a camera would: only packets are copied, nothing is encoded.
+    The loops' timestamps follow on, so the receiver sees one steady stream.
+    """
+    with av.open(url, "w", format="mpegts") as output:
+        ready.set()
+        began, offset, loop_span, stream = time.monotonic(), 0, 0, None
+        while True:
+            with av.open(source) as clip:
+                template = clip.streams.video[0]
+                stream = stream or output.add_stream_from_template(template)
+                for packet in clip.demux(template):
+                    if packet.pts is None:  # the demuxer's flush packet
+                        continue
+                    loop_span = max(loop_span, packet.pts + (packet.duration or 0))
+                    at = float((packet.pts + offset) * template.time_base)
+                    if at >= seconds:
+                        return
+                    delay = began + at - time.monotonic()
+                    if delay > 0:
+                        time.sleep(delay)
+                    packet.pts += offset
+                    packet.dts = None if packet.dts is None else packet.dts + offset
+                    packet.stream = stream
+                    output.mux(packet)
+            offset += loop_span
+
+
 def run_live(
-    frames: list[np.ndarray], fps: int, options: list[str], scratch: Path, streams: int = 1
+    source: Path, seconds: float, fps: int, options: list[str], scratch: Path, streams: int = 1
 ) -> list[dict]:
-    """Explain ``streams`` live sources of ``frames`` in one run; return each one's figures."""
+    """Explain ``streams`` live copies of ``source`` in one run; return each one's figures."""
     urls = [f"udp://127.0.0.1:{free_udp_port()}" for _ in range(streams)]
-    senders = [threading.Thread(target=send, args=(url, frames, fps), daemon=True) for url in urls]
+    spawn = multiprocessing.get_context("spawn")  # a clean process: no torch threads forked
+    ready = [spawn.Event() for _ in urls]
+    senders = [
+        spawn.Process(target=send, args=(url, str(source), seconds, event))
+        for url, event in zip(urls, ready, strict=True)
+    ]
     if streams == 1:
         jsonls = [scratch / "live.jsonl"]
-        outputs = ["-o", str(scratch / "live.mp4"), "--jsonl", str(jsonls[0])]
+        outputs = ["-o", str(scratch / "live" / "cam.m3u8"), "--jsonl", str(jsonls[0])]
     else:  # several streams in one run: DIR/<name>.m3u8 and DIR/<name>.jsonl
         names = [f"s{i}" for i in range(streams)]
         jsonls = [scratch / "jsonl" / f"{name}.jsonl" for name in names]
         outputs = ["-o", f"{scratch / 'out'}/", "--jsonl", f"{scratch / 'jsonl'}/"]
         outputs += [flag for name in names for flag in ("--name", name)]
-    for sender in senders:
+    for sender, event in zip(senders, ready, strict=True):
         sender.start()
-    code = scorecam_video([*urls, *outputs, "--overwrite", "--quiet", *options])
+        event.wait()  # the sender process is up (it imports this script first)
+    with RssSampler() as rss:
+        code = scorecam_video([*urls, *outputs, "--overwrite", "--quiet", *options])
     for sender in senders:
         sender.join()
     if code != 0:
         raise SystemExit(f"scorecam-video exited {code} for {options}")
-    return [_figures(jsonl, len(frames), fps) for jsonl in jsonls]
+    return [{**_figures(jsonl, seconds, fps), "rss": rss.summary()} for jsonl in jsonls]
 
 
-def _figures(jsonl: Path, frames: int, fps: int) -> dict:
+class RssSampler:
+    """Samples this process's resident memory every few seconds while in a ``with`` block."""
+
+    def __init__(self, every: float = 5.0) -> None:
+        self.samples: list[tuple[float, float]] = []  # (seconds since the start, MB)
+        self._every, self._stop = every, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        began, page = time.monotonic(), os.sysconf("SC_PAGE_SIZE")
+        while True:
+            with open("/proc/self/statm") as statm:
+                resident = int(statm.read().split()[1]) * page / 2**20
+            self.samples.append((time.monotonic() - began, resident))
+            if self._stop.wait(self._every):
+                return
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def summary(self) -> str:
+        """Return 'MB at minute 2 -> max after it -> at the end', or the peak for short runs."""
+        late = [mb for at, mb in self.samples if at >= 120]
+        if not late:
+            return f"peak {max(mb for _, mb in self.samples):.0f} MB (run under 2 min)"
+        return f"{late[0]:.0f} MB at 2 min, max {max(late):.0f}, end {late[-1]:.0f}"
+
+
+def _figures(jsonl: Path, seconds: float, fps: int) -> dict:
     """Return one stream's figures from its jsonl records and summary."""
     lines = [json.loads(line) for line in jsonl.read_text().splitlines()]
     records, summary = lines[:-1], lines[-1]["summary"]
@@ -110,7 +179,7 @@ def _figures(jsonl: Path, frames: int, fps: int) -> dict:
         "maps_per_s": len(steady) / span,
         "latency_p50_ms": float(np.percentile(latencies, 50)),
         "latency_p95_ms": float(np.percentile(latencies, 95)),
-        "output_fps": summary["frames_written"] / (frames / fps),
+        "output_fps": summary["frames_written"] / seconds,
         "dropped": summary["frames_dropped"],
         "passes_per_map": summary.get("passes_per_frame"),
         "fidelity_min": summary.get("fidelity_min"),
@@ -138,9 +207,15 @@ def main(argv: list[str] | None = None) -> int:
         "--streams", type=int, default=1, help="live sources explained together in each run"
     )
     parser.add_argument("--output-size", help="WxH: scale the output (scorecam-video's option)")
+    parser.add_argument(
+        "--clip-seconds",
+        type=float,
+        default=30.0,
+        help="the source clip's length; it is looped for --seconds (default 30)",
+    )
     args = parser.parse_args(argv)
     width, height = (int(v) for v in args.size.split("x"))
-    frames = pan_zoom_frames(round(args.seconds * args.fps), width, height)
+    clip_frames = round(min(args.seconds, args.clip_seconds) * args.fps)
     base = ["--config", args.config, "--read-timeout", "2"]
     if args.output_size:
         base += ["--output-size", args.output_size]
@@ -169,8 +244,10 @@ def main(argv: list[str] | None = None) -> int:
         f"{'min r':>6}"
     )
     with tempfile.TemporaryDirectory() as scratch:
+        source = Path(scratch) / "source.ts"
+        encode_source(source, pan_zoom_frames(clip_frames, width, height), args.fps)
         for row, options in rows.items():
-            figures = run_live(frames, args.fps, options, Path(scratch), args.streams)
+            figures = run_live(source, args.seconds, args.fps, options, Path(scratch), args.streams)
             for i, r in enumerate(figures):
                 name = row if args.streams == 1 else f"{row}, s{i}"
                 print(
@@ -179,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"{r['latency_p95_ms']:>8.0f} {r['output_fps']:>8.2f} {r['dropped']:>7d} "
                     f"{r['passes_per_map'] or float('nan'):>10.1f} "
                     f"{r['fidelity_min'] if r['fidelity_min'] is not None else float('nan'):>6.3f}"
+                    f"  rss {r['rss']}"
                 )
             sys.stdout.flush()
     return 0

@@ -259,6 +259,8 @@ BAD_OPTIONS = [
     (["--target", "zebra crossing"], "target"),
     (["--target", "5000"], "target"),
     (["--colormap", "rainbowz"], "colormap"),
+    (["--encoder", "nope264"], "unknown --encoder 'nope264'"),
+    (["--encoder", "aac"], "not a video encoder"),
     (["--layout", "grid"], "layout"),
     (["--dtype", "int4"], "dtype"),
     (["--start", "2", "--end", "1"], "end"),

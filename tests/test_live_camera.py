@@ -306,6 +306,16 @@ def test_output_size_scales_a_live_output(tmp_path):
     assert (info.width, info.height, info.frame_count) == (200, 100, sent)
 
 
+def test_encoder_option_reaches_a_live_runs_file_output(tmp_path):
+    clip = tmp_path / "in.ts"
+    sent = send_mpegts(str(clip), 0.8, FPS, size=(128, 96), realtime=False)
+    out = tmp_path / "cam.mp4"
+    assert main([str(clip), "--live", "-o", str(out), "--encoder", "libx265", *SLOW]) == 0
+    with av.open(str(out)) as container:
+        assert container.streams.video[0].codec_context.name == "hevc"
+    assert probe(str(out)).frame_count == sent
+
+
 @pytest.mark.parametrize(
     ("value", "message"),
     [("200", "--output-size"), ("axb", "--output-size"), ("8x8", "16 to 8192")],

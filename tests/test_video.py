@@ -400,6 +400,39 @@ def test_writer_user_errors(tmp_path: Path) -> None:
         writer.write(picture(0, W + 2, H), 0, Fraction(1, FPS))
 
 
+def _write_encoded(path: Path, caplog, **options) -> tuple[VideoWriter, str]:
+    """Write 10 pictures with ``options``; return the writer and the codec the file holds."""
+    caplog.set_level(logging.INFO, logger="scorecam_stream")
+    with VideoWriter(str(path), W, H, Fraction(1, FPS), FPS, **options) as writer:
+        for i in range(10):
+            writer.write(picture(i, W, H), i, Fraction(1, FPS))
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        assert sum(1 for _ in container.decode(stream)) == 10
+        return writer, stream.codec_context.name
+
+
+def test_another_encoder_writes_the_output(tmp_path: Path, caplog) -> None:
+    writer, codec = _write_encoded(tmp_path / "out.mp4", caplog, encoder="mpeg4")
+    assert writer.encoder == "mpeg4" and codec == "mpeg4"
+    assert "writing with mpeg4" in caplog.text
+
+
+def test_an_encoder_that_cannot_open_falls_back_to_libx264(tmp_path: Path, caplog) -> None:
+    # H.263 has only five picture sizes, none of them W x H: it fails to open on any machine,
+    # as a hardware encoder does where its device is absent.
+    writer, codec = _write_encoded(tmp_path / "out.mp4", caplog, encoder="h263")
+    assert writer.encoder == "libx264" and codec == "h264"
+    warnings = [r.message for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "--encoder h263 cannot open here" in warnings[0]
+
+
+def test_a_live_source_written_to_a_file_gets_a_real_time_preset(tmp_path: Path, caplog) -> None:
+    # x264's default (medium) cannot keep up with 720p at 25 fps on a few cores.
+    assert _write_encoded(tmp_path / "a.mp4", caplog)[0].preset == "medium"
+    assert _write_encoded(tmp_path / "b.mp4", caplog, realtime=True)[0].preset == "veryfast"
+
+
 # --- still images -----------------------------------------------------------------------------
 
 

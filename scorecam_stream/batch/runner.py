@@ -15,6 +15,7 @@ from ..config_batch import BatchConfig
 from ..errors import ScoreCamError, first_line
 from ..pipeline import make_explainer, run
 from ..targets import parse as parse_target
+from ..video import check_encoder
 from ..workers import Explainer, LocalExplainer, OwnedExplainer
 from .jobs import (
     Job,
@@ -63,6 +64,7 @@ def run_batch(
     """
     began = time.perf_counter()
     inputs = expand_inputs(batch.inputs)
+    check_encoder(base.output.encoder)  # before any model loads or worker starts
     if all_live(inputs, base):
         return run_streams(base, batch, inputs, explainer_factory, on_record)
     if batch.names:

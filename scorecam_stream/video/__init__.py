@@ -11,6 +11,7 @@
 - :mod:`.timeline`: a live source's timestamps kept going forward across its restarts.
 """
 
+from .encoders import check_encoder
 from .files import (
     IMAGE_CODECS,
     atomic_output,
@@ -39,6 +40,7 @@ __all__ = [
     "VideoReader",
     "VideoWriter",
     "atomic_output",
+    "check_encoder",
     "check_output_dir",
     "check_output_dirs",
     "is_glob",

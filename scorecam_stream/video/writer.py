@@ -1,4 +1,4 @@
-"""Encoding the annotated frames: H.264 into a file, an HLS playlist or a live stream.
+"""Encoding the annotated frames: H.264 (or ``--encoder``) into a file, HLS or a live stream.
 
 :class:`VideoWriter` encodes each picture at the ``pts`` it is given, so variable frame rate
 survives a round trip. Outputs (:func:`output_kind`): files (mp4/m4v/mov/mkv), HLS
@@ -23,6 +23,7 @@ from av.codec.context import Flags
 
 from ..errors import ScoreCamError
 from .audio import AudioTrack
+from .encoders import DEFAULT_ENCODER, FASTER_PRESETS, encoder_options, pixel_format, usable_encoder
 from .inputs import STDIN, is_url, reason
 
 log = logging.getLogger("scorecam_stream.video")
@@ -30,8 +31,6 @@ log = logging.getLogger("scorecam_stream.video")
 OUTPUT_FORMATS = {".mp4": "mp4", ".m4v": "mp4", ".mov": "mov", ".mkv": "matroska"}
 STREAM_FORMATS = {"udp": "mpegts", "srt": "mpegts", "tcp": "mpegts", "rtmp": "flv", "rtmps": "flv"}
 HLS_SUFFIX = ".m3u8"
-# The x264 presets a live output steps through when its encoder falls behind.
-FASTER_PRESETS = {"veryfast": "superfast", "superfast": "ultrafast"}
 
 
 def output_kind(target: str) -> str:
@@ -115,8 +114,11 @@ class VideoWriter:
         hls_time: float = 2.0,
         hls_list_size: int = 6,
         name: str | None = None,
+        encoder: str = DEFAULT_ENCODER,
+        realtime: bool = False,
     ) -> None:
         # ``name``: the output's real name when ``path`` is a temporary (see atomic_output).
+        # ``realtime``: frames come at a live source's pace, so x264 takes a fast preset.
         self.name = str(name or path)
         self.kind = output_kind(self.name)
         if width <= 0 or height <= 0:
@@ -142,21 +144,21 @@ class VideoWriter:
             self._output = _open_output(self.path, self.name, self.kind, hls_time, hls_list_size)
         except (av.FFmpegError, OSError) as exc:
             raise ScoreCamError(f"cannot write {path}: {reason(exc)}") from exc
-        # B-frames are off: with them, a variable-rate mp4 gets a track duration shorter than
-        # its last timestamp (dts lag behind pts unevenly), and a live viewer waits for them.
-        options = {"crf": str(crf), "bf": "0"}
-        if self.live:
-            options |= {"tune": "zerolatency", "preset": "veryfast", "g": str(max(1, round(fps)))}
-        self._options = options
-        self.preset = options.get("preset", "medium")  # x264's default
         try:
+            options = encoder_options(encoder, crf, fps, self.live, realtime)
+            size = (_even(width), _even(height))
+            self.encoder = usable_encoder(encoder, *size, _as_rate(fps), self._time_base, options)
+            if self.encoder != encoder:
+                options = encoder_options(self.encoder, crf, fps, self.live, realtime)
+            self._options = options
+            self.preset = options.get("preset", "medium")  # x264's default
             self._stream = self._output.add_stream(
-                "libx264",
+                self.encoder,
                 rate=_as_rate(fps),
                 time_base=self._time_base,
                 width=_even(width),
                 height=_even(height),
-                pix_fmt="yuv420p",
+                pix_fmt=pixel_format(self.encoder),
                 options=options,
             )
             if audio is not None:
@@ -201,7 +203,7 @@ class VideoWriter:
         in-band with its first keyframe, where every decoder finds them; a file's or an FLV's
         headers are written once, at the start.
         """
-        faster = FASTER_PRESETS.get(self.preset)
+        faster = FASTER_PRESETS.get(self.preset) if self.encoder == "libx264" else None
         mpegts = self.kind == "hls" or (self.kind == "stream" and not self.name.startswith("rtmp"))
         if faster is None or not mpegts or self._closed:
             return None
