@@ -19,6 +19,7 @@ from urllib.parse import urlparse
 
 from . import video
 from .config import Config
+from .config_video import RECONNECT_MAX_DELAY_S
 from .errors import ScoreCamError
 from .file_run import run_file
 from .live import run_live
@@ -104,7 +105,6 @@ def run(
     place as they are made, so they can be followed.
     """
     began = time.perf_counter()
-    source = config.source
     live = is_live_run(config)
     # Before the input opens, the model loads or Ray starts: a bad output path fails at once.
     # A live run makes its outputs' missing directories (-o live/cam.m3u8).
@@ -113,9 +113,7 @@ def run(
     with contextlib.ExitStack() as stack:
         # Listening first too: a port in use fails at once, and the run is watched from start.
         metrics = monitor if monitor is not None else _serve_metrics(config, live, stack)
-        reader = video.VideoReader(
-            config.input, source.input_format, source.options, _read_timeout(config, live)
-        )
+        reader = _open_input(config, live, stop)
         stack.callback(reader.close)
         outputs = _claim_outputs(config, reader.info, live, stack)
         if outputs.records is not None:
@@ -136,6 +134,22 @@ def run(
             summary = run_file(config, reader, open_explainer(), outputs, progress)
     output = outputs.video_name if live else Path(outputs.video_name)
     return dataclasses.replace(summary, output=output, seconds=time.perf_counter() - began)
+
+
+def _open_input(config: Config, live: bool, stop: threading.Event | None) -> video.VideoReader:
+    """Return the input opened; a live network input that is not up yet is waited for."""
+    source = config.source
+
+    def open_reader() -> video.VideoReader:
+        return video.VideoReader(
+            config.input, source.input_format, source.options, _read_timeout(config, live)
+        )
+
+    if not (live and video.is_network_input(config.input)):
+        return open_reader()
+    attempts = video.reconnect_attempts(config.input, source.reconnect)
+    delay = source.reconnect_delay
+    return video.open_when_up(open_reader, attempts, delay, RECONNECT_MAX_DELAY_S, stop)
 
 
 def _claim_outputs(

@@ -199,18 +199,22 @@ def test_the_timeline_continues_through_resets_and_jumps_and_keeps_real_gaps():
 
 
 @contextlib.contextmanager
-def dropping_tcp_server(segments: list[bytes], seconds: float, down: float) -> Iterator[str]:
+def dropping_tcp_server(
+    segments: list[bytes], seconds: float, down: float, late: float = 0.0
+) -> Iterator[str]:
     """Serve MPEG-TS on 127.0.0.1 to one client per segment, at ``seconds`` a segment, then
-    drop it; the server is down (refusing) for ``down`` s between segments and after the last.
-    Yield the tcp:// URL."""
+    drop it; the server is down (refusing) for ``down`` s between segments and after the last,
+    and for ``late`` s before the first. Yield the tcp:// URL."""
     first = socket.create_server(("127.0.0.1", 0))  # SO_REUSEADDR: the port is taken again
     port = first.getsockname()[1]
+    if late:
+        first.close()  # refusing until the server comes up
 
     def serve() -> None:
         server = first
         for i, data in enumerate(segments):
-            if i:
-                time.sleep(down)
+            if i or late:
+                time.sleep(down if i else late)
                 server = socket.create_server(("127.0.0.1", port))
             with server:
                 server.settimeout(30)
@@ -249,6 +253,35 @@ def test_a_tcp_source_that_drops_is_reconnected_and_the_output_goes_on(tmp_path)
     assert summary["frames_written"] == len(pts) == sent
     steps = {round((b - a) * time_base * FPS, 6) for a, b in itertools.pairwise(pts)}
     assert steps == {1.0}
+
+
+def test_a_source_not_up_yet_is_waited_for(tmp_path, capsys):
+    clip = tmp_path / "part.ts"
+    sent = send_mpegts(str(clip), 1.0, FPS, realtime=False)
+    out, jsonl = tmp_path / "cam.mp4", tmp_path / "cam.jsonl"
+    with dropping_tcp_server([clip.read_bytes()], seconds=1.0, down=0.0, late=0.5) as url:
+        args = [url, "-o", str(out), "--jsonl", str(jsonl), "--read-timeout", "2"]
+        # Tried at 0, 0.3 and 0.9 s: refused twice at most, then up.
+        args += ["--reconnect", "3", "--reconnect-delay", "0.3"]
+        assert main([*args, *SLOW[:-1]]) == 0  # not --quiet: warnings shown
+    assert "Connection refused; trying again in 0.3 s (attempt 1 of 3)" in capsys.readouterr().err
+    _explained, summary = records(jsonl)
+    assert summary["frames_written"] == probe(str(out)).frame_count == sent
+    assert summary["reconnects"] == 0  # opened late, not reopened
+
+
+def test_a_source_that_never_comes_up_is_one_error_after_the_attempts(tmp_path, capsys):
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]  # closed: connections are refused
+    url, out = f"tcp://127.0.0.1:{port}", tmp_path / "cam.mp4"
+    args = [url, "-o", str(out), "--reconnect-delay", "0.1", *SLOW[:-1]]  # warnings shown
+    assert main([*args, "--reconnect", "2"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert [line for line in err if "error:" in line] == [err[-1]]
+    assert "refused" in err[-1] and sum("trying again" in line for line in err) == 2
+    assert main([*args, "--reconnect", "0"]) == 2  # at once
+    assert not any("trying again" in line for line in capsys.readouterr().err.splitlines())
+    assert not out.exists()
 
 
 def _send_with_a_silence(url: str, before: float, silence: float, after: float) -> int:

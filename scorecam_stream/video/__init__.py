@@ -22,7 +22,7 @@ from .files import (
 )
 from .inputs import STDIN, is_glob, is_live_source, is_url
 from .reader import LIVE_READ_TIMEOUT_S, VideoReader, probe, read_frames, rotate_upright
-from .reconnect import ReconnectingInput, reconnect_attempts
+from .reconnect import ReconnectingInput, is_network_input, open_when_up, reconnect_attempts
 from .records import Frame, VideoInfo
 from .timeline import Timeline
 from .writer import HLS_SUFFIX, OUTPUT_FORMATS, VideoWriter, output_kind
@@ -45,7 +45,9 @@ __all__ = [
     "check_output_dirs",
     "is_glob",
     "is_live_source",
+    "is_network_input",
     "is_url",
+    "open_when_up",
     "output_kind",
     "probe",
     "read_frames",

@@ -15,6 +15,8 @@ import threading
 from collections.abc import Callable, Iterator
 from urllib.parse import urlparse
 
+import av
+
 from ..config_video import RECONNECT_ATTEMPTS
 from ..errors import ScoreCamError
 from .inputs import is_url
@@ -25,16 +27,61 @@ from .timeline import Timeline
 log = logging.getLogger("scorecam_stream.video")
 
 _LISTENING = frozenset({"udp", "rtp"})  # connectionless: a silence is no reason to wait more
+# Why an input may open a little later (its camera or server not up yet), unlike a wrong
+# host name, protocol or path, or data that is not a video.
+_NOT_YET = (
+    av.error.ConnectionRefusedError,
+    av.error.ConnectionResetError,
+    av.error.ConnectionAbortedError,
+    av.error.TimeoutError,
+    av.error.ExitError,  # no data before the read timeout
+    av.error.EOFError,
+    av.error.HTTPServerError,
+)
+
+
+def is_network_input(path: str) -> bool:
+    """Return whether ``path`` is read over a network (udp, tcp, rtsp, http, ...)."""
+    return is_url(path) and urlparse(path).scheme.lower() not in ("", "file")
 
 
 def reconnect_attempts(path: str, given: int | None) -> int:
     """Return how often a broken ``path`` is reopened in a row: ``given`` (--reconnect), else
     RECONNECT_ATTEMPTS for a network input; never for other inputs (a pipe, a device)."""
-    if not is_url(path) or urlparse(path).scheme.lower() in ("", "file"):
+    if not is_network_input(path):
         if given:
             log.warning("--reconnect: %s is not a network input; it is read once", path)
         return 0
     return RECONNECT_ATTEMPTS if given is None else given
+
+
+def open_when_up(
+    open_reader: Callable[[], VideoReader],
+    attempts: int,
+    delay: float,
+    max_delay: float,
+    stop: threading.Event | None = None,
+) -> VideoReader:
+    """Return ``open_reader()``, tried again with backoff while the input is not up yet.
+
+    A camera or its server may start after the worker: a refused connection, a read timeout or
+    a server error is retried up to ``attempts`` times (after ``delay`` s, doubled each time, at
+    most ``max_delay``), each said in a log line; the last error is raised, as it is when
+    ``stop`` is set. Any other error (an unknown host, a wrong path, not a video) is raised at
+    once.
+    """
+    attempt = 0
+    while True:
+        try:
+            return open_reader()
+        except ScoreCamError as err:
+            attempt += 1
+            if attempt > attempts or not isinstance(err.__cause__, _NOT_YET):
+                raise
+            wait = min(delay * 2 ** (attempt - 1), max_delay)
+            log.warning("%s; trying again in %g s (attempt %d of %d)", err, wait, attempt, attempts)
+            if (stop or threading.Event()).wait(wait):
+                raise
 
 
 class ReconnectingInput:
