@@ -168,6 +168,48 @@ def test_a_source_that_restarts_at_another_size_is_scaled_to_the_output(tmp_path
     assert summary["frames_written"] == info.frame_count > 2 * FPS  # both halves written
 
 
+def _ts_with_audio(seconds: float) -> bytes:
+    """Return MPEG-TS bytes of ``seconds`` of H.264 video and AAC audio, both from 0."""
+    import io
+
+    buffer, rate = io.BytesIO(), 48000
+    with av.open(buffer, "w", format="mpegts") as output:
+        video_out = output.add_stream("libx264", rate=FPS, width=128, height=96)
+        video_out.options = {"g": str(FPS // 2), "bf": "0"}
+        audio_out = output.add_stream("aac", rate=rate)
+        audio_out.layout = "mono"
+        for i in range(round(seconds * FPS)):
+            frame = av.VideoFrame.from_ndarray(picture(i, 128, 96), format="rgb24")
+            frame.pts, frame.time_base = i, Fraction(1, FPS)
+            output.mux(video_out.encode(frame))
+        tone = np.sin(np.arange(round(seconds * rate)) * 2 * np.pi * 440 / rate)
+        for at in range(0, len(tone), 1024):
+            chunk = tone[None, at : at + 1024].astype(np.float32)
+            sound = av.AudioFrame.from_ndarray(chunk, format="fltp", layout="mono")
+            sound.pts, sound.sample_rate, sound.time_base = at, rate, Fraction(1, rate)
+            output.mux(audio_out.encode(sound))
+        output.mux(video_out.encode(None))
+        output.mux(audio_out.encode(None))
+    return buffer.getvalue()
+
+
+def test_audio_plays_on_through_a_restart(tmp_path):
+    # A camera that reboots with its microphone on: both tracks start again from 0.
+    clip, out = tmp_path / "cam.ts", tmp_path / "cam.mp4"
+    clip.write_bytes(_ts_with_audio(1.5) + _ts_with_audio(1.5))
+    assert main([str(clip), "--live", "-o", str(out), *SLOW]) == 0
+    with av.open(str(out)) as container:
+        packets = [p for p in container.demux(audio=0) if p.pts is not None]
+        audio_tb = container.streams.audio[0].time_base
+    times = [float(p.pts * audio_tb) for p in packets]
+    assert times == sorted(set(times))  # strictly increasing across the restart
+    assert times[-1] - times[0] == pytest.approx(3.0, abs=0.15)  # both halves, end to end
+    time_base, pts = read_timing(out)
+    assert len(pts) == 2 * round(1.5 * FPS)
+    steps = {round((b - a) * time_base * FPS, 6) for a, b in itertools.pairwise(pts)}
+    assert steps == {1.0}
+
+
 def _stamped(pts: list[int], arrivals: list[float]) -> list[Frame]:
     image = np.zeros((2, 2, 3), np.uint8)
     tb = Fraction(1, 90000)

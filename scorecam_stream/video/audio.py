@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterable
+from fractions import Fraction
 
 import av
 import av.container
@@ -23,7 +24,9 @@ class AudioTrack:
 
     Only packets with ``start <= time < end`` (input seconds) are kept; ``offset`` seconds are
     subtracted from every timestamp, as from the video's. Packets that do not fit the output
-    container's codecs are decoded and re-encoded to AAC.
+    container's codecs are decoded and re-encoded to AAC. A packet (or decoded frame) that does
+    not come after the last one muxed is dropped: across a live source's restart the audio of
+    the new run can arrive before the video frame that shows the break (and shifts the clock).
     """
 
     def __init__(
@@ -39,6 +42,8 @@ class AudioTrack:
         self._start = start if start is not None else (offset if offset > 0 else None)
         self._end = end
         self._offset_units = round(offset / source.time_base)
+        self._last: Fraction | None = None  # seconds of the last packet or frame muxed
+        self.dropped = 0
         copyable = {"mp4": MP4_AUDIO_COPY, "flv": FLV_AUDIO_COPY}.get(output.format.name)
         self._reencode = copyable is not None and source.codec_context.name not in copyable
         if not self._reencode:
@@ -74,12 +79,27 @@ class AudioTrack:
                 continue
             self._mux(packet)
 
+    def _goes_forward(self, timestamp: int | None, time_base: Fraction | None) -> bool:
+        """Return whether a timestamp comes after the last one muxed (and take it as the last)."""
+        if timestamp is None or time_base is None:
+            return True
+        at = timestamp * time_base
+        if self._last is not None and at <= self._last:
+            if self.dropped == 0:
+                log.warning("audio timestamps went back (a restart?): dropping what overlaps")
+            self.dropped += 1
+            return False
+        self._last = at
+        return True
+
     def _mux(self, packet: av.Packet) -> None:
         if not self._reencode:
             if packet.pts is not None:
                 packet.pts -= self._offset_units
             if packet.dts is not None:
                 packet.dts -= self._offset_units
+            if not self._goes_forward(packet.dts, packet.time_base):
+                return
             packet.stream = self._out_stream
             self._output.mux(packet)
             return
@@ -94,6 +114,8 @@ class AudioTrack:
         for frame in frames:
             if frame.pts is not None:
                 frame.pts -= self._offset_units
+                if not self._goes_forward(frame.pts, frame.time_base):
+                    continue
             self._output.mux(self._out_stream.encode(frame))
 
     def finish(self) -> None:
