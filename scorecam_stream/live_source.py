@@ -30,6 +30,11 @@ class LiveSource:
     ``reconnecting()`` says that the input is being reopened (a silence then is no stall);
     ``on_behind()`` is called, from the reader thread, each time the frames waiting for the
     encoder pass half the backlog once the encoder takes frames (before any is dropped).
+
+    The output comes first: while more than half the backlog waits for the encoder, no new
+    frame is handed to the explainer (until the queue is down to a quarter), so that on a
+    machine with too few cores for both, torch pauses and the encoder catches up; maps get
+    rarer instead of frames being dropped.
     """
 
     def __init__(
@@ -46,6 +51,8 @@ class LiveSource:
         self._on_behind = on_behind  # the output's queue passed half the backlog
         self._draining = False  # output_frames() runs: a queue that grows now is the encoder's
         self._behind = False
+        self._held = False  # the explainer waits for the encoder to catch up
+        self.holds = 0  # how often it had to
         self._reconnecting = reconnecting  # the input is being reopened: not a stall
         self._pace = pace
         self._backlog = backlog
@@ -121,12 +128,26 @@ class LiveSource:
             self.ended = True
             self.end_reason = "read timeout"
 
+    def _hold_explainer(self) -> bool:
+        """Return whether the explainer should wait: the encoder is far behind (see above)."""
+        pending = len(self._pending)
+        if not self._held and self._draining and pending > self._backlog // 2:
+            self._held = True
+            self.holds += 1
+            level = logging.WARNING if self.holds == 1 else logging.DEBUG
+            log.log(level, "the encoder falls behind: no new map until it catches up")
+        elif self._held and pending <= self._backlog // 4:
+            self._held = False
+        return self._held
+
     def newest_after(self, index: int) -> video.Frame | None:
-        """Return the newest frame once one with ``index`` or later has come; None at the end."""
+        """Return the newest frame once one with ``index`` or later has come (and the encoder
+        is not far behind); None at the end."""
         with self._cond:
             while True:
                 newest = self._newest
-                if newest is not None and newest.index >= index and not self.stopped:
+                ready = newest is not None and newest.index >= index and not self.stopped
+                if ready and not self._hold_explainer():
                     return newest
                 if self.ended:
                     if self._error is not None:

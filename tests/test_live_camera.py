@@ -443,6 +443,36 @@ def test_the_live_source_says_when_the_encoder_falls_behind_before_dropping():
     assert dropped_when_told == [0] and source.dropped > 0  # told once, before the first drop
 
 
+def test_the_explainer_waits_while_the_encoder_is_far_behind():
+    more = threading.Event()
+
+    def frames() -> Iterator[Frame]:
+        for i in range(8):
+            yield Frame(i, np.zeros((2, 2, 3), np.uint8), i, Fraction(1, 25), i / 25)
+            if i == 5:
+                more.wait(10)
+
+    source = LiveSource(frames(), backlog=8, read_timeout=None)
+    output = source.output_frames()
+    assert next(output).index == 0  # the encoder runs, then stalls: frames 1-5 wait for it
+    while source.frames_in < 6:
+        time.sleep(0.01)
+    given: list[Frame | None] = []
+    explainer = threading.Thread(target=lambda: given.append(source.newest_after(0)))
+    explainer.start()
+    explainer.join(0.5)
+    assert explainer.is_alive() and source.holds == 1  # 5 waiting > half the backlog: held
+    for expected in (1, 2):
+        assert next(output).index == expected
+    explainer.join(0.5)
+    assert explainer.is_alive()  # 3 waiting: not yet down to a quarter
+    assert next(output).index == 3
+    explainer.join(5)
+    assert [f.index for f in given if f] == [5]  # 2 waiting: the newest frame goes out
+    more.set()
+    assert [f.index for f in output] == [4, 5, 6, 7] and source.dropped == 0
+
+
 def test_the_encoder_takes_a_faster_preset_when_told(tmp_path, caplog):
     caplog.set_level(logging.WARNING, logger="scorecam_stream")  # a run before may have set it
     tb = Fraction(1, 90000)
