@@ -14,9 +14,11 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import torch
 from make_sample_video import make_sample_video  # PyAV
@@ -178,7 +180,34 @@ def section_end_to_end(plan: Any, device: torch.device, state: dict, weights: Pa
     engine_rate = len(tasks) / (time.perf_counter() - began)
     rows.append({"run": "engine only, same frames", "frames_per_s": engine_rate})
     rows[1]["vs_engine"] = rows[1]["frames_per_s"] / engine_rate
+    # 4. the output's encoder: libx264 at the live preset against NVENC (--encoder h264_nvenc)
+    rows += [encoder_row(name, plan.clip_size, clip.workdir) for name in ("libx264", "h264_nvenc")]
     return rows
+
+
+def encoder_row(name: str, size: tuple[int, int], workdir: Path, frames: int = 100) -> Row:
+    """Row: the frames per second ``--encoder name`` writes at ``size`` and the encoder used."""
+    width, height = size
+    photo = cv2.resize(data.chelsea(), (width + frames, height))
+    writer = video.VideoWriter(
+        str(workdir / f"{name}.mp4"),
+        width,
+        height,
+        Fraction(1, 25),
+        25,
+        encoder=name,
+        realtime=True,
+    )
+    began = time.perf_counter()
+    for i in range(frames):  # a pan: every frame differs
+        writer.write(np.ascontiguousarray(photo[:, i : i + width]), i, Fraction(1, 25))
+    writer.close()
+    rate = frames / (time.perf_counter() - began)
+    return {
+        "run": f"write {width}x{height}, --encoder {name}",
+        "used": writer.encoder,
+        "frames_per_s": rate,
+    }
 
 
 # ---------------------------------------------------------------------- d. Ray
