@@ -32,9 +32,8 @@ class LiveSource:
     encoder pass half the backlog once the encoder takes frames (before any is dropped).
 
     The output comes first: while more than half the backlog waits for the encoder, no new
-    frame is handed to the explainer (until the queue is down to a quarter), so that on a
-    machine with too few cores for both, torch pauses and the encoder catches up; maps get
-    rarer instead of frames being dropped.
+    frame is handed to the explainer, so that on a machine with too few cores for both, torch
+    pauses and the encoder catches up; maps get rarer instead of frames being dropped.
     """
 
     def __init__(
@@ -130,15 +129,15 @@ class LiveSource:
 
     def _hold_explainer(self) -> bool:
         """Return whether the explainer should wait: the encoder is far behind (see above)."""
-        pending = len(self._pending)
-        if not self._held and self._draining and pending > self._backlog // 2:
-            self._held = True
+        # No band between holding and letting go: a map is started whenever the queue is at
+        # most half full, and half the backlog is left for the frames that pile up meanwhile.
+        behind = self._draining and not self.ended and len(self._pending) > self._backlog // 2
+        if behind and not self._held:
             self.holds += 1
             level = logging.WARNING if self.holds == 1 else logging.DEBUG
             log.log(level, "the encoder falls behind: no new map until it catches up")
-        elif self._held and pending <= self._backlog // 4:
-            self._held = False
-        return self._held
+        self._held = behind
+        return behind
 
     def newest_after(self, index: int) -> video.Frame | None:
         """Return the newest frame once one with ``index`` or later has come (and the encoder
@@ -160,6 +159,8 @@ class LiveSource:
         """Yield every frame in order (less any dropped) until the source ends."""
         with self._cond:
             self._draining = True
+            # What queued while the run started is no sign of an encoder falling behind.
+            self._behind = len(self._pending) > self._backlog // 2
         while True:
             with self._cond:
                 while not self._pending and not self.ended:

@@ -155,11 +155,16 @@ class RssSampler:
         self._thread.join()
 
     def summary(self) -> str:
-        """Return 'MB at minute 2 -> max after it -> at the end', or the peak for short runs."""
-        late = [mb for at, mb in self.samples if at >= 120]
+        """Return RSS at minute 2, then every 5 minutes and at the end; the peak for short runs."""
+        late = [(at, mb) for at, mb in self.samples if at >= 120]
         if not late:
             return f"peak {max(mb for _, mb in self.samples):.0f} MB (run under 2 min)"
-        return f"{late[0]:.0f} MB at 2 min, max {max(late):.0f}, end {late[-1]:.0f}"
+        marks = [late[0]]
+        for minute in range(5, int(late[-1][0] // 60) + 1, 5):
+            marks.append(next((at, mb) for at, mb in late if at >= 60 * minute))
+        marks.append(late[-1])
+        series = ", ".join(f"{at / 60:.0f} min {mb:.0f}" for at, mb in dict(marks).items())
+        return f"MB: {series} (max after 2 min {max(mb for _, mb in late):.0f})"
 
 
 def _figures(jsonl: Path, seconds: float, fps: int) -> dict:

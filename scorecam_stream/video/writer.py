@@ -4,7 +4,8 @@
 survives a round trip. Outputs (:func:`output_kind`): files (mp4/m4v/mov/mkv), HLS
 (``DIR/name.m3u8``: whole segments, the playlist closed on stop), and live streams (``udp://``,
 ``srt://``, ``tcp://`` as MPEG-TS, ``rtmp://`` as FLV, ``-`` as MPEG-TS on standard output),
-which get low-latency H.264 and are paced by the frames' timestamps.
+which get low-latency H.264 and are paced by the frames' timestamps (a live source's frames
+that queued while the run started go out at up to :data:`CATCH_UP` x real time).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ log = logging.getLogger("scorecam_stream.video")
 OUTPUT_FORMATS = {".mp4": "mp4", ".m4v": "mp4", ".mov": "mov", ".mkv": "matroska"}
 STREAM_FORMATS = {"udp": "mpegts", "srt": "mpegts", "tcp": "mpegts", "rtmp": "flv", "rtmps": "flv"}
 HLS_SUFFIX = ".m3u8"
+CATCH_UP = 2.0  # a live output written from a live source: at most this many x real time
 
 
 def output_kind(target: str) -> str:
@@ -118,7 +120,9 @@ class VideoWriter:
         realtime: bool = False,
     ) -> None:
         # ``name``: the output's real name when ``path`` is a temporary (see atomic_output).
-        # ``realtime``: frames come at a live source's pace, so x264 takes a fast preset.
+        # ``realtime``: frames come at a live source's pace, so x264 takes a fast preset, and a
+        # live output catches up with what queued while the run started, at CATCH_UP x real
+        # time (pacing a live source's frames at 1x would keep that lag, and the queue, for good).
         self.name = str(name or path)
         self.kind = output_kind(self.name)
         if width <= 0 or height <= 0:
@@ -138,6 +142,7 @@ class VideoWriter:
         self._warned_pts = False
         self._closed = False
         self._paced_from: tuple[float, float] | None = None  # (wall clock, seconds) of frame 0
+        self._pace_speed = CATCH_UP if realtime else 1.0
         self._encoder: av.VideoCodecContext | None = None  # a faster one, after speed_up()
         self._audio: AudioTrack | None = None
         try:
@@ -230,13 +235,14 @@ class VideoWriter:
         self._output.mux(packets)
 
     def _pace(self, seconds: float) -> None:
-        """Wait until the wall clock reaches ``seconds`` on the stream's own clock."""
+        """Wait until the wall clock reaches ``seconds`` on the stream's own clock (run at the
+        pace's speed: 1x, or faster for a live source's frames, which come in real time)."""
         now = time.monotonic()
         if self._paced_from is None:
             self._paced_from = (now, seconds)
             return
         wall, first = self._paced_from
-        delay = wall + (seconds - first) - now
+        delay = wall + (seconds - first) / self._pace_speed - now
         if delay > 0:
             time.sleep(delay)
 
