@@ -163,7 +163,8 @@ class RssSampler:
         for minute in range(5, int(late[-1][0] // 60) + 1, 5):
             marks.append(next((at, mb) for at, mb in late if at >= 60 * minute))
         marks.append(late[-1])
-        series = ", ".join(f"{at / 60:.0f} min {mb:.0f}" for at, mb in dict(marks).items())
+        labels = {f"{at / 60:.0f} min": mb for at, mb in marks}  # the end may round onto a mark
+        series = ", ".join(f"{label} {mb:.0f}" for label, mb in labels.items())
         return f"MB: {series} (max after 2 min {max(mb for _, mb in late):.0f})"
 
 
