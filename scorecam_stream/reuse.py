@@ -7,24 +7,27 @@ target class costs no pass) and the masked input's *probe* it was computed on (t
 mask times the model input, both at PROBE_GRID x PROBE_GRID). Each frame:
 
 1. the base pass runs as always (exact activations, masks, logits, targets);
-2. :meth:`StreamState.plan` picks the channels to recompute: the ``budget`` share of the live
-   (non-constant) channels whose probe moved most since their result, times how much they weigh
-   in the map (their cached score); plus those never computed and, among those that
-   moved, any older than ``max_age`` frames. A channel whose probe did not move at all is
-   never recomputed (its pass would give the same logits), so a still video costs no masked
-   pass after its first frame and its maps are exact;
-3. the worker(s) run only those passes (:meth:`scorecam_stream.ScoreCAM.channel_logits`);
-4. :meth:`StreamState.finish` sums the map from the current frame's masks with the fresh
+2. :meth:`StreamState.plan` ranks the channels whose probe moved since their result by that
+   change times how much they weigh in the map (their cached score); those never computed and,
+   among those that moved, any older than ``max_age`` frames come first. A channel whose probe
+   did not move at all is never recomputed (its pass would give the same logits), so a still
+   video costs no masked pass after its first frame and its maps are exact;
+3. the worker(s) recompute the plan's channels in rounds of ``chunk`` of the live channels, in
+   that order (:meth:`scorecam_stream.ScoreCAM.channel_logits`); after each round
+   :meth:`StreamState.absorb` sums the map again and stops once a round moved it by less than
+   the tolerance (1 - its correlation with the map before the round), after ``min_rounds``.
+   How much a frame costs thus follows how much it changed, frame by frame;
+4. :meth:`StreamState.finish` returns the map of the current frame's masks with the fresh
    results and the cached ones (the same :class:`~scorecam_stream.weighting.Weighting` as the
    exact engine).
 
-Keyframes (every 4 frames at first, up to every ``keyframe_interval`` while anything moved;
-after a scene cut; and on the next frame when a refresh moved the map by more than the allowed
-error) recompute every live channel. Their map is exact, and it measures what reuse would have
-given on that frame (the budget's selection over the cache as it was): the Pearson correlation
-of the two maps. A controller keeps it at or above ``fidelity``: the budget doubles and
-keyframes come twice as often when it falls short; both relax when it is comfortably above.
-``fidelity`` 1.0 means no reuse at all: the explainers then run the exact engine untouched.
+Keyframes (every 4 frames at first, up to every ``keyframe_interval``, never closer than 8
+frames once started; and after a scene cut) recompute every live channel, so their map is
+exact. Their rounds run first, so a keyframe measures what reuse alone gave on that frame: the
+Pearson correlation of the two maps. A controller keeps it at or above ``fidelity``: the
+tolerance halves and keyframes come twice as often when it falls short; both relax when it is
+comfortably above. ``fidelity`` 1.0 means no reuse at all: the explainers then run the exact
+engine untouched.
 """
 
 from __future__ import annotations
@@ -43,7 +46,11 @@ from .weighting import BasePass, Weighting, combine_shards
 log = logging.getLogger(__name__)
 
 _DEFAULT_INTERVAL = 16  # frames between keyframes at most: a full recompute costs K passes
-_FIRST_INTERVAL = 4  # at first: the budget is calibrated soon, then keyframes space out
+_FIRST_INTERVAL = 4  # at first: the tolerance is calibrated soon, then keyframes space out
+# A miss brings keyframes closer, never closer than this: a keyframe costs every pass, and the
+# tolerance (halved on a miss) is what holds the fidelity (measured on the bench: a floor of 2
+# spent more than half of all passes on keyframes for no better maps).
+_MIN_INTERVAL = 8
 # Masked inputs are compared at this resolution: fine enough to see a pan move a mask's
 # content at any layer (a 2 x 2 or 4 x 4 head layer's own grid is far too coarse for that).
 PROBE_GRID = 16
@@ -59,8 +66,10 @@ class ReuseOptions:
     fidelity: float = 1.0  # the correlation with the exact map to hold, measured at keyframes
     keyframe_interval: int = _DEFAULT_INTERVAL  # at most this many frames between keyframes
     max_age: int = 2 * _DEFAULT_INTERVAL  # a moved channel's result is recomputed this old
-    initial_budget: float = 0.25  # share of the live channels recomputed per frame, at first
-    min_budget: float = 1 / 64
+    chunk: float = 1 / 16  # share of the live channels one round recomputes
+    min_rounds: int = 2  # rounds a frame that moved runs at least (fewer if fewer moved)
+    # A round that moves the map less than this ends the frame (None: a quarter of 1 - F).
+    tolerance: float | None = None
     cut: float = _CUT  # cosine similarity with the last frame below which a frame is a cut
 
     def __post_init__(self) -> None:
@@ -68,13 +77,20 @@ class ReuseOptions:
             raise ScoreCamError(f"--fidelity must be in (0, 1], got {self.fidelity}")
         if self.keyframe_interval < 1 or self.max_age < 1:
             raise ScoreCamError("keyframe_interval and max_age must be >= 1")
-        if not 0 < self.min_budget <= self.initial_budget <= 1:
-            raise ScoreCamError("need 0 < min_budget <= initial_budget <= 1")
+        if not 0 < self.chunk <= 1 or self.min_rounds < 1:
+            raise ScoreCamError("need 0 < chunk <= 1 and min_rounds >= 1")
+        if self.tolerance is not None and not 0 < self.tolerance <= 1:
+            raise ScoreCamError("need 0 < tolerance <= 1")
 
     @property
     def exact(self) -> bool:
         """Return whether every pass runs on every frame (no state is kept)."""
         return self.fidelity >= 1.0
+
+    @property
+    def first_tolerance(self) -> float:
+        """Return the stop rule's tolerance before any keyframe has measured the fidelity."""
+        return self.tolerance if self.tolerance is not None else (1 - self.fidelity) / 4
 
 
 @dataclass(frozen=True)
@@ -117,15 +133,29 @@ class FrameView:
         return self.highs != self.lows
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class Plan:
-    """The masked passes one frame runs, and why."""
+    """One frame in progress: the masked passes to run next, and what the frame has so far.
 
-    channels: torch.Tensor  # (R,) int64, ascending: the channels to recompute
-    keyframe: bool  # every live channel is recomputed
+    :meth:`StreamState.plan` makes it, :meth:`StreamState.absorb` takes each round's logits
+    and sets the next round's ``channels`` (empty: the frame is done),
+    :meth:`StreamState.finish` returns its :class:`Outcome`.
+    """
+
+    view: FrameView
+    targets: torch.Tensor  # (T,)
+    channels: torch.Tensor  # (R,) int64: the channels to recompute now (empty: done)
+    keyframe: bool  # every live channel is (or, measuring, will be) recomputed
     probes: torch.Tensor  # (K, 3, G, G) this frame's probes (kept with the fresh results)
-    selection: torch.Tensor | None = None  # keyframes: what the budget alone would have picked
-    measure: bool = False  # keyframes: compare the reuse map with the exact one
+    logits: torch.Tensor  # (K, C) the frame's logits so far: cached, fresh ones written in
+    fresh: torch.Tensor  # (K,) bool: recomputed for this frame
+    order: torch.Tensor  # (M,) the channels that moved, most urgent first
+    measure: bool = False  # a due keyframe: compare the reuse map with the exact one
+    rounds: int = 0  # rounds of the ranking run (a keyframe's remainder is not one)
+    asked: int = 0  # how many times :meth:`StreamState.absorb` has taken logits
+    done: int = 0  # how far down ``order`` the rounds have gone
+    maps: torch.Tensor | None = None  # (T, S, S) the map after the last round
+    reuse_maps: torch.Tensor | None = None  # measuring: the map the rounds alone gave
 
 
 @dataclass(frozen=True)
@@ -229,9 +259,10 @@ def maps_of(
 
 
 class StreamState:
-    """Per-stream cache of masked-pass results, the channel selection and the budget controller.
+    """Per-stream cache of masked-pass results, the channel ranking and the controller.
 
-    Frames go through :meth:`plan` then :meth:`finish`, one at a time, in stream order.
+    Frames go through :meth:`plan`, :meth:`absorb` (once per round of passes) and
+    :meth:`finish`, one frame at a time, in stream order.
     """
 
     def __init__(self, weighting: Weighting, options: ReuseOptions) -> None:
@@ -239,7 +270,7 @@ class StreamState:
             raise ValueError("fidelity 1.0 keeps no state: run the exact engine")
         self.weighting = weighting
         self.options = options
-        self.budget = options.initial_budget
+        self.tolerance = options.first_tolerance
         self.interval = min(_FIRST_INTERVAL, options.keyframe_interval)  # frames to a keyframe
         self._logits: torch.Tensor | None = None  # (K, C) latest masked-pass logits
         self._probes: torch.Tensor | None = None  # (K, 3, G, G) probe each result was run on
@@ -251,65 +282,107 @@ class StreamState:
     # ------------------------------------------------------------------ per frame
 
     def plan(self, view: FrameView, targets: torch.Tensor) -> Plan:
-        """Return the channels to recompute for ``view`` explaining ``targets`` (T,)."""
-        live = view.live
-        probes = self._probe(view)
-        every = live.nonzero().flatten()
-        if self._logits is None or self._probes is None or self._logits.shape[0] != len(live):
-            return Plan(every, True, probes)  # the first frame (or a new layer size)
-        assert self._known is not None and self._age is not None
-        if self._is_cut(view):
-            log.debug("scene cut: recomputing every channel")
-            return Plan(every, True, probes)
-        change = (probes - self._probes).abs().flatten(1).mean(dim=1)  # (K,)
-        forced = live & ~self._known
-        moved = live & self._known & (change > 0)
-        if not bool(forced.any() | moved.any()):
-            return Plan(every[:0], False, probes)  # nothing moved: every result still holds
-        selection = self._select(view, targets, live, change, forced, moved)
-        if self._since_key + 1 >= self.interval:
-            return Plan(every, True, probes, selection=selection, measure=True)
-        return Plan(selection, False, probes)
-
-    def finish(
-        self, view: FrameView, plan: Plan, logits: torch.Tensor, targets: torch.Tensor
-    ) -> Outcome:
-        """Return the frame's maps from ``logits`` (R, C) of ``plan.channels`` and the cache."""
+        """Return the frame's plan for ``view`` explaining ``targets`` (T,): its first round."""
         live = view.live
         k = len(live)
+        probes = self._probe(view)
+        every = live.nonzero().flatten()
+        cached = self._logits
+        if cached is None or self._probes is None or cached.shape[0] != k:
+            logits = view.zero_logits.expand(k, -1).clone()
+            return self._keyframe(view, targets, probes, logits)  # the first frame (or new K)
+        assert self._known is not None and self._age is not None
+        logits = cached.clone()
+        logits[~live] = view.zero_logits  # exact: a constant channel's input is the zero image
+        if self._is_cut(view):
+            log.debug("scene cut: recomputing every channel")
+            return self._keyframe(view, targets, probes, logits)
+        change = (probes - self._probes).abs().flatten(1).mean(dim=1)  # (K,)
+        must = live & ~self._known
+        moved = live & self._known & (change > 0)
+        must |= moved & (self._age >= self.options.max_age)
+        order = self._rank(view, targets, change, must, moved | must)
+        plan = Plan(
+            view,
+            targets,
+            every[:0],
+            False,
+            probes,
+            logits,
+            torch.zeros(k, dtype=torch.bool),
+            order,
+            measure=self._since_key + 1 >= self.interval and order.numel() > 0,
+            maps=maps_of(self.weighting, view, logits, targets),
+        )
+        # The first round takes every channel that must be recomputed, and at least a chunk.
+        self._next_round(plan, max(self._chunk(live), int(must.sum())))
+        return plan
+
+    def absorb(self, plan: Plan, logits: torch.Tensor) -> None:
+        """Write a round's ``logits`` (R, C) of ``plan.channels`` in; set the next round's."""
         channels = plan.channels.cpu()
-        logits = logits.float().cpu()
-        cached = self._logits if self._logits is not None else torch.empty(k, logits.shape[1])
-        current = cached.clone()
-        current[~live] = view.zero_logits  # exact: a constant channel's input is the zero image
-        current[channels] = logits
-        maps = maps_of(self.weighting, view, current, targets)
+        plan.asked += 1
+        plan.logits[channels] = logits.float().cpu()
+        plan.fresh[channels] = True
+        plan.channels = channels[:0]
+        if plan.keyframe and plan.reuse_maps is None and not plan.measure:
+            return  # a full recompute: nothing is left
+        if plan.reuse_maps is not None:
+            return  # a measuring keyframe's remainder: the frame is now exact
+        plan.rounds += 1
+        before = plan.maps
+        assert before is not None
+        plan.maps = maps_of(self.weighting, plan.view, plan.logits, plan.targets)
+        settled = (
+            plan.rounds >= self.options.min_rounds
+            and 1 - correlation(before[0], plan.maps[0]) < self.tolerance
+        )
+        if not settled and self._next_round(plan, self._chunk(plan.view.live)):
+            return
+        if plan.measure:  # the rounds are done: keep their map, then recompute the rest
+            plan.reuse_maps = plan.maps
+            plan.keyframe = True
+            plan.channels = (plan.view.live & ~plan.fresh).nonzero().flatten()
+
+    def finish(self, plan: Plan) -> Outcome:
+        """Return the frame's maps and costs, and keep its fresh results for the next frames."""
+        view = plan.view
+        live = view.live
+        maps = maps_of(self.weighting, view, plan.logits, plan.targets)
         fidelity = None
-        if plan.measure and plan.selection is not None:
-            reuse = cached.clone()
-            reuse[~live] = view.zero_logits
-            reuse[plan.selection] = current[plan.selection]
-            fidelity = correlation(maps[0], maps_of(self.weighting, view, reuse, targets)[0])
+        if plan.reuse_maps is not None:
+            fidelity = correlation(maps[0], plan.reuse_maps[0])
             self._control(fidelity)
-        elif not plan.keyframe and channels.numel() and self._logits is not None:
-            # A free early warning: if the channels just recomputed moved the map by more than
-            # the allowed error, the reused ones have likely moved too: measure next frame.
-            stale = cached.clone()
-            stale[~live] = view.zero_logits
-            drift = correlation(maps[0], maps_of(self.weighting, view, stale, targets)[0])
-            if drift < self.options.fidelity:
-                self._since_key = self.interval
-        self._store(view, plan, current, channels)
-        outcome = Outcome(
+        self._store(plan)
+        passes = int(plan.fresh.sum())
+        return Outcome(
             maps=maps,
-            passes=int(channels.numel()),
-            reused=int(live.sum()) - int(channels.numel()),
+            passes=passes,
+            reused=int(live.sum()) - passes,
             keyframe=plan.keyframe,
             fidelity=fidelity,
         )
-        return outcome
 
     # ------------------------------------------------------------------ internals
+
+    def _keyframe(
+        self, view: FrameView, targets: torch.Tensor, probes: torch.Tensor, logits: torch.Tensor
+    ) -> Plan:
+        """Return a plan that recomputes every live channel at once (nothing to measure)."""
+        every = view.live.nonzero().flatten()
+        fresh = torch.zeros(len(view.live), dtype=torch.bool)
+        return Plan(view, targets, every, True, probes, logits, fresh, every[:0])
+
+    def _chunk(self, live: torch.Tensor) -> int:
+        """Return how many channels one round recomputes."""
+        return max(1, math.ceil(self.options.chunk * int(live.sum())))
+
+    def _next_round(self, plan: Plan, count: int) -> bool:
+        """Set ``plan.channels`` to the next ``count`` of its order; return whether any are."""
+        take = plan.order[plan.done : plan.done + count]
+        plan.done += int(take.numel())
+        plan.channels = take.sort().values
+        return bool(take.numel())
 
     def _probe(self, view: FrameView) -> torch.Tensor:
         """Return each channel's probe (K, 3, G, G): its normalised mask times the input."""
@@ -323,18 +396,17 @@ class StreamState:
         similarity = F.cosine_similarity(view.activations.flatten(1).mean(dim=1), previous, dim=0)
         return float(similarity) < self.options.cut
 
-    def _select(
+    def _rank(
         self,
         view: FrameView,
         targets: torch.Tensor,
-        live: torch.Tensor,
         change: torch.Tensor,
-        forced: torch.Tensor,
-        moved: torch.Tensor,
+        must: torch.Tensor,
+        candidates: torch.Tensor,
     ) -> torch.Tensor:
-        """Return the channels (R,) the budget recomputes: forced ones, then by priority."""
-        assert self._logits is not None and self._age is not None
-        k = len(live)
+        """Return the ``candidates`` (M,) most urgent first: ``must`` ones, then by priority."""
+        assert self._logits is not None
+        k = len(change)
         t = targets.cpu().long()
         scores = self.weighting.target_scores(
             self._logits, t.expand(k, -1), view.logits.expand(k, -1)
@@ -343,55 +415,51 @@ class StreamState:
             scores = scores - scores.mean(dim=0)
         weight = scores.abs().amax(dim=1)
         # The change of its masked input, times what the channel weighs in the map.
-        priority = torch.where(moved, change * (weight + 1e-12), torch.zeros_like(change))
-        must = forced | (moved & (self._age >= self.options.max_age))
-        budget = math.ceil(self.budget * int(live.sum()))
-        room = max(0, min(budget - int(must.sum()), int((moved & ~must).sum())))
-        chosen = must.clone()
-        if room:
-            candidates = torch.where(must, torch.zeros_like(priority), priority)
-            chosen[candidates.topk(room).indices] = True
-        return chosen.nonzero().flatten()
+        priority = change * (weight + 1e-12)
+        priority = torch.where(must, torch.full_like(priority, math.inf), priority)
+        index = candidates.nonzero().flatten()
+        # Stable: equal priorities keep channel order, so every run ranks alike.
+        return index[priority[index].argsort(descending=True, stable=True)]
 
     def _control(self, fidelity: float) -> None:
-        """Adjust the budget, and how often it is measured, from a keyframe's correlation.
+        """Adjust the tolerance, and how often it is measured, from a keyframe's correlation.
 
-        Short of the target: twice the budget, keyframes twice as often. Comfortably above
-        (less than half the allowed error): a quarter fewer passes, keyframes further apart.
+        Short of the target: half the tolerance, keyframes twice as often (not closer than
+        _MIN_INTERVAL). Comfortably above (less than half the allowed error): 1.5 times the
+        tolerance (at most the allowed error), keyframes further apart.
         """
         target = self.options.fidelity
-        before = self.budget
+        before = self.tolerance
         if fidelity < target:
-            self.budget = min(1.0, self.budget * 2)
-            self.interval = max(2, self.interval // 2)
+            self.tolerance = self.tolerance / 2
+            floor = min(_MIN_INTERVAL, self.options.keyframe_interval)
+            self.interval = max(floor, self.interval // 2)
         elif 1 - fidelity < 0.5 * (1 - target):
-            self.budget = max(self.options.min_budget, self.budget * 0.75)
+            self.tolerance = min(1 - target, self.tolerance * 1.5)
             self.interval = min(self.options.keyframe_interval, self.interval * 2)
         log.debug(
-            "keyframe fidelity %.5f: budget %.4f -> %.4f, keyframes every %d frames",
+            "keyframe fidelity %.5f: tolerance %.5f -> %.5f, keyframes every %d frames",
             fidelity,
             before,
-            self.budget,
+            self.tolerance,
             self.interval,
         )
 
-    def _store(
-        self, view: FrameView, plan: Plan, logits: torch.Tensor, channels: torch.Tensor
-    ) -> None:
+    def _store(self, plan: Plan) -> None:
         """Keep this frame's results: fresh ones with their probes, the rest a frame older."""
-        probes, keyframe = plan.probes, plan.keyframe
+        view, probes, fresh = plan.view, plan.probes, plan.fresh
         live = view.live
-        if self._probes is None or self._probes.shape != probes.shape or keyframe:
+        if self._probes is None or self._probes.shape != probes.shape or plan.keyframe:
             self._probes = probes.clone()
             self._known = live.clone()
             self._age = torch.zeros(len(live), dtype=torch.int64)
         else:
             assert self._known is not None and self._age is not None
             self._age += 1
-            self._probes[channels] = probes[channels]
-            self._age[channels] = 0
-            self._known[channels] = True
+            self._probes[fresh] = probes[fresh]
+            self._age[fresh] = 0
+            self._known |= fresh
             self._known &= live  # a channel that went constant has no live result to keep
-        self._logits = logits
+        self._logits = plan.logits
         self._previous = view.activations.flatten(1).mean(dim=1)
-        self._since_key = 0 if keyframe else max(self._since_key, 0) + 1
+        self._since_key = 0 if plan.keyframe else self._since_key + 1

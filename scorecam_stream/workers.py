@@ -221,8 +221,9 @@ class Worker:
     ) -> FrameResult:
         targets, probs, view = self.view(task.index, task.x, task.targets, topk)
         plan = state.plan(view, targets)
-        logits = self.channel_logits(task.index, task.x, plan.channels)
-        outcome = state.finish(view, plan, logits, targets)
+        while plan.channels.numel():  # round after round, until the map settles
+            state.absorb(plan, self.channel_logits(task.index, task.x, plan.channels))
+        outcome = state.finish(plan)
         skipped = int((~view.live).sum())
         seconds = time.perf_counter() - began
         return make_result(task.index, outcome.maps, targets, probs, skipped, seconds, 0, outcome)

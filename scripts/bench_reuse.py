@@ -60,12 +60,15 @@ def crop(image: np.ndarray, cx: float, cy: float, zoom: float) -> np.ndarray:
 
 
 def still_camera(background: np.ndarray, subject: np.ndarray, t: np.ndarray) -> list:
-    """Return frames of a fixed camera: ``background`` still, ``subject`` walking across."""
+    """Return frames of a fixed camera: ``background`` still, ``subject`` walking across.
+
+    ``t`` is the walk's progress (0: left edge, 1: right edge); past 1 the subject walks back.
+    """
     scene = crop(background, 0.5, 0.5, 1.0)
     side = H // 3
     patch = cv2.resize(subject, (side, side), interpolation=cv2.INTER_AREA)
     frames = []
-    for s in t:
+    for s in 1 - np.abs(1 - np.asarray(t) % 2):
         frame = scene.copy()
         x0, y0 = int(20 + s * (W - side - 40)), H // 2 - side // 4
         frame[y0 : y0 + side, x0 : x0 + side] = patch
@@ -135,7 +138,9 @@ def reuse_run(worker: Worker, frames: list[Frame], fidelity: float, every: int) 
     corr, iou, ins, dele = [], [], [], []
     for i, f in enumerate(frames):
         plan = state.plan(f.view, f.targets)
-        outcome = state.finish(f.view, plan, f.logits[plan.channels], f.targets)
+        while plan.channels.numel():
+            state.absorb(plan, f.logits[plan.channels])
+        outcome = state.finish(plan)
         passes += outcome.passes
         exact_passes += outcome.passes + outcome.reused
         keyframes += outcome.keyframe

@@ -481,7 +481,7 @@ def test_retry_policy(failure, failures, losses, retry):
 # --- temporal reuse (--fidelity below 1): the driver keeps the stream's state ------------------
 
 REUSE_MODEL = ModelConfig(spec="efficientnet_lite0", input_size=48, layer="blocks.2")
-REUSE = ReuseOptions(fidelity=0.5, keyframe_interval=3, initial_budget=0.25)
+REUSE = ReuseOptions(fidelity=0.5, keyframe_interval=3)
 
 
 def drifting_items(count: int) -> list[tuple[int, FrameTask]]:

@@ -123,6 +123,21 @@ def test_tracker_bound_partials_in_shard_order_and_release():
     assert tracker.full
 
 
+def test_tracker_replans_a_complete_frame_for_its_next_round():
+    tracker: InflightTracker[str] = InflightTracker(2)
+    tracker.admit(0)
+    tracker.plan(0, [(0, 2), (2, 4)])
+    assert tracker.done(0, 1, "a1") is False
+    with pytest.raises(ValueError, match="not complete"):
+        tracker.replan(0, [(0, 1)])  # a round still out cannot be replaced
+    assert tracker.done(0, 0, "a0")
+    assert tracker.take_partials(0) == ["a0", "a1"]
+    tracker.replan(0, [(0, 3)])  # the next round: one shard, outstanding again
+    assert tracker.ranges(0) == [(0, 3)] and tracker.outstanding(0) == [0]
+    assert not tracker.complete(0)
+    assert tracker.done(0, 0, "b0") and tracker.take_partials(0) == ["b0"]
+
+
 def test_tracker_rejects_misuse():
     tracker: InflightTracker[int] = InflightTracker(max_frames=2)
     tracker.admit(0)

@@ -193,14 +193,13 @@ class FrameCall(Call):
             return
         self.run.out(self.frame, result)
 
-    def reused_result(self, logits: list[torch.Tensor]) -> FrameResult:
-        """Return the result of a reusing run's frame from its shards' logits (R_i, C), in order."""
+    def reused_result(self) -> FrameResult:
+        """Return the result of a reusing run's frame once its last round is in."""
         state, frame = self.run.state, self.frame
         assert state is not None
-        view, plan = frame.reuse
-        fresh = torch.cat(logits) if logits else torch.empty(0, view.logits.shape[0])
-        outcome = state.finish(view, plan, fresh, frame.targets)
-        skipped = int((~view.live).sum())
+        plan = frame.reuse
+        outcome = state.finish(plan)
+        skipped = int((~plan.view.live).sum())
         index, targets, probs = frame.task.index, frame.targets, frame.probs
         return make_result(index, outcome.maps, targets, probs, skipped, self.seconds(), 0, outcome)
 
@@ -239,15 +238,11 @@ class View(Classify):
         frame, state = self.frame, self.run.state
         assert state is not None
         frame.targets, frame.probs, view = value
-        plan = state.plan(view, frame.targets)  # the channels to recompute
-        frame.reuse = (view, plan)
-        count = int(plan.channels.numel())
-        if count == 0:  # nothing moved: the frame is done without a masked pass
-            self.finished(self.reused_result([]), context)
+        frame.reuse = state.plan(view, frame.targets)  # its first round of channels
+        if not frame.reuse.channels.numel():  # nothing moved: done without a masked pass
+            self.finished(self.reused_result(), context)
             return
-        # Every planned channel costs one pass.
-        ranges = balanced_ranges([1] * count, min(context.shards_per_frame, count))
-        _queue_shards(ChannelLogits, self, ranges, slot, context)
+        _queue_round(self, slot, context)
 
 
 @dataclass(eq=False)
@@ -287,18 +282,31 @@ class Shard(FrameCall):
 
 @dataclass(eq=False)
 class ChannelLogits(Shard):
-    """A reusing run's :class:`Shard`: the masked-pass logits (R, C) of planned channels
-    [start, stop) of its plan."""
+    """A reusing run's :class:`Shard`: the masked-pass logits (R, C) of ``channels``, places
+    [start, stop) of one round of its frame's plan."""
 
     method = "channel_logits"
 
+    channels: torch.Tensor = field(kw_only=True)
+    round: int = field(kw_only=True)  # the plan's round it belongs to
+
     def args(self, context: Context) -> tuple[Any, ...]:
         frame = self.frame
-        channels = frame.reuse[1].channels[self.start : self.stop]
-        return (frame.key, frame.ref, channels)
+        return (frame.key, frame.ref, self.channels)
 
-    def combine(self, partials: list[Any]) -> FrameResult:
-        return self.reused_result(partials)
+    def answered(self, value: Any, slot: Slot, context: Context) -> None:
+        plan, state = self.frame.reuse, self.run.state
+        assert state is not None
+        if self.round != plan.asked:
+            return  # a copy of an earlier round's call, sent twice: that round is counted
+        tracker, seq = self.run.tracker, self.frame.seq
+        if not tracker.done(seq, self.shard, value):
+            return
+        state.absorb(plan, torch.cat(tracker.take_partials(seq)))
+        if plan.channels.numel():  # the map has not settled: the next round
+            _queue_round(self, slot, context)
+            return
+        self.finished(self.reused_result(), context)
 
 
 @dataclass(eq=False)
@@ -316,6 +324,27 @@ class Score(FrameCall):
 
     def describe(self) -> str:
         return f"frame {self.frame.task.index}: metrics"
+
+
+def _queue_round(call: FrameCall, slot: Slot, context: Context) -> None:
+    """Queue one :class:`ChannelLogits` per range of the frame's next round of channels."""
+    run, frame = call.run, call.frame
+    plan = frame.reuse
+    count = int(plan.channels.numel())
+    # Every planned channel costs one pass.
+    ranges = balanced_ranges([1] * count, min(context.shards_per_frame, count))
+    if plan.asked == 0:
+        run.tracker.plan(frame.seq, ranges)
+    else:
+        run.tracker.replan(frame.seq, ranges)
+    for shard, (start, stop) in enumerate(ranges):
+        prefer = slot if shard == 0 else None  # its worker holds the frame's base pass
+        channels = plan.channels[start:stop]
+        context.queue(
+            ChannelLogits(
+                run, frame, shard, start, stop, prefer=prefer, channels=channels, round=plan.asked
+            )
+        )
 
 
 def _queue_shards(

@@ -71,7 +71,7 @@ class FrameState(Generic[T]):
     partials: list[T | None] = field(default_factory=list)
     outstanding: set[int] = field(default_factory=set)
     result: Any = None  # the combined FrameResult, while its metric passes run
-    reuse: Any = None  # --fidelity below 1: (FrameView, Plan) once classified
+    reuse: Any = None  # --fidelity below 1: its reuse.Plan once classified
 
 
 class InflightTracker(Generic[T]):
@@ -116,6 +116,13 @@ class InflightTracker(Generic[T]):
         state.ranges = list(ranges)
         state.partials = [None] * len(ranges)
         state.outstanding = set(range(len(ranges)))
+
+    def replan(self, frame: int, ranges: Sequence[tuple[int, int]]) -> None:
+        """Set the shards of a complete ``frame`` anew: its next round of passes."""
+        if not self.complete(frame):
+            raise ValueError(f"frame {frame} is not complete")
+        self._frames[frame].ranges = None
+        self.plan(frame, ranges)
 
     def ranges(self, frame: int) -> list[tuple[int, int]]:
         """Return the channel ranges of ``frame``'s shards, in shard order."""
