@@ -125,7 +125,7 @@ class Plan:
     view: FrameView
     targets: torch.Tensor  # (T,)
     channels: torch.Tensor  # (R,) int64: the channels to recompute now (empty: done)
-    keyframe: bool  # every live channel is (or, measuring, will be) recomputed
+    keyframe: bool  # every live channel is recomputed (measuring: once the rounds are done)
     probes: torch.Tensor  # (K, 3, G, G) this frame's probes (kept with the fresh results)
     logits: torch.Tensor  # (K, C) the frame's logits so far: cached, fresh ones written in
     fresh: torch.Tensor  # (K,) bool: recomputed for this frame
