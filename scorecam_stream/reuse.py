@@ -205,10 +205,8 @@ class StreamState:
         plan.logits[channels] = logits.float().cpu()
         plan.fresh[channels] = True
         plan.channels = channels[:0]
-        if plan.keyframe and plan.reuse_maps is None and not plan.measure:
-            return  # a full recompute: nothing is left
-        if plan.reuse_maps is not None:
-            return  # a measuring keyframe's remainder: the frame is now exact
+        if plan.keyframe:
+            return  # every live channel is in (a full recompute, or a measured remainder)
         plan.rounds += 1
         before = plan.maps
         assert before is not None
@@ -228,7 +226,9 @@ class StreamState:
         """Return the frame's maps and costs, and keep its fresh results for the next frames."""
         view = plan.view
         live = view.live
-        maps = maps_of(self.weighting, view, plan.logits, plan.targets)
+        maps = plan.maps  # the rounds' map, summed from every logit the frame has
+        if plan.keyframe or maps is None:  # the passes after the rounds are in: sum again
+            maps = maps_of(self.weighting, view, plan.logits, plan.targets)
         fidelity = None
         if plan.reuse_maps is not None:
             fidelity = correlation(maps[0], plan.reuse_maps[0])
