@@ -184,6 +184,36 @@ def test_the_budget_picks_the_channels_that_moved(worker):
     assert set(plan.channels.tolist()) <= set(moved.tolist()) and plan.channels.numel() > 0
 
 
+def test_a_round_takes_turns_between_weight_and_a_score_that_may_switch(worker):
+    """The channels that weigh most in the map go first, but a channel whose cached score is
+    low and could jump (its masked input sits near a class boundary) gets the next turn."""
+    x = drifting(1)[0]
+    targets, _, view = worker.view("turn0", x, None, 1)
+    live = view.live.nonzero().flatten()
+    two = ReuseOptions(fidelity=0.9, chunk=2 / len(live))  # a round of 2 passes
+    state = StreamState(worker.engine.weighting, two)
+    plan = state.plan(view, targets)
+    classes = view.logits.numel()
+    # Made-up cached results: every channel sure of the target (softmax ~1), but one unsure.
+    logits = torch.zeros(plan.channels.numel(), classes)
+    logits[:, int(targets[0])] = 30.0
+    moved = live[:4]
+    unsure = int(moved[-1])
+    row = int((plan.channels == unsure).nonzero())
+    logits[row, int(targets[0])] = math.log(0.25 * (classes - 1))  # softmax 0.2
+    state.absorb(plan, logits)
+    state.finish(plan)
+    acts = view.activations.clone()
+    acts[moved] = acts[moved].flip(-1)
+    changed = reuse.FrameView(
+        acts, view.lows, view.highs, view.logits, view.zero_logits, view.pooled, view.size
+    )
+    plan = state.plan(changed, targets)
+    first = plan.channels.tolist()
+    assert len(first) == 2 and unsure in first  # last by weight, first by its chance to switch
+    assert set(first) - {unsure} <= set(moved[:-1].tolist())  # and the weightiest moved one
+
+
 @pytest.mark.parametrize("value", ["0", "-0.5", "1.5", "nan"])
 def test_fidelity_outside_0_1_is_a_one_line_error(value, clip, tmp_path, capsys):
     out = tmp_path / "out.mp4"
