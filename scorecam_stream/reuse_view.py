@@ -149,6 +149,11 @@ def maps_of(
     k = logits.shape[0]
     t = targets.cpu().long()
     scores = weighting.target_scores(logits, t.expand(k, -1), view.logits.expand(k, -1))
+    return maps_of_scores(weighting, view, scores)
+
+
+def maps_of_scores(weighting: Weighting, view: FrameView, scores: torch.Tensor) -> torch.Tensor:
+    """Return the maps (T, S, S) of a frame from every channel's scores (K, T)."""
     shard = weighting.shard(
         scores.T[None],  # (1, T, K)
         view.activations[None],

@@ -14,7 +14,9 @@ the batching differs, ~1e-6), so every F is compared with the exact map on every
 just on its keyframes. Reported per clip and F: masked passes per frame and their ratio to
 exact, Pearson correlation with the exact map (mean, worst frame, frames below 0.95), top-10 %
 IoU, insertion and deletion AUC of the reuse maps minus the exact maps' (every
-``--metric-every``-th frame). ``--starts 0 7 19`` also runs each clip joined at those frames
+``--metric-every``-th frame), and the same for a control: the exact map with random errors in
+its channel scores, as far from it as that frame's reuse map (cIns/cDel: the metric's own
+noise for maps that close). ``--starts 0 7 19`` also runs each clip joined at those frames
 (the controller takes another course: one run's worst frame is luck as much as the rule).
 ``--check`` reruns one clip end to end through the worker (real passes) to confirm.
 """
@@ -45,6 +47,8 @@ from scorecam_stream.reuse import (
     correlation,
     maps_of,
 )
+from scorecam_stream.reuse_view import maps_of_scores
+from scorecam_stream.weighting import Weighting
 from scorecam_stream.workers import LocalExplainer, Worker
 
 W, H = 320, 240
@@ -133,6 +137,26 @@ def iou_top(a: torch.Tensor, b: torch.Tensor, share: float = 0.1) -> float:
     return len(ta & tb) / len(ta | tb)
 
 
+def control_map(weighting: Weighting, f: Frame, corr: float, seed: int) -> torch.Tensor:
+    """Return the exact map of ``f`` with random errors in its channel scores, as far from it.
+
+    Every live channel's score gets Gaussian noise, scaled (by bisection) so that the map's
+    correlation with the exact one is ``corr``: what insertion and deletion do with a map that
+    is off by as much as a reuse map, but by chance. Their spread is the metric's own noise.
+    """
+    k = f.logits.shape[0]
+    t = f.targets.cpu().long()
+    scores = weighting.target_scores(f.logits, t.expand(k, -1), f.view.logits.expand(k, -1))
+    noise = torch.randn(scores.shape, generator=torch.Generator().manual_seed(seed))
+    noise = noise * f.view.live[:, None] * scores.std()
+    low, high = 0.0, 64.0
+    for _ in range(30):
+        scale = (low + high) / 2
+        noisy = maps_of_scores(weighting, f.view, scores + scale * noise)[0]
+        low, high = (scale, high) if correlation(f.exact, noisy) > corr else (low, scale)
+    return maps_of_scores(weighting, f.view, scores + low * noise)[0]
+
+
 def reuse_run(
     worker: Worker, frames: list[Frame], fidelity: float, every: int, starts: list[int]
 ) -> dict:
@@ -142,7 +166,7 @@ def reuse_run(
     cache take another course), the figures over all of them.
     """
     passes = exact_passes = keyframes = 0
-    corr, iou, ins, dele = [], [], [], []
+    corr, iou, ins, dele, c_ins, c_dele = [], [], [], [], [], []
     for start in starts:
         state = StreamState(worker.engine.weighting, ReuseOptions(fidelity=fidelity))
         for i, f in enumerate(frames[start:]):
@@ -158,12 +182,15 @@ def reuse_run(
             iou.append(iou_top(f.exact, reused_map))
             if i % every == 0:
                 x = worker.model_input(f.x[None])
-                maps = torch.stack([f.exact, reused_map]).to(x.device)
+                control = control_map(worker.engine.weighting, f, corr[-1], seed=start + i)
+                maps = torch.stack([f.exact, reused_map, control]).to(x.device)
                 model = worker.loaded.model
-                target = f.targets[:1].expand(2).to(x.device)
-                i_auc, d_auc = insertion_deletion(model, x.expand(2, -1, -1, -1), maps, target)
+                target = f.targets[:1].expand(3).to(x.device)
+                i_auc, d_auc = insertion_deletion(model, x.expand(3, -1, -1, -1), maps, target)
                 ins.append(float(i_auc[1] - i_auc[0]))
                 dele.append(float(d_auc[1] - d_auc[0]))
+                c_ins.append(float(i_auc[2] - i_auc[0]))
+                c_dele.append(float(d_auc[2] - d_auc[0]))
     return {
         "fidelity": fidelity,
         "starts": starts,
@@ -180,6 +207,9 @@ def reuse_run(
         "insertion_diff_max_abs": float(np.max(np.abs(ins))),
         "deletion_diff_mean": float(np.mean(dele)),
         "deletion_diff_max_abs": float(np.max(np.abs(dele))),
+        "control_insertion_diff_mean": float(np.mean(c_ins)),
+        "control_deletion_diff_mean": float(np.mean(c_dele)),
+        "metric_frames": len(ins),
     }
 
 
@@ -244,7 +274,7 @@ def main() -> None:
     print(f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
     header = (
         f"{'clip':6} {'F':>5} {'passes/fr':>9} {'fewer':>6} {'keyfr':>5} {'r mean':>7} "
-        f"{'r min':>7} {'<0.95':>5} {'IoU10':>6} {'dIns':>7} {'dDel':>7}"
+        f"{'r min':>7} {'<0.95':>5} {'IoU10':>6} {'dIns':>7} {'dDel':>7} {'cIns':>7} {'cDel':>7}"
     )
     print(header)
     for name, images in clips(args.frames).items():
@@ -274,6 +304,8 @@ def main() -> None:
                     "iou10_mean": 1.0,
                     "insertion_diff_mean": 0.0,
                     "deletion_diff_mean": 0.0,
+                    "control_insertion_diff_mean": 0.0,
+                    "control_deletion_diff_mean": 0.0,
                     "exact_seconds_per_frame": seconds / len(frames),
                 }
             else:
@@ -284,7 +316,9 @@ def main() -> None:
                 f"{name:6} {row['fidelity']:5.2f} {row['passes_per_frame']:9.1f} "
                 f"{row['fewer_passes']:5.2f}x {row['keyframes']:5d} {row['corr_mean']:7.4f} "
                 f"{row['corr_min']:7.4f} {row['below_095']:5d} {row['iou10_mean']:6.3f} "
-                f"{row['insertion_diff_mean']:+7.4f} {row['deletion_diff_mean']:+7.4f}",
+                f"{row['insertion_diff_mean']:+7.4f} {row['deletion_diff_mean']:+7.4f} "
+                f"{row['control_insertion_diff_mean']:+7.4f} "
+                f"{row['control_deletion_diff_mean']:+7.4f}",
                 flush=True,
             )
     if args.check:
