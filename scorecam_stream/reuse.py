@@ -23,9 +23,11 @@ mask times the model input, both at PROBE_GRID x PROBE_GRID). Each frame:
    exact engine).
 
 Keyframes (every 4 frames at first, up to every ``keyframe_interval``, never closer than 8
-frames once started; and after a scene cut) recompute every live channel, so their map is
-exact. Their rounds run first, so a keyframe measures what reuse alone gave on that frame: the
-Pearson correlation of the two maps. A controller keeps it at or above ``fidelity``: the
+frames once started; and after a scene cut) recompute every live channel at once, as the exact
+engine does, so their map is exact and takes no longer. A keyframe due to measure then replays
+the rounds the frame would have run, on the fresh results of the same channels, so it measures
+what reuse alone gave on that frame: the Pearson correlation of the two maps. A controller
+keeps it at or above ``fidelity``: the
 tolerance halves and keyframes come twice as often when it falls short; both relax when it is
 comfortably above. ``fidelity`` 1.0 means no reuse at all: the explainers then run the exact
 engine untouched.
@@ -129,17 +131,18 @@ class Plan:
     view: FrameView
     targets: torch.Tensor  # (T,)
     channels: torch.Tensor  # (R,) int64: the channels to recompute now (empty: done)
-    keyframe: bool  # every live channel is recomputed (measuring: once the rounds are done)
+    keyframe: bool  # every live channel is recomputed, in one round
     probes: torch.Tensor  # (K, 3, G, G) this frame's probes (kept with the fresh results)
     logits: torch.Tensor  # (K, C) the frame's logits so far: cached, fresh ones written in
     fresh: torch.Tensor  # (K,) bool: recomputed for this frame
     order: torch.Tensor  # (M,) the channels that moved, most urgent first
-    measure: bool = False  # a due keyframe: compare the reuse map with the exact one
-    rounds: int = 0  # rounds of the ranking run (a keyframe's remainder is not one)
+    # A due keyframe's rounds, run as the frame would have run them (replayed by
+    # :meth:`StreamState.finish` on the keyframe's fresh results), to measure their map.
+    rounds_plan: Plan | None = None
+    rounds: int = 0  # rounds of the ranking run
     asked: int = 0  # how many times :meth:`StreamState.absorb` has taken logits
     done: int = 0  # how far down ``order`` the rounds have gone
     maps: torch.Tensor | None = None  # (T, S, S) the map after the last round
-    reuse_maps: torch.Tensor | None = None  # measuring: the map the rounds alone gave
 
 
 class StreamState:
@@ -195,11 +198,15 @@ class StreamState:
             logits,
             torch.zeros(k, dtype=torch.bool),
             order,
-            measure=self._since_key + 1 >= self.interval and order.numel() > 0,
             maps=maps_of(self.weighting, view, logits, targets),
         )
         # The first round takes every channel that must be recomputed, and at least a chunk.
         self._next_round(plan, max(self._chunk(live), int(must.sum())))
+        if self._since_key + 1 >= self.interval and order.numel() > 0:
+            # A keyframe due to measure: every pass now, the rounds replayed in finish().
+            keyframe = self._keyframe(view, targets, probes, logits.clone())
+            keyframe.rounds_plan = plan
+            return keyframe
         return plan
 
     def absorb(self, plan: Plan, logits: torch.Tensor) -> None:
@@ -210,7 +217,7 @@ class StreamState:
         plan.fresh[channels] = True
         plan.channels = channels[:0]
         if plan.keyframe:
-            return  # every live channel is in (a full recompute, or a measured remainder)
+            return  # every live channel is in
         plan.rounds += 1
         before = plan.maps
         assert before is not None
@@ -219,23 +226,25 @@ class StreamState:
             plan.rounds >= self.options.min_rounds
             and 1 - correlation(before[0], plan.maps[0]) < self.tolerance
         )
-        if not settled and self._next_round(plan, self._chunk(plan.view.live)):
-            return
-        if plan.measure:  # the rounds are done: keep their map, then recompute the rest
-            plan.reuse_maps = plan.maps
-            plan.keyframe = True
-            plan.channels = (plan.view.live & ~plan.fresh).nonzero().flatten()
+        if not settled:
+            self._next_round(plan, self._chunk(plan.view.live))
 
     def finish(self, plan: Plan) -> Outcome:
         """Return the frame's maps and costs, and keep its fresh results for the next frames."""
         view = plan.view
         live = view.live
         maps = plan.maps  # the rounds' map, summed from every logit the frame has
-        if plan.keyframe or maps is None:  # the passes after the rounds are in: sum again
+        if plan.keyframe or maps is None:  # every pass is in: sum them
             maps = maps_of(self.weighting, view, plan.logits, plan.targets)
         fidelity = None
-        if plan.reuse_maps is not None:
-            fidelity = correlation(maps[0], plan.reuse_maps[0])
+        rounds = plan.rounds_plan
+        if rounds is not None:
+            # The rounds take the keyframe's results of the channels they ask for: the same
+            # masked inputs, so the same logits they would have got running them.
+            while rounds.channels.numel():
+                self.absorb(rounds, plan.logits[rounds.channels])
+            assert rounds.maps is not None
+            fidelity = correlation(maps[0], rounds.maps[0])
             self._control(fidelity)
         self._store(plan)
         passes = int(plan.fresh.sum())
@@ -261,12 +270,11 @@ class StreamState:
         """Return how many channels one round recomputes."""
         return max(1, math.ceil(self.options.chunk * int(live.sum())))
 
-    def _next_round(self, plan: Plan, count: int) -> bool:
-        """Set ``plan.channels`` to the next ``count`` of its order; return whether any are."""
+    def _next_round(self, plan: Plan, count: int) -> None:
+        """Set ``plan.channels`` to the next ``count`` of its order (none left: empty)."""
         take = plan.order[plan.done : plan.done + count]
         plan.done += int(take.numel())
         plan.channels = take.sort().values
-        return bool(take.numel())
 
     def _probe(self, view: FrameView) -> torch.Tensor:
         """Return each channel's probe (K, 3, G, G): its normalised mask times the input."""

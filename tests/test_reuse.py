@@ -279,12 +279,28 @@ def test_a_frame_runs_rounds_until_its_map_settles(worker, monkeypatch):
     assert [r.passes for r in moved] == live  # round after round, every channel that moved
 
 
-def test_a_keyframe_measures_the_rounds_then_recomputes_the_rest(worker):
-    frames = drifting(5)
-    out = explain(worker, frames, ReuseOptions(fidelity=0.99, keyframe_interval=4))
+def test_a_keyframe_runs_every_pass_at_once_and_measures_the_rounds_it_replays(worker, monkeypatch):
+    frames = drifting(6)
+    options = ReuseOptions(fidelity=0.99, keyframe_interval=4)
+    calls = []
+    real = worker.channel_logits
+    monkeypatch.setattr(
+        worker, "channel_logits", lambda key, x, ch: calls.append(key) or real(key, x, ch)
+    )
+    out = explain(worker, frames, options)
     exact = explain(worker, frames, None)
-    assert [r.keyframe for r in out] == [True, False, False, False, True]
+    assert [r.keyframe for r in out] == [True, False, False, False, True, False]
     assert out[4].passes == live_channels(worker, frames[4]) and out[4].fidelity is not None
-    np.testing.assert_array_equal(out[0].maps, exact[0].maps)  # one batch, as the exact run
-    np.testing.assert_allclose(out[4].maps, exact[4].maps, rtol=1e-5, atol=1e-5)  # in rounds
+    # One batch of passes, as the exact run: the same map, bit for bit.
+    assert calls.count(4) == 1
+    np.testing.assert_array_equal(out[0].maps, exact[0].maps)
+    np.testing.assert_array_equal(out[4].maps, exact[4].maps)
     assert not np.array_equal(out[3].maps, exact[3].maps)  # reused: not the exact map
+    # The fidelity is what the rounds alone give on that frame: a stream that does not
+    # measure there runs them for real (the same course up to frame 4).
+    monkeypatch.setattr(reuse, "_FIRST_INTERVAL", 100)
+    rounds = explain(worker, frames, ReuseOptions(fidelity=0.99, keyframe_interval=100))
+    assert not any(r.keyframe for r in rounds[1:]) and rounds[4].passes < out[4].passes
+    measured = correlation(torch.from_numpy(exact[4].maps[0]), torch.from_numpy(rounds[4].maps[0]))
+    assert out[4].fidelity == pytest.approx(measured, abs=1e-5)
+    assert measured < 0.99999  # the rounds left something out: a measurement, not 1
