@@ -52,6 +52,7 @@ from .reuse_view import (
     correlation,
     grid_masks,
     maps_of,
+    scores_of,
 )
 from .weighting import Weighting
 
@@ -307,10 +308,8 @@ class StreamState:
         """
         assert self._logits is not None
         k = len(change)
-        t = targets.cpu().long()
-        scores = self.weighting.target_scores(
-            self._logits, t.expand(k, -1), view.logits.expand(k, -1)
-        )  # (K, T) cached scores, read for the current targets
+        # (K, T) cached scores, read for the current targets
+        scores = scores_of(self.weighting, view, self._logits, targets)
         if self.weighting.score == "softmax":
             odds = scores.clamp(1e-7, 1 - 1e-7).logit()
             switch = (torch.sigmoid(odds + _SWITCH) - torch.sigmoid(odds - _SWITCH)).amax(dim=1)

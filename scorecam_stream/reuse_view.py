@@ -146,10 +146,16 @@ def maps_of(
     The exact engine's maps when ``logits`` are this frame's own passes (constant channels:
     the zero image's logits).
     """
+    return maps_of_scores(weighting, view, scores_of(weighting, view, logits, targets))
+
+
+def scores_of(
+    weighting: Weighting, view: FrameView, logits: torch.Tensor, targets: torch.Tensor
+) -> torch.Tensor:
+    """Return every channel's scores (K, T) for ``targets`` (T,) from its masked logits (K, C)."""
     k = logits.shape[0]
     t = targets.cpu().long()
-    scores = weighting.target_scores(logits, t.expand(k, -1), view.logits.expand(k, -1))
-    return maps_of_scores(weighting, view, scores)
+    return weighting.target_scores(logits, t.expand(k, -1), view.logits.expand(k, -1))
 
 
 def maps_of_scores(weighting: Weighting, view: FrameView, scores: torch.Tensor) -> torch.Tensor:

@@ -47,7 +47,7 @@ from scorecam_stream.reuse import (
     correlation,
     maps_of,
 )
-from scorecam_stream.reuse_view import maps_of_scores
+from scorecam_stream.reuse_view import maps_of_scores, scores_of
 from scorecam_stream.weighting import Weighting
 from scorecam_stream.workers import LocalExplainer, Worker
 
@@ -144,9 +144,7 @@ def control_map(weighting: Weighting, f: Frame, corr: float, seed: int) -> torch
     correlation with the exact one is ``corr``: what insertion and deletion do with a map that
     is off by as much as a reuse map, but by chance. Their spread is the metric's own noise.
     """
-    k = f.logits.shape[0]
-    t = f.targets.cpu().long()
-    scores = weighting.target_scores(f.logits, t.expand(k, -1), f.view.logits.expand(k, -1))
+    scores = scores_of(weighting, f.view, f.logits, f.targets)
     noise = torch.randn(scores.shape, generator=torch.Generator().manual_seed(seed))
     noise = noise * f.view.live[:, None] * scores.std()
     low, high = 0.0, 64.0
