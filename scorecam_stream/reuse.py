@@ -262,7 +262,7 @@ class StreamState:
     def _keyframe(
         self, view: FrameView, targets: torch.Tensor, probes: torch.Tensor, logits: torch.Tensor
     ) -> Plan:
-        """Return a plan that recomputes every live channel at once (nothing to measure)."""
+        """Return a plan that recomputes every live channel at once (no rounds of its own)."""
         every = view.live.nonzero().flatten()
         fresh = torch.zeros(len(view.live), dtype=torch.bool)
         return Plan(view, targets, every, True, probes, logits, fresh, every[:0])

@@ -87,9 +87,8 @@ def test_moving_frames_reuse_some_channels_and_keyframes_are_exact(worker):
     assert keyframes == [0, 3, 6]
     for r in reused:
         if r.keyframe:
-            # A measured keyframe runs its passes in rounds, batched otherwise than the exact
-            # run's: equal up to float rounding (the first frame is one batch: bit-equal).
-            np.testing.assert_allclose(r.maps, exact[r.index].maps, rtol=1e-5, atol=1e-5)
+            # Every pass in one batch, as the exact run (a measured keyframe too): bit-equal.
+            np.testing.assert_array_equal(r.maps, exact[r.index].maps)
             assert r.passes == live[r.index]
         else:
             assert 0 < r.passes < live[r.index]  # two rounds of a sixteenth, by priority
